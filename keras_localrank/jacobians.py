@@ -1,0 +1,79 @@
+"""The general path: per-sample pre-activation Jacobians by automatic differentiation.
+
+Works for every measurable layer. Reverse mode uses
+`tf.GradientTape.batch_jacobian` (one backward sweep per output unit,
+vectorised); forward mode pushes the `n0` input basis directions through the
+network at once by repeating each sample `n0` times under a
+`tf.autodiff.ForwardAccumulator`, which is cheaper when the input is small
+compared with the measured outputs (convolutions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from keras_localrank.taps import Tap, preactivation
+
+__all__ = ["choose_mode", "preactivation_jacobians"]
+
+
+def choose_mode(taps: Sequence[Tap]) -> str:
+    """`"forward"` when `n0` is smaller than the total measured output, else
+    `"reverse"`: forward costs about `n0` forward passes for all taps at once,
+    reverse about `n_l` backward passes per tap."""
+    n0 = taps[0].input_dim
+    return "forward" if n0 < sum(t.units for t in taps) else "reverse"
+
+
+def _preactivations(inputs_model, taps, x):
+    inputs = inputs_model(x, training=False)
+    if not isinstance(inputs, (list, tuple)):
+        inputs = [inputs]
+    return [
+        tf.reshape(preactivation(t.layer, inp), [tf.shape(x)[0], -1])
+        for t, inp in zip(taps, inputs)
+    ]
+
+
+def preactivation_jacobians(
+    inputs_model, taps: Sequence[Tap], x: tf.Tensor, *, mode: str = "reverse"
+) -> list[tf.Tensor]:
+    """Per-sample Jacobians `d p_l(x) / d x`, flattened.
+
+    Args:
+        inputs_model: model from the input to every tap's layer input
+            (`taps.tap_inputs_model`).
+        taps: the taps, in the order of `inputs_model`'s outputs.
+        x: `[B, *input_shape]` inputs in the compute dtype.
+        mode: `"reverse"` (default) or `"forward"`.
+
+    Returns:
+        One `[B, n_l, n0]` tensor per tap.
+
+    Raises:
+        ValueError: for an unknown `mode`.
+    """
+    batch = tf.shape(x)[0]
+    n0 = taps[0].input_dim
+    if mode == "reverse":
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            preacts = _preactivations(inputs_model, taps, x)
+        jacobians = [tape.batch_jacobian(p, x) for p in preacts]
+        del tape
+        return [tf.reshape(j, [batch, t.units, n0]) for j, t in zip(jacobians, taps)]
+    if mode == "forward":
+        repeated = tf.repeat(x, n0, axis=0)  # sample b, direction i at b * n0 + i
+        basis = tf.tile(tf.eye(n0, dtype=x.dtype), [batch, 1])
+        with tf.autodiff.ForwardAccumulator(
+            repeated, tf.reshape(basis, tf.shape(repeated))
+        ) as acc:
+            preacts = _preactivations(inputs_model, taps, repeated)
+        out = []
+        for p, t in zip(preacts, taps):
+            jvp = tf.reshape(acc.jvp(p), [batch, n0, t.units])
+            out.append(tf.linalg.matrix_transpose(jvp))
+        return out
+    raise ValueError(f"Expected `mode` in ('reverse', 'forward'). Received: mode={mode!r}")

@@ -1,0 +1,5 @@
+"""Keras layers of keras_localrank."""
+
+from keras_localrank.layers.rank_probe import RankProbe
+
+__all__ = ["RankProbe"]

@@ -1,0 +1,174 @@
+"""From singular values to ranks: numerical rank, robust rank, effective and stable rank.
+
+Plain functions on tensors, usable inside `tf.function` (and under XLA). The
+tolerance rule is exactly that of `numpy.linalg.matrix_rank` and
+`torch.linalg.matrix_rank`:
+
+    tol = max(atol, rtol * sigma_max)
+
+with `rtol = eps(dtype) * max(m, n)` when neither `atol` nor `rtol` is given,
+and `rtol = 0` when only `atol` is given. `eps` is the machine epsilon of the
+dtype the matrix was *computed* in.
+
+References:
+    Patel & Shwartz-Ziv, "Learning to Compress: Local Rank and Information
+    Compression in Deep Neural Networks", https://arxiv.org/abs/2410.07687
+    Roy & Vetterli, "The effective rank: a measure of effective
+    dimensionality", EUSIPCO 2007.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "Tolerance",
+    "tolerance_threshold",
+    "rank_from_singular_values",
+    "effective_rank",
+    "stable_rank",
+]
+
+
+def _check_nonnegative(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(
+            f"Expected `{name}` to be a float or None. Received: {name}={value!r}"
+        )
+    if not math.isfinite(float(value)) or value < 0:
+        raise ValueError(f"Expected `{name}` >= 0 and finite. Received: {name}={value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """A rank tolerance rule, `tol = max(atol, rtol * sigma_max)`.
+
+    Args:
+        atol: absolute threshold on singular values. Default None (0).
+        rtol: relative threshold. Default None: `eps * max(m, n)` when `atol`
+            is also None, else 0 (the `numpy.linalg.matrix_rank` rule).
+
+    Raises:
+        ValueError: if `atol` or `rtol` is negative, NaN or infinite.
+        TypeError: if either is not a number.
+    """
+
+    atol: float | None = None
+    rtol: float | None = None
+
+    def __post_init__(self):
+        _check_nonnegative("atol", self.atol)
+        _check_nonnegative("rtol", self.rtol)
+
+    @property
+    def is_default(self) -> bool:
+        """True when this is the default (noise-level) numerical rank rule."""
+        return self.atol is None and self.rtol is None
+
+    def relative(self, dtype, m: int, n: int) -> float:
+        """The effective `rtol` for an `m x n` matrix computed in `dtype`."""
+        if self.rtol is not None:
+            return float(self.rtol)
+        if self.atol is not None:
+            return 0.0
+        return float(np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps) * max(m, n)
+
+    def label(self) -> str:
+        """A short name: `exact` for the default rule, else the thresholds."""
+        if self.is_default:
+            return "exact"
+        parts = []
+        if self.atol is not None:
+            parts.append(f"atol={self.atol:g}")
+        if self.rtol is not None:
+            parts.append(f"rtol={self.rtol:g}")
+        return ",".join(parts)
+
+
+def tolerance_threshold(
+    singular_values: tf.Tensor, tolerance: Tolerance, *, shape: tuple[int, int], dtype
+) -> tf.Tensor:
+    """Per-matrix threshold `max(atol, rtol * sigma_max)`.
+
+    Args:
+        singular_values: `[..., k]` singular values (any order).
+        tolerance: the rule.
+        shape: `(m, n)`, the shape of the matrices the values come from; it
+            sets the default `rtol` (the reduced matrices of the fast path
+            must pass the shape of the true Jacobian here).
+        dtype: the dtype the matrices were computed in (sets `eps`).
+
+    Returns:
+        A `[...]` tensor of thresholds, in the dtype of `singular_values`.
+    """
+    s = singular_values
+    sigma_max = tf.reduce_max(s, axis=-1) if s.shape[-1] != 0 else tf.zeros(
+        tf.shape(s)[:-1], s.dtype
+    )
+    rtol = tf.constant(tolerance.relative(dtype, *shape), s.dtype)
+    atol = tf.constant(float(tolerance.atol or 0.0), s.dtype)
+    return tf.maximum(atol, rtol * sigma_max)
+
+
+def rank_from_singular_values(
+    singular_values: tf.Tensor, tolerance: Tolerance, *, shape: tuple[int, int], dtype
+) -> tf.Tensor:
+    """Numerical rank: the number of singular values above the threshold.
+
+    Args:
+        singular_values: `[..., k]` singular values.
+        tolerance: the rule (see `Tolerance`).
+        shape: `(m, n)` of the original matrices.
+        dtype: dtype the matrices were computed in.
+
+    Returns:
+        An int32 `[...]` tensor of ranks.
+
+    Example:
+        >>> s = tf.constant([[3.0, 1.0, 1e-9]])
+        >>> int(rank_from_singular_values(s, Tolerance(), shape=(3, 3),
+        ...                               dtype="float32")[0])
+        2
+    """
+    tol = tolerance_threshold(singular_values, tolerance, shape=shape, dtype=dtype)
+    above = singular_values > tol[..., None]
+    return tf.reduce_sum(tf.cast(above, tf.int32), axis=-1)
+
+
+def effective_rank(singular_values: tf.Tensor) -> tf.Tensor:
+    """Effective rank: `exp(H(p))`, `p = s / sum(s)` (Roy & Vetterli 2007).
+
+    A matrix of zeros has effective rank 0 by convention.
+
+    Args:
+        singular_values: `[..., k]` non-negative singular values.
+
+    Returns:
+        A `[...]` float tensor.
+    """
+    s = singular_values
+    total = tf.reduce_sum(s, axis=-1, keepdims=True)
+    p = tf.math.divide_no_nan(s, total)
+    entropy = -tf.reduce_sum(tf.math.multiply_no_nan(tf.math.log(p), p), axis=-1)
+    return tf.where(total[..., 0] > 0, tf.exp(entropy), tf.zeros_like(entropy))
+
+
+def stable_rank(singular_values: tf.Tensor) -> tf.Tensor:
+    """Stable rank: `||J||_F^2 / ||J||_2^2 = sum(s^2) / max(s)^2` (0 for J = 0).
+
+    Args:
+        singular_values: `[..., k]` non-negative singular values.
+
+    Returns:
+        A `[...]` float tensor.
+    """
+    s = singular_values
+    frob = tf.reduce_sum(tf.square(s), axis=-1)
+    spec = tf.square(tf.reduce_max(s, axis=-1))
+    return tf.math.divide_no_nan(frob, spec)
