@@ -5,7 +5,7 @@ Jacobian with respect to the input (Patel & Shwartz-Ziv,
 https://arxiv.org/abs/2410.07687).
 """
 
-from keras_localrank import layers
+from keras_localrank import datasets, layers
 from keras_localrank.estimate import LocalRankEstimator, local_rank
 from keras_localrank.layers import RankProbe
 from keras_localrank.result import LayerInfo, LocalRankResult
@@ -27,6 +27,7 @@ __all__ = [
     "RankProbe",
     "Tolerance",
     "effective_rank",
+    "datasets",
     "layers",
     "local_rank",
     "rank_from_singular_values",

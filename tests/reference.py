@@ -1,0 +1,142 @@
+"""An independent float64 reference: explicit Jacobians built by hand.
+
+For a Sequential chain of layers, each layer's *linear part* is turned into an
+explicit float64 matrix by applying it to the standard basis (exact for a
+linear map), activation derivatives come from closed-form NumPy formulas, and
+the chain rule multiplies them out. No automatic differentiation and no code
+of the package is involved beyond the Keras layers' forward computation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from scipy.special import erf
+
+SQRT2 = math.sqrt(2.0)
+
+
+def _sigmoid(p):
+    return 1.0 / (1.0 + np.exp(-p))
+
+
+#: d act / d p, in closed form.
+DERIVATIVES = {
+    "linear": lambda p: np.ones_like(p),
+    "relu": lambda p: (p > 0).astype(np.float64),
+    "tanh": lambda p: 1.0 - np.tanh(p) ** 2,
+    "sigmoid": lambda p: _sigmoid(p) * (1 - _sigmoid(p)),
+    "softplus": _sigmoid,
+    "elu": lambda p: np.where(p > 0, 1.0, np.exp(p)),
+    "leaky_relu": lambda p: np.where(p > 0, 1.0, 0.2),
+    "swish": lambda p: _sigmoid(p) + p * _sigmoid(p) * (1 - _sigmoid(p)),
+    "silu": lambda p: _sigmoid(p) + p * _sigmoid(p) * (1 - _sigmoid(p)),
+    "gelu": lambda p: 0.5 * (1 + erf(p / SQRT2)) + p * np.exp(-0.5 * p**2) / math.sqrt(
+        2 * math.pi
+    ),
+}
+
+ACTIVATIONS = {
+    "linear": lambda p: p,
+    "relu": lambda p: np.maximum(p, 0),
+    "tanh": np.tanh,
+    "sigmoid": _sigmoid,
+    "softplus": lambda p: np.logaddexp(0, p),
+    "elu": lambda p: np.where(p > 0, p, np.expm1(np.minimum(p, 0))),
+    "leaky_relu": lambda p: np.where(p > 0, p, 0.2 * p),
+    "swish": lambda p: p * _sigmoid(p),
+    "silu": lambda p: p * _sigmoid(p),
+    "gelu": lambda p: 0.5 * p * (1 + erf(p / SQRT2)),
+}
+
+
+def _activation_name(layer) -> str:
+    act = getattr(layer, "activation", None)
+    name = getattr(act, "__name__", "linear")
+    if name not in DERIVATIVES:
+        raise NotImplementedError(f"reference has no derivative for {name}")
+    return name
+
+
+def _linear_part(layer, in_shape):
+    """Explicit float64 matrix of the layer's pre-activation minus its bias.
+
+    Weights are copied into float64 NumPy and the layer's own `call` is run
+    by Keras in float64 on the standard basis of its input space.
+    """
+    config = {**layer.get_config(), "dtype": "float64", "activation": "linear"}
+    if "use_bias" in config:
+        config["use_bias"] = False
+    if "bias_axes" in config:
+        config["bias_axes"] = None
+    copy = layer.__class__.from_config(config)
+    n_in = math.prod(in_shape)
+    basis = np.eye(n_in).reshape((n_in, *in_shape))
+    copy.build((None, *in_shape))
+    weights = [np.asarray(w, np.float64) for w in layer.get_weights()]
+    if _has_bias(layer):
+        weights = weights[:-1]
+    copy.set_weights(weights)
+    out = np.asarray(copy(basis))  # (n_in, *out_shape): column i = L e_i
+    return out.reshape(n_in, -1).T  # (n_out, n_in)
+
+
+def _has_bias(layer) -> bool:
+    return getattr(layer, "bias", None) is not None
+
+
+def _bias(layer, out_shape):
+    if not _has_bias(layer):
+        return np.zeros(math.prod(out_shape))
+    b = np.asarray(layer.get_weights()[-1], np.float64)
+    return np.broadcast_to(b, out_shape).reshape(-1)
+
+
+def reference_jacobians(model: keras.Sequential, x: np.ndarray) -> dict[str, np.ndarray]:
+    """`{layer name: [N, n_l, n0]}` float64 pre-activation Jacobians.
+
+    Supports Sequential chains of layers with kernels (Dense, EinsumDense,
+    convolutions; bias last in `get_weights`) and element-wise activations
+    from `DERIVATIVES`, plus Flatten.
+    """
+    x = np.asarray(x, np.float64)
+    n, n0 = len(x), math.prod(x.shape[1:])
+    in_shape = x.shape[1:]
+    h = x.reshape(n, -1)
+    jac = np.broadcast_to(np.eye(n0), (n, n0, n0)).copy()  # d h / d x
+    out = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Flatten):
+            in_shape = (math.prod(in_shape),)
+            continue
+        out_shape = tuple(layer.compute_output_shape((None, *in_shape))[1:])
+        lin = _linear_part(layer, in_shape)
+        p = h @ lin.T + _bias(layer, out_shape)
+        jp = np.einsum("oi,nij->noj", lin, jac)
+        out[layer.name] = jp
+        name = _activation_name(layer)
+        h = ACTIVATIONS[name](p)
+        jac = DERIVATIVES[name](p)[:, :, None] * jp
+        in_shape = out_shape
+    return out
+
+
+def numpy_ranks(jacobians: np.ndarray, *, atol=None, rtol=None, eps_dtype=np.float64):
+    """Per-sample ranks with `numpy.linalg.matrix_rank`'s tolerance rule.
+
+    `eps_dtype` picks the `eps` of the default `rtol` (the precision the
+    measured Jacobian was computed in). With `atol`, the threshold is
+    `max(atol, rtol * sigma_max)` (`rtol` 0 unless given), as in
+    `torch.linalg.matrix_rank`; numpy has no `atol`, so that case uses the
+    singular values from `numpy.linalg.svd`.
+    """
+    m, n = jacobians.shape[1:]
+    if atol is None:
+        if rtol is None:
+            rtol = np.finfo(eps_dtype).eps * max(m, n)
+        return np.array([np.linalg.matrix_rank(j, rtol=rtol) for j in jacobians])
+    s = np.linalg.svd(jacobians, compute_uv=False)
+    tol = np.maximum(atol, (rtol or 0.0) * s.max(axis=1))
+    return (s > tol[:, None]).sum(axis=1)
