@@ -5,9 +5,9 @@ Jacobian with respect to the input (Patel & Shwartz-Ziv,
 https://arxiv.org/abs/2410.07687).
 """
 
-from keras_localrank import datasets, layers
+from keras_localrank import datasets, layers, vib
 from keras_localrank.estimate import LocalRankEstimator, local_rank
-from keras_localrank.layers import RankProbe
+from keras_localrank.layers import GaussianBottleneck, RankProbe, SampleAverage
 from keras_localrank.result import LayerInfo, LocalRankResult
 from keras_localrank.spectra import (
     Tolerance,
@@ -20,11 +20,13 @@ from keras_localrank.taps import MEASURABLE_LAYERS
 __version__ = "0.1.0"
 
 __all__ = [
+    "GaussianBottleneck",
     "LayerInfo",
     "LocalRankEstimator",
     "LocalRankResult",
     "MEASURABLE_LAYERS",
     "RankProbe",
+    "SampleAverage",
     "Tolerance",
     "effective_rank",
     "datasets",
@@ -32,4 +34,5 @@ __all__ = [
     "local_rank",
     "rank_from_singular_values",
     "stable_rank",
+    "vib",
 ]
