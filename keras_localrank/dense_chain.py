@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from keras_localrank.spectra import singular_values
 from keras_localrank.taps import Tap, model_graph
 
 __all__ = ["DenseLink", "find_dense_forest", "dense_forest_singular_values"]
@@ -228,6 +229,7 @@ def dense_forest_singular_values(
     *,
     dtype,
     shrink: bool = True,
+    via_gram: bool = False,
 ) -> dict[str, tf.Tensor]:
     """Singular values of `J_l(x)` for every link, per sample.
 
@@ -237,6 +239,7 @@ def dense_forest_singular_values(
         dtype: the compute dtype (weights and inputs are cast to it).
         shrink: shrink factors on exact zeros of the activation derivative
             (dynamic shapes; turn off under XLA). Default True.
+        via_gram: see `spectra.singular_values`. Default False.
 
     Returns:
         `{name: [B, k_l] singular values}` (padded with zeros to a common width
@@ -262,7 +265,7 @@ def dense_forest_singular_values(
                 factor[key] = u * s  # (n1, k)
             else:
                 factor[key] = tf.transpose(kernel)  # (n1, n0)
-                s = tf.linalg.svd(factor[key], compute_uv=False)
+                s = singular_values(factor[key], via_gram=via_gram)
             spectra[key] = tf.broadcast_to(s, tf.stack([batch, tf.size(s)]))
         else:
             visit(link.parent)
@@ -275,7 +278,7 @@ def dense_forest_singular_values(
                 factor[key] = _shrink_by_active_rows(kernel, g, deriv, k)
             else:
                 factor[key] = tf.einsum("pc,bpk->bck", kernel, g)
-            spectra[key] = tf.linalg.svd(factor[key], compute_uv=False)
+            spectra[key] = singular_values(factor[key], via_gram=via_gram)
         out = tf.linalg.matmul(inp, kernel)
         pre[key] = out + bias if bias is not None else out
 

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 __all__ = [
     "Tolerance",
+    "singular_values",
     "tolerance_threshold",
     "rank_from_singular_values",
     "effective_rank",
@@ -89,6 +90,37 @@ class Tolerance:
         if self.rtol is not None:
             parts.append(f"rtol={self.rtol:g}")
         return ",".join(parts)
+
+
+def singular_values(matrices: tf.Tensor, *, via_gram: bool = False) -> tf.Tensor:
+    """Singular values of a batch of matrices, `[..., m, n] -> [..., min(m, n)]`.
+
+    Args:
+        matrices: `[..., m, n]` float tensor.
+        via_gram: for float32 input, compute the eigenvalues of the float64
+            Gram matrix of the smaller side instead of a float32 SVD. The
+            symmetric eigensolver's absolute error is `eps64 * sigma_max^2`,
+            so singular values come out accurate to about `1.5e-8 * sigma_max`,
+            below float32 SVD's own rounding (`~1e-7 * sigma_max`) and far
+            below any rank threshold of a float32 matrix; it is about twice as
+            fast on CPU. Needs float64 support (not on TPU). Default False.
+
+    Returns:
+        Singular values (float64 when `via_gram`), unsorted when `via_gram`.
+    """
+    if not via_gram or matrices.dtype != tf.float32:
+        return tf.linalg.svd(matrices, compute_uv=False)
+    m64 = tf.cast(matrices, tf.float64)
+
+    def eig(tall: bool):
+        gram = tf.linalg.matmul(m64, m64, transpose_a=tall, transpose_b=not tall)
+        return tf.sqrt(tf.maximum(tf.linalg.eigvalsh(gram), 0.0))
+
+    rows, cols = matrices.shape[-2], matrices.shape[-1]
+    if rows is not None and cols is not None:
+        return eig(rows >= cols)
+    shape = tf.shape(matrices)
+    return tf.cond(shape[-2] >= shape[-1], lambda: eig(True), lambda: eig(False))
 
 
 def tolerance_threshold(
