@@ -1,0 +1,190 @@
+"""The main job behind `python -m keras_localrank` (no absl flags in here).
+
+`run(config)` either trains a small MLP on synthetic Gaussian data and reports
+the local-rank table before and after training (no `model`), or measures a
+saved `.keras` model on the chosen data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+
+from keras_localrank import datasets
+from keras_localrank.estimate import local_rank
+from keras_localrank.result import LocalRankResult
+
+__all__ = ["Config", "run", "load_samples", "TABLE_COLUMNS"]
+
+TABLE_COLUMNS = ["layer", "class", "units", "bound", "mean", "std", "stderr", "min", "max",
+                 "effective_rank", "stable_rank"]
+
+
+@dataclasses.dataclass
+class Config:
+    """Options of the main job (the flags of `python -m keras_localrank`).
+
+    Attributes:
+        model: path of a `.keras` model to measure; None trains the demo MLP.
+        data: `gaussian`, `digits`, `mnist`, `fashion_mnist`, or an `.npz`
+            path with an `x` array.
+        data_path: `.npz` with `x`, `y` read instead of downloading mnist /
+            fashion_mnist.
+        samples: number of samples to measure on.
+        atol, rtol: rank tolerance (None: numpy's default rule).
+        layers: layer names (None: every measurable layer).
+        output: write the final table to this `.csv` / `.json`.
+        epochs: training epochs of the demo MLP.
+        seed: seed of data, weights and training.
+        method, dtype, batch_size, jit_compile: passed to `local_rank`.
+    """
+
+    model: str | None = None
+    data: str = "gaussian"
+    data_path: str | None = None
+    samples: int = 512
+    atol: float | None = None
+    rtol: float | None = None
+    layers: list[str] | None = None
+    output: str | None = None
+    epochs: int = 30
+    seed: int = 0
+    method: str = "auto"
+    dtype: str | None = None
+    batch_size: int | None = None
+    jit_compile: bool = False
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise ValueError(f"Expected `samples` >= 1. Received: samples={self.samples}")
+        if self.epochs < 0:
+            raise ValueError(f"Expected `epochs` >= 0. Received: epochs={self.epochs}")
+        if self.output and not self.output.endswith((".csv", ".json")):
+            raise ValueError(
+                f"Expected `output` ending in .csv or .json. Received: output={self.output!r}"
+            )
+
+
+def load_samples(data: str, input_shape, *, samples: int, seed: int, data_path=None):
+    """`samples` inputs for a model with `input_shape` from a named source.
+
+    Images whose size matches the model input are reshaped to it.
+
+    Raises:
+        ValueError: unknown source, or data whose size does not fit the model.
+    """
+    input_shape = tuple(input_shape)
+    if data.endswith(".npz"):
+        if not os.path.isfile(data):
+            raise ValueError(f"Expected an existing .npz file. Received: data={data!r}")
+        with np.load(data) as arrays:
+            if "x" not in arrays:
+                raise ValueError(f"Expected an array 'x' in {data!r}. Found: {arrays.files}")
+            x = arrays["x"][:samples]
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+    elif data == "gaussian":
+        if any(d is None for d in input_shape):
+            raise ValueError(f"--data=gaussian needs a fixed input shape, got {input_shape}")
+        x = datasets.gaussian(samples, math.prod(input_shape), seed=seed)
+    elif data in datasets.NAMES:
+        x = datasets.load(data, data_path=data_path, seed=seed).x_test[:samples]
+    else:
+        raise ValueError(
+            f"Expected `data` in {datasets.NAMES} or an .npz path. Received: data={data!r}"
+        )
+    x = np.asarray(x)
+    if all(d is not None for d in input_shape) and x.shape[1:] != input_shape:
+        if math.prod(x.shape[1:]) != math.prod(input_shape):
+            raise ValueError(
+                f"Data {data!r} has samples of shape {x.shape[1:]}, which does not fit "
+                f"the model input {input_shape}."
+            )
+        x = x.reshape((len(x), *input_shape))
+    return x
+
+
+def demo_model(input_dim: int, num_classes: int, *, seed: int) -> keras.Model:
+    """The demo MLP: input - 64 - 64 - 64 (ReLU) - logits."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((input_dim,))]
+        + [keras.layers.Dense(64, activation="relu", name=f"hidden_{i + 1}") for i in range(3)]
+        + [keras.layers.Dense(num_classes, name="logits")]
+    )
+    model.compile(
+        keras.optimizers.AdamW(1e-3, weight_decay=0.1),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _measure(model, x, config: Config) -> LocalRankResult:
+    return local_rank(
+        model,
+        x,
+        layers=config.layers,
+        atol=config.atol,
+        rtol=config.rtol,
+        dtype=config.dtype,
+        batch_size=config.batch_size,
+        method=config.method,
+        jit_compile=config.jit_compile,
+    )
+
+
+def format_table(result: LocalRankResult) -> str:
+    frame = result.to_frame()[TABLE_COLUMNS]
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def run(config: Config, *, echo=print) -> pd.DataFrame:
+    """Run the main job; returns the final table (also written to `output`).
+
+    Raises:
+        ValueError: a missing or unreadable model file, bad data, bad options.
+    """
+    label = config.layers and f" layers {config.layers}" or ""
+    tol = "exact" if config.atol is None and config.rtol is None else (
+        f"atol={config.atol}, rtol={config.rtol}")
+    if config.model is None:
+        ds = datasets.gaussian_task(n_train=2000, n_test=config.samples, dim=20, k=2,
+                                    seed=config.seed)
+        model = demo_model(ds.input_shape[0], ds.num_classes, seed=config.seed)
+        x = ds.x_test
+        echo(f"Demo: MLP 20-64-64-64-4 on Gaussian data whose labels depend on k=2 of "
+             f"20 directions; {len(x)} test samples, {tol} rank{label}.")
+        before = _measure(model, x, config)
+        echo("\nLocal rank before training:\n" + format_table(before))
+        start = time.perf_counter()
+        history = model.fit(ds.x_train, ds.y_train, epochs=config.epochs, batch_size=64,
+                            verbose=0)
+        acc = model.evaluate(ds.x_test, ds.y_test, verbose=0)[1]
+        echo(f"\nTrained {config.epochs} epochs in {time.perf_counter() - start:.1f} s "
+             f"(train loss {history.history['loss'][-1]:.3f}, test accuracy {acc:.3f}).")
+        result = _measure(model, x, config)
+        echo("\nLocal rank after training:\n" + format_table(result))
+    else:
+        if not os.path.isfile(config.model):
+            raise ValueError(f"Expected an existing .keras file. Received: model={config.model!r}")
+        try:
+            model = keras.models.load_model(config.model, compile=False)
+        except Exception as e:  # Keras raises many types for unreadable files
+            raise ValueError(f"Could not load model {config.model!r}: {e}") from None
+        x = load_samples(config.data, model.input_shape[1:], samples=config.samples,
+                         seed=config.seed, data_path=config.data_path)
+        echo(f"Model {config.model} on {len(x)} samples of {config.data}, {tol} rank{label}.")
+        result = _measure(model, x, config)
+        echo(format_table(result))
+    if result.skipped:
+        echo(f"Skipped layers: {result.skipped}")
+    if config.output:
+        result.save(config.output)
+        echo(f"Wrote {config.output}")
+    return result.to_frame()
