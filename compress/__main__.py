@@ -1,0 +1,70 @@
+"""`python -m compress`: compress a trained Keras model and report.
+
+Example:
+    python -m compress --model=model.keras --dataset=mnist \
+        --data_path=../shared/data/mnist10k.npz --budget=0.5 --budget=0.2 \
+        --method=all --finetune_epochs=2 --output_dir=runs/compress
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Input .keras model (never modified).")
+flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "digits", "gaussian"], "Data set.")
+flags.DEFINE_string("data_path", None, "Local .npz with arrays x and y instead of downloading.")
+flags.DEFINE_multi_float("budget", [0.2], "Target parameter fraction(s) in (0, 1]; repeat for a sweep.")
+flags.DEFINE_multi_enum(
+    "method", ["all"], ["local_rank", "weight_svd", "tfmot", "local_rank_nofloor", "all"],
+    "Compression method(s).",
+)
+flags.DEFINE_integer("finetune_epochs", 0, "Fine-tuning epochs after compression.")
+flags.DEFINE_string("output_dir", None, "Folder for the report and the compressed models.")
+flags.DEFINE_integer("calibration_samples", 1024, "Training samples used to measure.")
+flags.DEFINE_integer("n_train", None, "Use at most this many training samples.")
+flags.DEFINE_integer("n_test", None, "Use at most this many test samples.")
+flags.DEFINE_enum("subspace", "covariance", ["covariance", "jacobian"], "Data-aware subspace.")
+flags.DEFINE_float("floor_rtol", 0.1, "Relative tolerance of the local-rank floor.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("latency_runs", 15, "Timed inference runs per model.")
+flags.DEFINE_integer("seed", 0, "Seed.")
+flags.mark_flags_as_required(["model", "output_dir"])
+
+
+def main(argv):
+    del argv
+    from compress.app import CompressionConfig, run
+
+    config = CompressionConfig(
+        model=FLAGS.model,
+        dataset=FLAGS.dataset,
+        data_path=FLAGS.data_path,
+        output_dir=FLAGS.output_dir,
+        budgets=tuple(FLAGS.budget),
+        methods=tuple(FLAGS.method),
+        finetune_epochs=FLAGS.finetune_epochs,
+        calibration_samples=FLAGS.calibration_samples,
+        n_train=FLAGS.n_train,
+        n_test=FLAGS.n_test,
+        subspace=FLAGS.subspace,
+        floor_rtol=FLAGS.floor_rtol,
+        batch_size=FLAGS.batch_size,
+        latency_runs=FLAGS.latency_runs,
+        seed=FLAGS.seed,
+    )
+    try:
+        run(config, progress=lambda line: print(line, flush=True))
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
