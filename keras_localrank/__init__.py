@@ -5,7 +5,8 @@ Jacobian with respect to the input (Patel & Shwartz-Ziv,
 https://arxiv.org/abs/2410.07687).
 """
 
-from keras_localrank import datasets, layers, vib
+from keras_localrank import datasets, layers, metrics, schedules, vib
+from keras_localrank.callbacks import LocalRankCallback
 from keras_localrank.estimate import LocalRankEstimator, local_rank
 from keras_localrank.layers import GaussianBottleneck, RankProbe, SampleAverage
 from keras_localrank.result import LayerInfo, LocalRankResult
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GaussianBottleneck",
     "LayerInfo",
+    "LocalRankCallback",
     "LocalRankEstimator",
     "LocalRankResult",
     "MEASURABLE_LAYERS",
@@ -32,6 +34,8 @@ __all__ = [
     "datasets",
     "layers",
     "local_rank",
+    "metrics",
+    "schedules",
     "rank_from_singular_values",
     "stable_rank",
     "vib",

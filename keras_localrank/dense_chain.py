@@ -93,7 +93,9 @@ class DenseLink:
 def _stage_of(layer):
     """The element-wise function a layer applies, None if it is the identity,
     or False if it is not element-wise."""
-    if isinstance(layer, _IDENTITY_LAYERS):
+    from keras_localrank.layers import RankProbe
+
+    if isinstance(layer, (*_IDENTITY_LAYERS, RankProbe)):
         return None
     if isinstance(layer, keras.layers.Activation):
         return layer.activation if layer.activation in ELEMENTWISE_ACTIVATIONS else False

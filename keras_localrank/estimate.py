@@ -173,7 +173,6 @@ class LocalRankEstimator:
             n = self._strategy.num_replicas_in_sync
             self.batch_size = max(n, self.batch_size - self.batch_size % n)
         self._fn = tf.function(self._chunk, jit_compile=self.jit_compile, autograph=False)
-        self._traced_shapes: set = set()
 
     # -- construction helpers -------------------------------------------------
 
@@ -208,7 +207,7 @@ class LocalRankEstimator:
     @property
     def trace_count(self) -> int:
         """How many times the measurement function has been traced."""
-        return len(self._traced_shapes)
+        return self._fn.experimental_get_tracing_count()
 
     # -- the traced measurement ------------------------------------------------
 
@@ -244,7 +243,6 @@ class LocalRankEstimator:
         return out
 
     def _run(self, chunk: np.ndarray):
-        self._traced_shapes.add(chunk.shape)
         if self._strategy is None:
             return self._fn(tf.constant(chunk))
         n = self._strategy.num_replicas_in_sync
@@ -261,9 +259,22 @@ class LocalRankEstimator:
             for name in local[0]
         }
 
+    def measure_tensor(self, x: tf.Tensor) -> dict[str, tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+        """Graph-friendly measurement of one batch (usable inside `tf.function`).
+
+        No input checks and no chunking: `x` is one batch.
+
+        Returns:
+            `{layer: (ranks [num_tolerances, B] int32, effective rank [B],
+            stable rank [B])}`.
+        """
+        return self._fn(x)
+
     # -- the public call ---------------------------------------------------------
 
-    def __call__(self, x, *, verbose: int = 0, max_samples: int | None = None) -> list[LocalRankResult]:
+    def __call__(
+        self, x, *, verbose: int = 0, max_samples: int | None = None
+    ) -> list[LocalRankResult]:
         """Measure on samples `x`; one `LocalRankResult` per tolerance.
 
         Args:
@@ -271,11 +282,17 @@ class LocalRankEstimator:
             verbose: 1 shows a progress bar over chunks. Default 0.
             max_samples: use at most this many samples. Default None: all.
         """
+        return self.measure(self.check_samples(x, max_samples=max_samples), verbose=verbose)
+
+    def check_samples(self, x, *, max_samples: int | None = None) -> np.ndarray:
+        """Validate `x` once (see `inputs.as_samples`) for repeated `measure` calls."""
+        samples = as_samples(x, input_shape=self.selection.input_shape, max_samples=max_samples)
+        return samples.astype(self.dtype, copy=False)
+
+    def measure(self, samples: np.ndarray, *, verbose: int = 0) -> list[LocalRankResult]:
+        """Measure on samples already checked by `check_samples`."""
         if self._work_model is not None and self._work_model is not self.model:
             self._work_model.set_weights(self.model.get_weights())
-        samples = as_samples(
-            x, input_shape=self.selection.input_shape, max_samples=max_samples
-        ).astype(self.dtype, copy=False)
         n = len(samples)
         size = min(self.batch_size, n)
         if self._strategy is not None:

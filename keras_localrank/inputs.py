@@ -33,7 +33,7 @@ def _from_dataset(dataset: tf.data.Dataset, max_samples: int | None) -> np.ndarr
 def as_samples(
     x,
     *,
-    input_shape: Sequence[int | None],
+    input_shape: Sequence[int | None] | None,
     max_samples: int | None = None,
     name: str = "x",
 ) -> np.ndarray:
@@ -42,7 +42,8 @@ def as_samples(
     Args:
         x: a NumPy array, tensor, or batched `tf.data.Dataset` of `x` or
             `(x, y)` elements, shaped `[N, *input_shape]`.
-        input_shape: the model's per-sample input shape (None = any size).
+        input_shape: the model's per-sample input shape (a None entry: any
+            size; None: not checked).
         max_samples: keep at most this many samples (the first ones).
         name: the argument name used in error messages.
 
@@ -77,7 +78,7 @@ def as_samples(
         if int(max_samples) < 1:
             raise ValueError(f"Expected `max_samples` >= 1. Received: {max_samples}")
         arr = arr[: int(max_samples)]
-    expected = tuple(input_shape)
+    expected = tuple(input_shape) if input_shape is not None else arr.shape[1:]
     got = arr.shape[1:]
     if len(got) != len(expected) or any(
         e is not None and e != g for e, g in zip(expected, got)

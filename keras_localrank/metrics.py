@@ -1,0 +1,94 @@
+"""`LocalRank`: a Keras metric accumulating local rank over batches.
+
+For hand-written `tf.GradientTape` training loops: call
+`metric.update_state(x_batch)` after (or inside) a step and read
+`metric.result()`. It uses the same engine as `local_rank`, and its
+`update_state` is graph-friendly (it can run inside `tf.function`).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_localrank.estimate import LocalRankEstimator
+from keras_localrank.spectra import Tolerance
+
+__all__ = ["LocalRank"]
+
+
+class LocalRank(keras.metrics.Metric):
+    """Mean local rank of one layer over all samples given to `update_state`.
+
+    Args:
+        model: the model the layer belongs to (built, one float input).
+        layer: the layer name or object to measure.
+        atol: None (exact rank, default) or the robust-rank threshold.
+        rtol: relative threshold. Default None (numpy's rule).
+        method, dtype, jit_compile: passed to `LocalRankEstimator`.
+        name: metric name. Default `"local_rank/<layer>"`.
+
+    Note:
+        The metric holds a reference to the model, so it is meant for custom
+        loops and is not serialised with the model.
+
+    Example:
+        >>> metric = LocalRank(model, "dense_1")
+        >>> for x, y in dataset:
+        ...     train_step(x, y)
+        ...     metric.update_state(x)
+        >>> float(metric.result())
+    """
+
+    def __init__(
+        self,
+        model,
+        layer,
+        *,
+        atol: float | None = None,
+        rtol: float | None = None,
+        method: str = "auto",
+        dtype: str | None = None,
+        jit_compile: bool = False,
+        name: str | None = None,
+    ):
+        layer_name = layer if isinstance(layer, str) else getattr(layer, "name", None)
+        if layer_name is None:
+            raise TypeError(
+                f"Expected `layer` to be a layer name or layer. Received: layer={layer!r}"
+            )
+        super().__init__(name=name or f"local_rank/{layer_name}", dtype="float32")
+        self._estimator = LocalRankEstimator(
+            model,
+            [layer],
+            tolerances=(Tolerance(atol=atol, rtol=rtol),),
+            method=method,
+            dtype=dtype,
+            jit_compile=jit_compile,
+        )
+        self.layer_name = layer_name
+        self.total = self.add_variable((), initializer="zeros", dtype="float64", name="total")
+        self.count = self.add_variable((), initializer="zeros", dtype="float64", name="count")
+
+    def update_state(self, x, sample_weight=None):
+        """Add the ranks of `J_layer(x)` for every sample of the batch `x`.
+
+        Raises:
+            ValueError: (eagerly) non-finite `x`.
+        """
+        if sample_weight is not None:
+            raise ValueError("LocalRank does not support `sample_weight`.")
+        x = tf.convert_to_tensor(x)
+        if not x.dtype.is_floating:
+            raise TypeError(f"Expected floating-point `x`. Received dtype {x.dtype.name}.")
+        x = tf.debugging.assert_all_finite(x, "LocalRank.update_state: NaN or Inf in `x`")
+        ranks = self._estimator.measure_tensor(x)[self.layer_name][0][0]
+        self.total.assign_add(tf.reduce_sum(tf.cast(ranks, tf.float64)))
+        self.count.assign_add(tf.cast(tf.size(ranks), tf.float64))
+
+    def result(self):
+        return tf.cast(tf.math.divide_no_nan(self.total, self.count), self.dtype)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+        self.count.assign(0.0)
