@@ -361,6 +361,8 @@ def _plots(frame: pd.DataFrame, workdir: str, title: str) -> list[str]:
             alpha=0.2,
         )
         axis.set_ylabel(col if col == "accuracy" else "rate [nats]", color=colour_name)
+        if col == "rate" and (frame["rate"] > 0).all():
+            axis.set_yscale("log")
     ax1.set_xscale("log")
     ax1.set_xlabel("beta")
     ax1.grid(alpha=0.3)
@@ -440,7 +442,10 @@ def run_sweep(config: SweepConfig, workdir: str | os.PathLike, *, plots: bool = 
 
     lr_cols = _lr_columns(frame, "exact") + _lr_columns(frame, "robust")
     transitions = find_transitions(frame, lr_cols)
-    other = find_transitions(frame, ["accuracy", "rate", "izy_lower_bound", "active_dimensions"])
+    frame["log10_rate"] = np.log10(np.maximum(frame["rate"], 1e-12))
+    other = find_transitions(
+        frame, ["accuracy", "log10_rate", "izy_lower_bound", "active_dimensions"]
+    )
     # The overall sharpest change: summed relative change over all local-rank columns.
     betas = np.array(sorted(frame["beta"].unique()), float)
     means = frame.groupby("beta")[lr_cols].mean().reindex(betas)
@@ -456,7 +461,7 @@ def run_sweep(config: SweepConfig, workdir: str | os.PathLike, *, plots: bool = 
         for i in np.argsort(-score, kind="stable")[:3]
         if score[i] > 0
     ]
-    per_beta = frame.drop(columns=["seed"]).groupby("beta").mean().reset_index()
+    per_beta = frame.drop(columns=["seed", "log10_rate"]).groupby("beta").mean().reset_index()
     summary = {
         "description": (
             "Transitions: for each column, the neighbouring beta pairs with the "
