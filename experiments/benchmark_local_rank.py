@@ -27,6 +27,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_localrank as klr  # noqa: E402
+from experiments.common import build_mlp  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("samples", 512, "Number of input samples.")
@@ -37,16 +38,6 @@ flags.DEFINE_bool("trained", False, "Also benchmark a trained network (low ranks
 flags.DEFINE_string("data_path", None, "npz with x, y for --trained (else digits-like gaussian task).")
 flags.DEFINE_integer("train_epochs", 30, "Epochs for --trained.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the inputs.")
-
-
-def build_mlp(input_dim: int, widths: list[int], seed: int) -> keras.Model:
-    """ReLU MLP with He-normal init and a linear last layer."""
-    keras.utils.set_random_seed(seed)
-    layers = [keras.Input((input_dim,))]
-    for i, w in enumerate(widths):
-        act = "relu" if i < len(widths) - 1 else None
-        layers.append(keras.layers.Dense(w, activation=act, kernel_initializer="he_normal"))
-    return keras.Sequential(layers)
 
 
 def baseline_fn(model: keras.Model):
