@@ -200,6 +200,10 @@ def local_rank_compress(
         else:  # no bias to carry the mean: project the second moment
             statistic = st.covariance + np.outer(st.mean, st.mean)
         eigvals, eigvecs = np.linalg.eigh(statistic)
+        # Eigenvalues at the level of float32 rounding are zero (numpy's
+        # matrix_rank rule, applied to the computed-in-float32 statistic).
+        noise = max(float(eigvals.max()), 0.0) * len(eigvals) * np.finfo(np.float32).eps
+        eigvals = np.where(eigvals > noise, eigvals, 0.0)
         order = np.argsort(eigvals)[::-1]
         bases[n] = eigvecs[:, order]
         n_in, n_out = layer.kernel.shape
