@@ -35,7 +35,7 @@ flags.DEFINE_list("widths", ["200", "200", "200", "200", "10"], "Layer widths.")
 flags.DEFINE_integer("input_dim", 784, "Input dimension n0.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per method (median reported).")
 flags.DEFINE_bool("trained", False, "Also benchmark a trained network (low ranks).")
-flags.DEFINE_string("data_path", None, "npz with x, y for --trained (else digits-like gaussian task).")
+flags.DEFINE_string("data_path", None, "npz (x, y) for --trained; default: a Gaussian task.")
 flags.DEFINE_integer("train_epochs", 30, "Epochs for --trained.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the inputs.")
 

@@ -248,7 +248,8 @@ def test_rank_probe_measures_any_tensor_and_round_trips(tmp_path):
     result = klr.local_rank(model, x)
     np.testing.assert_array_equal(result.per_sample["probe_bn"], 3)
     np.testing.assert_array_equal(result.per_sample["probe_res"], 0)
-    assert result.layers[[i.name for i in result.layers].index("probe_bn")].class_name == "RankProbe"
+    classes = {info.name: info.class_name for info in result.layers}
+    assert classes["probe_bn"] == "RankProbe"
     path = tmp_path / "probe.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
