@@ -19,9 +19,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Input .keras model (never modified).")
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "digits", "gaussian"], "Data set.")
 flags.DEFINE_string("data_path", None, "Local .npz with arrays x and y instead of downloading.")
-flags.DEFINE_multi_float("budget", [0.2], "Target parameter fraction(s) in (0, 1]; repeat for a sweep.")
+flags.DEFINE_multi_float(
+    "budget", [0.2], "Target parameter fraction(s) in (0, 1]; repeat for a sweep."
+)
 flags.DEFINE_multi_enum(
-    "method", ["all"], ["local_rank", "weight_svd", "tfmot", "local_rank_nofloor", "all"],
+    "method",
+    ["all"],
+    ["local_rank", "weight_svd", "tfmot", "local_rank_nofloor", "all"],
     "Compression method(s).",
 )
 flags.DEFINE_integer("finetune_epochs", 0, "Fine-tuning epochs after compression.")

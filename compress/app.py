@@ -149,9 +149,7 @@ def _fit_data(model, ds):
 
 def _save_atomically(model, path: str, forbidden: str) -> None:
     if os.path.realpath(path) == os.path.realpath(forbidden):
-        raise ValueError(
-            f"Refusing to overwrite the input model. Received: output path {path!r}."
-        )
+        raise ValueError(f"Refusing to overwrite the input model. Received: output path {path!r}.")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
@@ -238,7 +236,9 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
     ensure_compiled(model)
 
     say(f"evaluating the original model ({count_params(model):,} parameters)")
-    original = measure(model, x_test, y_test, batch_size=config.batch_size, latency_runs=config.latency_runs)
+    original = measure(
+        model, x_test, y_test, batch_size=config.batch_size, latency_runs=config.latency_runs
+    )
     original["accuracy"] = original["metrics"].get("accuracy")
     name = os.path.splitext(os.path.basename(config.model))[0]
     rows = []
@@ -257,8 +257,12 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
                 rows.append({**row, "status": f"infeasible: {e}"})
                 continue
             stats = measure(
-                out.model, x_test, y_test, nonzero=out.nonzero_params,
-                batch_size=config.batch_size, latency_runs=config.latency_runs,
+                out.model,
+                x_test,
+                y_test,
+                nonzero=out.nonzero_params,
+                batch_size=config.batch_size,
+                latency_runs=config.latency_runs,
             )
             row.update(
                 param_fraction=stats["params"] / original["params"],
@@ -276,15 +280,27 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
                 say(f"  fine-tuning {config.finetune_epochs} epoch(s)")
                 if method == "tfmot":
                     final = _compress(
-                        method, model, budget, x_cal, x_train, y_train, config,
+                        method,
+                        model,
+                        budget,
+                        x_cal,
+                        x_train,
+                        y_train,
+                        config,
                         config.finetune_epochs,
                     ).model
                 else:
                     final = finetune(
-                        _clone(out.model), x_train, y_train, epochs=config.finetune_epochs,
-                        batch_size=config.batch_size, seed=config.seed,
+                        _clone(out.model),
+                        x_train,
+                        y_train,
+                        epochs=config.finetune_epochs,
+                        batch_size=config.batch_size,
+                        seed=config.seed,
                     )
-                tuned = final.evaluate(x_test, y_test, batch_size=config.batch_size, verbose=0, return_dict=True)
+                tuned = final.evaluate(
+                    x_test, y_test, batch_size=config.batch_size, verbose=0, return_dict=True
+                )
                 row["accuracy_finetuned"] = float(tuned.get("accuracy", float("nan")))
                 row["metrics_finetuned"] = {k: float(v) for k, v in tuned.items()}
             path = os.path.join(config.output_dir, "models", f"{name}_{method}_b{budget:g}.keras")
@@ -293,7 +309,11 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
             row["seconds"] = time.perf_counter() - start
             say(
                 f"  params {row['param_fraction']:.3f} of original, accuracy {row['accuracy']:.4f}"
-                + (f" -> {row['accuracy_finetuned']:.4f} fine-tuned" if "accuracy_finetuned" in row else "")
+                + (
+                    f" -> {row['accuracy_finetuned']:.4f} fine-tuned"
+                    if "accuracy_finetuned" in row
+                    else ""
+                )
             )
             rows.append(row)
     if not any(r["status"] == "ok" for r in rows):

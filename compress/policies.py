@@ -99,8 +99,7 @@ def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
     value = float(value)
     if not math.isfinite(value) or value > 1.0 or value < 0.0 or (low_open and value == 0.0):
         raise ValueError(
-            f"Expected `{name}` in {'(0, 1]' if low_open else '[0, 1]'}. "
-            f"Received: {name}={value!r}"
+            f"Expected `{name}` in {'(0, 1]' if low_open else '[0, 1]'}. Received: {name}={value!r}"
         )
     return value
 
@@ -279,6 +278,5 @@ def get_policy(identifier) -> RankPolicy:
             )
         return cls.from_config(identifier["config"])
     raise TypeError(
-        "Expected a RankPolicy or {'class_name': ..., 'config': ...}. "
-        f"Received: {identifier!r}"
+        f"Expected a RankPolicy or {{'class_name': ..., 'config': ...}}. Received: {identifier!r}"
     )

@@ -84,9 +84,7 @@ def _dense_macs(layer) -> int:
 
 
 def _low_rank_macs(layer) -> int:
-    return _positions(layer) * (
-        math.prod(layer.kernel_a.shape) + math.prod(layer.kernel_b.shape)
-    )
+    return _positions(layer) * (math.prod(layer.kernel_a.shape) + math.prod(layer.kernel_b.shape))
 
 
 def _conv_macs(layer) -> int:

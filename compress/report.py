@@ -41,7 +41,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join([head, rule, *body]) + "\n"
 
 
-def plot_tradeoff(rows: list[dict], path: str, *, title: str = "", baseline: float | None = None) -> None:
+def plot_tradeoff(
+    rows: list[dict], path: str, *, title: str = "", baseline: float | None = None
+) -> None:
     """Accuracy against parameter fraction, one curve per method (PNG, atomic)."""
     import matplotlib
 
@@ -61,8 +63,13 @@ def plot_tradeoff(rows: list[dict], path: str, *, title: str = "", baseline: flo
         line = ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)[0]
         tuned = [(p[0], p[2]) for p in points if p[2] is not None]
         if tuned:
-            ax.plot(*zip(*tuned), "s--", color=line.get_color(), alpha=0.6,
-                    label=f"{method} (fine-tuned)")
+            ax.plot(
+                *zip(*tuned),
+                "s--",
+                color=line.get_color(),
+                alpha=0.6,
+                label=f"{method} (fine-tuned)",
+            )
     if baseline is not None:
         ax.axhline(baseline, color="grey", lw=0.8, ls=":", label="original")
     ax.set_xscale("log")
@@ -106,8 +113,10 @@ def write_report(report: dict, output_dir: str, *, stem: str = "report") -> dict
     lines = [
         f"# Compression report: {report.get('model', '')}",
         "",
-        (f"Original: {_fmt(original.get('params'))} parameters, "
-        f"{_fmt(original.get('macs'))} MACs, accuracy {_fmt(original.get('accuracy'))}."),
+        (
+            f"Original: {_fmt(original.get('params'))} parameters, "
+            f"{_fmt(original.get('macs'))} MACs, accuracy {_fmt(original.get('accuracy'))}."
+        ),
         "",
         markdown_table(report.get("rows", [])),
     ]

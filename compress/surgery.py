@@ -104,8 +104,12 @@ def factorize(
     for name, (a, b, bias) in factors.items():
         layer = model.get_layer(name)
         n_in, units = layer.kernel.shape
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != n_in or b.shape[1] != units or (
-            a.shape[1] != b.shape[0]
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[0] != n_in
+            or b.shape[1] != units
+            or (a.shape[1] != b.shape[0])
         ):
             raise ValueError(
                 f"Expected factors [{n_in}, r] and [r, {units}] for layer {name!r}. "
@@ -193,8 +197,7 @@ def prune_units(
         consumer = consumer_of(model, layer)
         if consumer is None:
             raise ValueError(
-                f"Layer {name!r} has no single Dense-like consumer; its units cannot "
-                "be removed."
+                f"Layer {name!r} has no single Dense-like consumer; its units cannot be removed."
             )
         keep = np.setdiff1d(np.arange(n), drop)
         ws = [keras.ops.convert_to_numpy(w) for w in layer.weights]

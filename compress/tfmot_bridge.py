@@ -21,7 +21,14 @@ import numpy as np
 from compress.outcome import Compressed
 from compress.registry import count_params
 
-__all__ = ["BRIDGED_LAYERS", "import_tfmot", "kernel_sparsity", "magnitude_prune", "sparsity_for_budget", "to_tf_keras"]
+__all__ = [
+    "BRIDGED_LAYERS",
+    "import_tfmot",
+    "kernel_sparsity",
+    "magnitude_prune",
+    "sparsity_for_budget",
+    "to_tf_keras",
+]
 
 
 @contextlib.contextmanager
@@ -96,8 +103,10 @@ def _chain(model) -> list:
         tensor = graph.inputs[0]
         for layer in layers:
             nodes = layer._inbound_nodes
-            if len(nodes) != 1 or len(nodes[0].input_tensors) != 1 or (
-                nodes[0].input_tensors[0] is not tensor
+            if (
+                len(nodes) != 1
+                or len(nodes[0].input_tensors) != 1
+                or (nodes[0].input_tensors[0] is not tensor)
             ):
                 raise ValueError(
                     "The TF-MOT bridge supports chains of layers only. Received: "
@@ -211,10 +220,19 @@ def magnitude_prune(
     loss = tk.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     callbacks = [sparse.UpdatePruningStep()]
     pruned.compile(optimizer=tk.optimizers.SGD(learning_rate=0.0), loss=loss)
-    pruned.fit(x[:batch_size], y[:batch_size], epochs=1, batch_size=batch_size, verbose=0, callbacks=callbacks)
+    pruned.fit(
+        x[:batch_size],
+        y[:batch_size],
+        epochs=1,
+        batch_size=batch_size,
+        verbose=0,
+        callbacks=callbacks,
+    )
     if finetune_epochs:
         pruned.compile(optimizer=tk.optimizers.Adam(learning_rate=learning_rate), loss=loss)
-        pruned.fit(x, y, epochs=finetune_epochs, batch_size=batch_size, verbose=0, callbacks=callbacks)
+        pruned.fit(
+            x, y, epochs=finetune_epochs, batch_size=batch_size, verbose=0, callbacks=callbacks
+        )
     stripped = sparse.strip_pruning(pruned)
     result = keras.models.clone_model(model)
     for layer in _chain(model):

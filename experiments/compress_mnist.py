@@ -102,7 +102,9 @@ def _target_check(report: dict, budget: float = 0.2) -> dict:
         )
     return {
         "original_accuracy": base,
-        "drop_at_budget_points": None if lr is None else 100 * (base - lr.get("accuracy_finetuned", lr["accuracy"])),
+        "drop_at_budget_points": None
+        if lr is None
+        else 100 * (base - lr.get("accuracy_finetuned", lr["accuracy"])),
         "budget": budget,
         "before_finetune": beats,
     }
@@ -120,8 +122,11 @@ def compress_mnist(config: ExperimentConfig) -> dict:
     from keras_localrank.io import atomic_write_json, atomic_write_text
 
     ds = datasets.load(
-        config.dataset, data_path=config.data_path, seed=config.seed,
-        n_train=config.n_train, n_test=config.n_test,
+        config.dataset,
+        data_path=config.data_path,
+        seed=config.seed,
+        n_train=config.n_train,
+        n_test=config.n_test,
     )
     os.makedirs(config.workdir, exist_ok=True)
     atomic_write_json(os.path.join(config.workdir, "config.json"), dataclasses.asdict(config))

@@ -78,7 +78,9 @@ def test_low_rank_dense_matches_numpy_and_round_trips(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [{"units": 0, "rank": 2}, {"units": 4, "rank": -1}, {"units": 4, "rank": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"units": 0, "rank": 2}, {"units": 4, "rank": -1}, {"units": 4, "rank": 1.5}]
+)
 def test_low_rank_dense_rejects_bad_sizes(kwargs):
     bad = next(k for k, v in kwargs.items() if not (isinstance(v, int) and v > 0))
     with pytest.raises(ValueError, match=f"`{bad}`"):
@@ -212,7 +214,9 @@ def test_compressed_models_round_trip_through_keras_files(tmp_path, method):
     out.model.save(path)
     loaded = keras.models.load_model(path)
     assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in out.model.layers]
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), out.model.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), out.model.predict(x, verbose=0), atol=1e-6
+    )
 
 
 def test_weight_svd_matches_numpy_truncation():
@@ -243,8 +247,12 @@ def test_param_and_mac_counts_by_hand():
     )
 
     conv = keras.Sequential(
-        [keras.Input((5, 5, 2)), keras.layers.Conv2D(3, 3, name="c"), keras.layers.Flatten(),
-         keras.layers.Dense(2, name="d")]
+        [
+            keras.Input((5, 5, 2)),
+            keras.layers.Conv2D(3, 3, name="c"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, name="d"),
+        ]
     )
     # Conv: 3x3 outputs x (3*3*2) inputs x 3 filters; Dense: 27 x 2.
     assert count_macs(conv) == 9 * 18 * 3 + 27 * 2
@@ -308,7 +316,9 @@ def test_accuracy_tolerance_finds_the_smallest_acceptable_model():
     original = sum(c.dense_params for c in cands)
     # A made-up accuracy: the drop is 0 once layer "a" keeps >= 4 directions.
     ranks = AccuracyTolerance(0.0, steps=20).select(
-        cands, fixed_params=0, original_params=original,
+        cands,
+        fixed_params=0,
+        original_params=original,
         evaluate=lambda r: 0.0 if r["a"] >= 4 else 1.0,
     )
     assert ranks["a"] == 4
@@ -324,17 +334,23 @@ def test_calibration_statistics_match_numpy():
     w0, b0 = (np.asarray(v, np.float64) for v in model.get_layer("d0").get_weights())
     p0 = x.astype(np.float64) @ w0 + b0
     np.testing.assert_allclose(stats["d0"].mean, p0.mean(0), atol=1e-5)
-    np.testing.assert_allclose(stats["d0"].covariance, np.cov(p0, rowvar=False, bias=True), atol=1e-4)
+    np.testing.assert_allclose(
+        stats["d0"].covariance, np.cov(p0, rowvar=False, bias=True), atol=1e-4
+    )
     np.testing.assert_allclose(stats["d0"].out_max, np.maximum(p0, 0).max(0), atol=1e-5)
     np.testing.assert_allclose(stats["d1"].input_mean, np.maximum(p0, 0).mean(0), atol=1e-5)
 
 
 def test_no_compressible_layer_and_bad_subspace():
-    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()])
+    model = keras.Sequential(
+        [keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()]
+    )
     x = RNG.normal(size=(8, 4, 4, 1)).astype("float32")
     with pytest.raises(ValueError, match="no compressible layer"):
         local_rank_compress(model, x, 0.5)
     with pytest.raises(ValueError, match="no compressible layer"):
         weight_svd(model, 0.5)
     with pytest.raises(ValueError, match="subspace"):
-        local_rank_compress(_mlp([4, 2]), RNG.normal(size=(8, 12)).astype("float32"), 0.5, subspace="pca")
+        local_rank_compress(
+            _mlp([4, 2]), RNG.normal(size=(8, 12)).astype("float32"), 0.5, subspace="pca"
+        )

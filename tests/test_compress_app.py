@@ -51,11 +51,26 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     before = _sha(model_path)
     out_dir = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "compress", f"--model={model_path}", "--dataset=digits",
-         "--budget=0.6", "--budget=0.3", "--method=all", "--finetune_epochs=1",
-         f"--output_dir={out_dir}", "--n_train=400", "--calibration_samples=256",
-         "--latency_runs=2"],
-        env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "compress",
+            f"--model={model_path}",
+            "--dataset=digits",
+            "--budget=0.6",
+            "--budget=0.3",
+            "--method=all",
+            "--finetune_epochs=1",
+            f"--output_dir={out_dir}",
+            "--n_train=400",
+            "--calibration_samples=256",
+            "--latency_runs=2",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compressing: local_rank at budget 0.6" in proc.stdout
@@ -80,9 +95,19 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
 
 def test_cli_reports_a_missing_model(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "compress", f"--model={tmp_path / 'none.keras'}",
-         "--dataset=digits", f"--output_dir={tmp_path / 'o'}"],
-        env=ENV, capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "compress",
+            f"--model={tmp_path / 'none.keras'}",
+            "--dataset=digits",
+            f"--output_dir={tmp_path / 'o'}",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 1
     assert "Expected an existing .keras model file" in proc.stderr
@@ -97,8 +122,15 @@ def small_model(tmp_path_factory):
 
 
 def _config(model, tmp_path, **kw):
-    base = dict(model=model, dataset="digits", output_dir=str(tmp_path / "out"),
-                methods=("weight_svd",), n_train=200, n_test=100, latency_runs=1)
+    base = dict(
+        model=model,
+        dataset="digits",
+        output_dir=str(tmp_path / "out"),
+        methods=("weight_svd",),
+        n_train=200,
+        n_test=100,
+        latency_runs=1,
+    )
     return CompressionConfig(**{**base, **kw})
 
 
@@ -115,7 +147,9 @@ def test_error_unreadable_model_file(tmp_path):
 
 def test_error_no_compressible_layer(tmp_path):
     path = str(tmp_path / "conv.keras")
-    keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()]).save(path)
+    keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()]
+    ).save(path)
     with pytest.raises(ValueError, match="no compressible layer"):
         run(_config(path, tmp_path))
 
@@ -179,7 +213,8 @@ _TFMOT_SCRIPT = textwrap.dedent(
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
                               keras.layers.Dropout(0.1), keras.layers.Dense(4)])
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    model.compile(optimizer="adam",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     model.fit(x, y, epochs=3, verbose=0)  # a Keras 3 model trains and saves after TF-MOT
     model.save("/tmp/_tfmot_k3_%d.keras" % os.getpid())
@@ -206,8 +241,12 @@ _TFMOT_SCRIPT = textwrap.dedent(
 
 def test_tfmot_bridge_sparsity_and_keras3_after_tfmot_import():
     proc = subprocess.run(
-        [sys.executable, "-c", _TFMOT_SCRIPT], env=ENV, capture_output=True, text=True,
-        timeout=300, cwd=ROOT,
+        [sys.executable, "-c", _TFMOT_SCRIPT],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK")
@@ -218,7 +257,9 @@ def test_tfmot_bridge_rejects_unsupported_layers():
         """
         import keras
         from compress.tfmot_bridge import magnitude_prune
-        m = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+        m = keras.Sequential(
+            [keras.Input((4,)), keras.layers.BatchNormalization(), keras.layers.Dense(2)]
+        )
         try:
             magnitude_prune(m, 0.9, None, None, from_logits=True)
         except ValueError as e:
@@ -226,6 +267,7 @@ def test_tfmot_bridge_rejects_unsupported_layers():
             print("OK")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
-                          timeout=200, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=200, cwd=ROOT
+    )
     assert proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
