@@ -18,6 +18,7 @@ setup(
         "tensorflow>=2.16",
         "keras>=3.0",
         "tf-keras>=2.16",
+        "tensorboard>=2.16",
         "tensorflow-probability>=0.24",
         "tensorflow-model-optimization>=0.8",
         "absl-py>=1.0",
