@@ -285,3 +285,12 @@ def test_unmeasurable_layer_is_skipped_with_warning():
         result = klr.local_rank(model, gaussian(5, 6), layers=["shared", "drop", "head"])
     assert list(result.per_sample) == ["head"]
     assert set(result.skipped) == {"shared", "drop"}
+
+
+def test_progress_bar_only_when_verbose(capsys):
+    model = mlp(12, [10, 3], "relu", seed=8)
+    x = gaussian(20, 12)
+    klr.local_rank(model, x, batch_size=5)
+    assert capsys.readouterr().out == ""
+    klr.local_rank(model, x, batch_size=5, verbose=1)
+    assert "4/4" in capsys.readouterr().out
