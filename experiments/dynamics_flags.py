@@ -1,0 +1,101 @@
+"""absl flags shared by `gaussian_mlp.py` and `mnist_mlp.py`.
+
+Every flag but `--workdir`, `--preset` and `--seeds` defaults to None: it then
+keeps the preset's value (see `keras_localrank.dynamics.PRESETS`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import flags
+
+from keras_localrank import dynamics
+from keras_localrank.io import atomic_write_text
+
+FLAGS = flags.FLAGS
+_PRESETS: dict[str, str] = {}
+
+
+def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
+    """Define the flags; `presets` maps a flag value to a `dynamics.PRESETS` name."""
+    flags.DEFINE_string("workdir", workdir, "Run directory; reuse it to resume.")
+    flags.DEFINE_string("output_dir", None, "Alias of --workdir.")
+    flags.DEFINE_enum("preset", next(iter(presets)), list(presets), "Named configuration.")
+    flags.DEFINE_list("seeds", ["0"], "Seeds: one model per seed (init and data order).")
+    flags.DEFINE_string("data_path", None, "An .npz with x and y read instead of downloading.")
+    flags.DEFINE_integer("n_train", None, "Training examples.")
+    flags.DEFINE_integer("n_test", None, "Test examples.")
+    flags.DEFINE_list("hidden", None, "Hidden layer widths, e.g. 100,100,100.")
+    flags.DEFINE_float("learning_rate", None, "AdamW learning rate.")
+    flags.DEFINE_float("weight_decay", None, "AdamW decoupled weight decay (times the lr).")
+    flags.DEFINE_bool("decay_bias", None, "Also decay biases (default: kernels only).")
+    flags.DEFINE_integer("batch_size", None, "Batch size.")
+    flags.DEFINE_integer("epochs", None, "Epochs.")
+    flags.DEFINE_integer("num_measurements", None, "Log-spaced measurement steps.")
+    flags.DEFINE_list("atol", None, "Robust local rank thresholds eps, e.g. 0.01,0.1.")
+    flags.DEFINE_integer("rank_samples", None, "Training inputs the local rank averages over.")
+    flags.DEFINE_integer("checkpoint_every", None, "Epochs between checkpoints.")
+    flags.DEFINE_integer("verbose", 0, "Keras fit verbosity.")
+    flags.DEFINE_integer("data_seed", None, "Seed of the data set / split.")
+    _PRESETS.update(presets)
+
+
+def _numbers(name: str, values, kind):
+    try:
+        return tuple(kind(v) for v in values)
+    except ValueError:
+        raise ValueError(f"Expected numbers in --{name}. Received: {values!r}") from None
+
+
+def config_from_flags(**fixed) -> dynamics.DynamicsConfig:
+    """The `DynamicsConfig` of the parsed flags (`fixed`: fields set by the script)."""
+    overrides = dict(fixed)
+    for name in (
+        "data_path",
+        "n_train",
+        "n_test",
+        "learning_rate",
+        "weight_decay",
+        "decay_bias",
+        "batch_size",
+        "epochs",
+        "num_measurements",
+        "rank_samples",
+        "checkpoint_every",
+        "data_seed",
+    ):
+        if getattr(FLAGS, name) is not None:
+            overrides[name] = getattr(FLAGS, name)
+    if FLAGS.hidden is not None:
+        overrides["hidden"] = _numbers("hidden", FLAGS.hidden, int)
+    if FLAGS.atol is not None:
+        overrides["atols"] = _numbers("atol", FLAGS.atol, float)
+    overrides["seeds"] = _numbers("seeds", FLAGS.seeds, int)
+    return dynamics.get_preset(_PRESETS[FLAGS.preset], **overrides)
+
+
+def run_from_flags(**fixed) -> dict:
+    """Resolve the config, write the flags into the run directory, run, print a summary."""
+    logging.getLogger("keras_localrank.dynamics").setLevel(logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
+    config = config_from_flags(**fixed)
+    workdir = FLAGS.output_dir or FLAGS.workdir
+    atomic_write_text(f"{workdir}/flags.txt", FLAGS.flags_into_string())
+    summary = dynamics.train_and_evaluate(config, workdir, verbose=FLAGS.verbose)
+    print(f"Wrote {workdir} in {summary['wall_seconds_this_call']:.0f} s.")
+    for column in summary["rank_columns"]:
+        print(column)
+        for layer, kinds in summary["mean_std"]["layers"].items():
+            s = kinds[column]
+            print(
+                f"  {layer}: peak {s['peak']['mean']:.2f} -> final {s['final']['mean']:.2f} "
+                f"(drop {100 * s['relative_drop']['mean']:.0f}%, starts at step "
+                f"{s['drop_start_step']['mean']})"
+            )
+    final = summary["mean_std"]["final"]
+    print(
+        "final train/test accuracy: "
+        f"{final['train_accuracy']['mean']:.3f} / {final['test_accuracy']['mean']:.3f}"
+    )
+    return summary

@@ -1,0 +1,354 @@
+"""Training-dynamics studies (keras_localrank.dynamics, experiments/*_mlp.py).
+
+Tiny configs (a few hundred optimizer steps on 8-unit MLPs) so the whole file
+runs in well under a minute on 2 CPU cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from keras_localrank import dynamics, schedules
+
+TINY = dict(
+    n_train=96,
+    n_test=48,
+    dim=6,
+    k=2,
+    hidden=(8, 8, 8),
+    batch_size=32,
+    epochs=6,
+    checkpoint_every=2,
+    num_measurements=8,
+    rank_samples=16,
+    weight_decay=0.5,
+    learning_rate=1e-2,
+)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(**overrides) -> dynamics.DynamicsConfig:
+    return dynamics.get_preset("gaussian", **{**TINY, **overrides})
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_seeds")
+    config = tiny(seeds=(0, 1))
+    return config, str(workdir), dynamics.train_and_evaluate(config, workdir)
+
+
+def test_run_directory_contents(two_seeds):
+    config, workdir, _ = two_seeds
+    assert read_json(os.path.join(workdir, "config.json")) == config.to_dict()
+    for name in ("measurements.csv", "summary.json", "dynamics.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    run = os.path.join(workdir, "seed=0")
+    for name in (
+        "config.json",
+        "trace.csv",
+        "metrics.csv",
+        "measurements.csv",
+        "measurements.json",
+        "history.csv",
+        "summary.json",
+        "dynamics.png",
+        "state.json",
+    ):
+        assert os.path.getsize(os.path.join(run, name)) > 0, name
+    with open(os.path.join(run, "dynamics.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for sub in ("local_rank", "train"):
+        events = os.listdir(os.path.join(run, "tensorboard", sub))
+        assert any(e.startswith("events.out.tfevents") for e in events), sub
+
+    frame = pd.read_csv(os.path.join(run, "measurements.csv"))
+    assert list(frame.columns) == [
+        "step",
+        "epoch",
+        "layer",
+        "local_rank",
+        "local_rank_eps=0.01",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+    ]
+    assert frame.equals(pd.DataFrame(read_json(os.path.join(run, "measurements.json"))))
+    # One row per (scheduled step, hidden layer): the step before training and
+    # the log-spaced grid, each exactly once.
+    expected = [0] + schedules.LogSchedule(8).steps_for(config.total_steps)
+    assert sorted(frame["step"].unique()) == expected
+    assert not frame.duplicated(["step", "layer"]).any()
+    assert sorted(frame["layer"].unique()) == ["hidden_1", "hidden_2", "hidden_3"]
+    assert frame[["local_rank", "local_rank_eps=0.01"]].notna().all().all()
+    # A ReLU layer fed by a 6-dim input has rank <= 6; robust rank <= exact rank.
+    assert frame["local_rank"].max() <= 6
+    assert (frame["local_rank_eps=0.01"] <= frame["local_rank"] + 1e-9).all()
+    assert frame["train_accuracy"].between(0, 1).all()
+    trace = pd.read_csv(os.path.join(run, "trace.csv"))
+    assert len(trace) == 2 * len(frame)  # exact and eps rows
+    history = pd.read_csv(os.path.join(run, "history.csv"))
+    assert history["epoch"].tolist() == list(range(config.epochs))
+
+
+def test_summary_is_consistent_with_csv(two_seeds):
+    config, workdir, summary = two_seeds
+    assert read_json(os.path.join(workdir, "summary.json"))["seeds"] == [0, 1]
+    for seed in (0, 1):
+        run = os.path.join(workdir, f"seed={seed}")
+        frame = pd.read_csv(os.path.join(run, "measurements.csv"))
+        run_summary = read_json(os.path.join(run, "summary.json"))
+        assert run_summary == summary["per_seed"][str(seed)]
+        for layer, rows in frame.groupby("layer"):
+            for column in ("local_rank", "local_rank_eps=0.01"):
+                s = run_summary["layers"][layer][column]
+                values = rows.sort_values("step")[column].to_numpy()
+                assert s["peak"] == pytest.approx(values.max())
+                assert s["final"] == pytest.approx(values[-1])
+                assert s["relative_drop"] == pytest.approx(1 - values[-1] / values.max())
+        last = frame[frame["step"] == frame["step"].max()].iloc[0]
+        assert run_summary["final"]["test_accuracy"] == pytest.approx(last["test_accuracy"])
+        assert run_summary["run"]["done"] and run_summary["run"]["epoch"] == config.epochs
+
+
+def test_multi_seed_aggregation(two_seeds):
+    _, workdir, summary = two_seeds
+    both = pd.read_csv(os.path.join(workdir, "measurements.csv"))
+    assert sorted(both["seed"].unique()) == [0, 1]
+    finals = [
+        summary["per_seed"][s]["layers"]["hidden_3"]["local_rank_eps=0.01"]["final"]
+        for s in ("0", "1")
+    ]
+    agg = summary["mean_std"]["layers"]["hidden_3"]["local_rank_eps=0.01"]["final"]
+    assert agg == {
+        "mean": pytest.approx(np.mean(finals)),
+        "std": pytest.approx(np.std(finals)),
+        "count": 2,
+    }
+    # Different seeds train different models.
+    a, b = (both[both["seed"] == s]["train_loss"].to_numpy() for s in (0, 1))
+    assert not np.allclose(a, b)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_step):
+        super().__init__()
+        self.at_step, self.step = at_step, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step == self.at_step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def _final_weights(run_dir):
+    state = read_json(os.path.join(run_dir, "state.json"))
+    model = keras.models.load_model(os.path.join(run_dir, "checkpoints", state["checkpoint"]))
+    return model.get_weights(), [v.numpy() for v in model.optimizer.variables]
+
+
+def test_resume_after_interruption(tmp_path):
+    # Many measurements so some fall between the checkpoint and the interruption.
+    config = tiny(num_measurements=40)
+    dynamics.train_and_evaluate(config, tmp_path / "straight", plots=False)
+    interrupted = tmp_path / "interrupted"
+    # 3 steps per epoch, checkpoints after epochs 2 and 4: stop in epoch 4 (step 11).
+    with pytest.raises(KeyboardInterrupt):
+        dynamics.train_and_evaluate(config, interrupted, callbacks=[Interrupt(11)], plots=False)
+    run = interrupted / "seed=0"
+    assert read_json(run / "state.json")["epoch"] == 2
+    trace = pd.read_csv(run / "trace.csv")
+    assert trace["step"].max() > 6  # measurements after the checkpoint were taken...
+    summary = dynamics.train_and_evaluate(config, interrupted, plots=False)  # ...and are redone
+    assert summary["per_seed"]["0"]["run"]["done"]
+
+    straight = pd.read_csv(tmp_path / "straight" / "seed=0" / "measurements.csv")
+    resumed = pd.read_csv(run / "measurements.csv")
+    assert not resumed.duplicated(["step", "layer"]).any()
+    assert resumed[["step", "epoch", "layer"]].equals(straight[["step", "epoch", "layer"]])
+    np.testing.assert_allclose(
+        resumed.iloc[:, 3:].to_numpy(), straight.iloc[:, 3:].to_numpy(), rtol=1e-4, atol=1e-4
+    )
+    assert len(pd.read_csv(run / "trace.csv")) == 2 * len(resumed)
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == list(range(config.epochs))
+    (w1, o1), (w2, o2) = _final_weights(tmp_path / "straight" / "seed=0"), _final_weights(run)
+    for a, b in zip(w1 + o1, w2 + o2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Started again once finished, nothing is retrained or appended.
+    dynamics.train_and_evaluate(config, interrupted, plots=False)
+    assert pd.read_csv(run / "measurements.csv").equals(resumed)
+
+
+def test_kernels_only_weight_decay_survives_resume(tmp_path):
+    # lr * weight_decay = 0.5: one step halves every decayed weight; lr is too
+    # small for the gradient to move anything measurably.
+    config = tiny(learning_rate=1e-9, weight_decay=5e8)
+    x, y = np.ones((4, 6), np.float32), np.zeros(4, np.int64)
+
+    def fresh():
+        model = dynamics.build_mlp(6, 4, (8, 8, 8))
+        dynamics._compile(model, config)
+        return model
+
+    model = fresh()
+    for layer in model.layers[1:]:
+        layer.bias.assign(np.ones(layer.bias.shape, np.float32))
+    kernel = model.layers[1].kernel.numpy()
+    model.train_on_batch(x, y)
+    np.testing.assert_allclose(model.layers[1].kernel.numpy(), kernel / 2, rtol=1e-5)
+    np.testing.assert_allclose(model.layers[1].bias.numpy(), 1.0, rtol=1e-5)
+    model.save(tmp_path / "ckpt.keras")
+    restored = fresh()
+    dynamics._restore(restored, str(tmp_path / "ckpt.keras"))
+    assert int(restored.optimizer.iterations.numpy()) == 1
+    restored.train_on_batch(x, y)
+    np.testing.assert_allclose(restored.layers[1].kernel.numpy(), kernel / 4, rtol=1e-5)
+    np.testing.assert_allclose(restored.layers[1].bias.numpy(), 1.0, rtol=1e-5)
+
+
+def test_workdir_with_a_different_config_is_refused(tmp_path):
+    config = tiny(epochs=2, checkpoint_every=1, num_measurements=2)
+    dynamics.train_and_evaluate(config, tmp_path, plots=False)
+    with pytest.raises(ValueError, match="learning_rate"):
+        dynamics.train_and_evaluate(
+            tiny(epochs=2, checkpoint_every=1, num_measurements=2, learning_rate=0.5),
+            tmp_path,
+            plots=False,
+        )
+
+
+def test_summarize_curve_by_hand():
+    s = dynamics.summarize_curve([0, 1, 2, 3, 4, 5, 6], [10, 20, 20, 19.5, 12, 10, 10])
+    assert s == dict(
+        peak=20.0,
+        peak_step=1,
+        final=10.0,
+        final_step=6,
+        drop=10.0,
+        relative_drop=0.5,
+        drop_start_step=3,
+    )
+    flat = dynamics.summarize_curve([1, 2, 3], [20, 20, 19.5])
+    assert flat["drop_start_step"] is None and flat["relative_drop"] == pytest.approx(0.025)
+    assert dynamics.summarize_curve([1, 2], [np.nan, 4])["peak"] == 4
+    with pytest.raises(ValueError, match="finite"):
+        dynamics.summarize_curve([1], [np.nan])
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(seeds=(0, 0)), ValueError, "distinct seeds"),
+        (dict(seeds=()), ValueError, "seeds"),
+        (dict(seeds=("a",)), TypeError, r"seeds\[0\]"),
+        (dict(seeds=0), TypeError, "seeds=0"),
+        (dict(weight_decay=-1.0), ValueError, "weight_decay=-1.0"),
+        (dict(learning_rate=0.0), ValueError, "learning_rate=0.0"),
+        (dict(atols=(0.0,)), ValueError, r"atols\[0\]"),
+        (dict(atols=(float("nan"),)), ValueError, "atols"),
+        (dict(hidden=()), ValueError, "hidden"),
+        (dict(hidden=(8, 0)), ValueError, r"hidden\[1\]"),
+        (dict(epochs=True), TypeError, "epochs=True"),
+        (dict(batch_size=0), ValueError, "batch_size=0"),
+        (dict(k=7), ValueError, "k=7"),
+        (dict(dataset="cifar"), ValueError, "dataset='cifar'"),
+        (dict(activation="nope"), ValueError, "nope"),
+        (dict(drop_tolerance=2.0), ValueError, "drop_tolerance=2.0"),
+        (dict(colour="red"), ValueError, "colour"),
+    ],
+)
+def test_config_errors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        tiny(**overrides)
+
+
+def test_unknown_preset_and_bad_config_type(tmp_path):
+    with pytest.raises(ValueError, match="preset='cifar'"):
+        dynamics.get_preset("cifar")
+    with pytest.raises(TypeError, match="DynamicsConfig"):
+        dynamics.train_and_evaluate({"epochs": 1}, tmp_path)
+
+
+def test_presets_match_the_paper():
+    paper = dynamics.get_preset("mnist_paper")
+    assert (paper.n_train, paper.learning_rate, paper.weight_decay, paper.batch_size) == (
+        1000,
+        1e-4,
+        0.01,
+        64,
+    )
+    assert paper.total_steps == 1_000_000 and paper.num_measurements == 50
+    assert paper.hidden == (200,) * 4 and not paper.decay_bias
+
+
+def _script(module, *args, cwd):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_mnist_script_with_data_path(tmp_path):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny_mnist.npz"
+    np.savez(
+        npz,
+        x=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+        y=np.arange(100, dtype=np.uint8) % 10,
+    )
+    out = tmp_path / "run"
+    done = _script(
+        "experiments.mnist_mlp",
+        f"--data_path={npz}",
+        f"--output_dir={out}",
+        "--n_train=64",
+        "--n_test=16",
+        "--hidden=8,8,8,8",
+        "--epochs=2",
+        "--checkpoint_every=1",
+        "--num_measurements=3",
+        "--rank_samples=8",
+        "--atol=0.01,0.1",
+        "--seeds=3",
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "hidden_4" in done.stdout
+    config = read_json(out / "config.json")
+    assert config["hidden"] == [8, 8, 8, 8] and config["atols"] == [0.01, 0.1]
+    assert config["learning_rate"] == 1e-3 and config["weight_decay"] == 1.0  # the preset
+    assert "--data_path" in (out / "flags.txt").read_text()
+    frame = pd.read_csv(out / "seed=3" / "measurements.csv")
+    assert {"local_rank_eps=0.01", "local_rank_eps=0.1"} <= set(frame.columns)
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--hidden=a,b", "Expected numbers in --hidden"),
+        ("--weight_decay=-2", "weight_decay=-2"),
+        ("--seeds=1,1", "distinct seeds"),
+        ("--k=30", "k=30"),
+    ],
+)
+def test_gaussian_script_flag_errors(tmp_path, flag, message):
+    done = _script("experiments.gaussian_mlp", f"--workdir={tmp_path}", flag, cwd=REPO)
+    assert done.returncode != 0
+    assert message in done.stderr
