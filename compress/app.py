@@ -22,6 +22,7 @@ from compress.data_aware import local_rank_compress
 from compress.evaluate import ensure_compiled, finetune, measure, outputs_logits
 from compress.outcome import Compressed
 from compress.registry import count_params
+from compress.surgery import recompile_like
 from compress.report import write_report
 from keras_localrank import datasets
 
@@ -165,8 +166,7 @@ def _save_atomically(model, path: str, forbidden: str) -> None:
 def _clone(model):
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    if getattr(model, "compiled", False) and model.get_compile_config():
-        copy.compile_from_config(model.get_compile_config())
+    recompile_like(copy, model)
     return copy
 
 

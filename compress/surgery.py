@@ -16,10 +16,18 @@ from compress.layers import LowRankDense
 from compress.registry import PASS_THROUGH_LAYERS, PRUNABLE_LAYERS
 from keras_localrank.taps import model_graph
 
-__all__ = ["consumer_of", "effective_kernel", "factorize", "prune_units", "replace_layers"]
+__all__ = [
+    "consumer_of",
+    "effective_kernel",
+    "factorize",
+    "prune_units",
+    "recompile_like",
+    "replace_layers",
+]
 
 
-def _recompile_like(new: keras.Model, old: keras.Model) -> None:
+def recompile_like(new: keras.Model, old: keras.Model) -> None:
+    """Compile `new` with `old`'s compile configuration (a fresh optimizer), if any."""
     if not getattr(old, "compiled", False):
         return
     config = old.get_compile_config()
@@ -56,7 +64,7 @@ def replace_layers(
             layer.set_weights(list(weights[layer.name]))
         elif layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
-    _recompile_like(new, model)
+    recompile_like(new, model)
     return new
 
 

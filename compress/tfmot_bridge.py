@@ -20,6 +20,7 @@ import numpy as np
 
 from compress.outcome import Compressed
 from compress.registry import count_params
+from compress.surgery import recompile_like
 
 __all__ = [
     "BRIDGED_LAYERS",
@@ -238,8 +239,7 @@ def magnitude_prune(
     for layer in _chain(model):
         if layer.weights:
             result.get_layer(layer.name).set_weights(stripped.get_layer(layer.name).get_weights())
-    if getattr(model, "compiled", False) and model.get_compile_config():
-        result.compile_from_config(model.get_compile_config())
+    recompile_like(result, model)
     return Compressed(
         model=result,
         method="tfmot",
