@@ -56,6 +56,38 @@ def baseline_fn(model: keras.Model):
     return lambda x: [r.numpy() for r in ranks(tf.constant(x))]
 
 
+def torch_fn(model: keras.Model):
+    """The paper authors' method, when PyTorch is installed: per-sample
+    `torch.func.vmap(jacfwd)` of every pre-activation + `torch.linalg.matrix_rank`,
+    on the same weights. Returns None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    weights = [
+        (torch.from_numpy(np.asarray(d.kernel)), torch.from_numpy(np.asarray(d.bias)))
+        for d in dense
+    ]
+    acts = [d.activation is keras.activations.relu for d in dense]
+
+    def preacts(x):
+        out, h = [], x
+        for (w, b), relu in zip(weights, acts):
+            p = h @ w + b
+            out.append(p)
+            h = torch.relu(p) if relu else p
+        return tuple(out)
+
+    jac = torch.func.vmap(torch.func.jacfwd(preacts))
+
+    def ranks(x):
+        with torch.no_grad():
+            return [torch.linalg.matrix_rank(j).numpy() for j in jac(torch.from_numpy(x))]
+
+    return ranks
+
+
 class PeakRSS:
     """Largest resident-set growth (MiB) while the context is active."""
 
@@ -118,6 +150,12 @@ def compare(model: keras.Model, x: np.ndarray, repeats: int, label: str) -> floa
     print(f"speed-up: {t_base / t_klr:.2f}x   identical ranks: {identical}")
     if not identical:
         raise SystemExit("ranks differ between the baseline and keras_localrank")
+    torch_ranks = torch_fn(model)
+    if torch_ranks is not None:
+        t_torch, m_torch, ranks_t = timed(lambda: torch_ranks(x), repeats)
+        same = all(np.array_equal(results.per_sample[n], r) for n, r in zip(names, ranks_t))
+        print(f"torch vmap(jacfwd)+matrix_rank:      {t_torch:8.3f} s   peak RSS +"
+              f"{m_torch:7.1f} MiB   speed-up {t_torch / t_klr:.2f}x   identical ranks: {same}")
     return t_base / t_klr
 
 
