@@ -267,6 +267,7 @@ def test_summarize_curve_by_hand():
         (dict(activation="nope"), ValueError, "nope"),
         (dict(drop_tolerance=2.0), ValueError, "drop_tolerance=2.0"),
         (dict(colour="red"), ValueError, "colour"),
+        (dict(data_path="x.npz"), ValueError, "data_path='x.npz'"),
     ],
 )
 def test_config_errors(overrides, error, match):
