@@ -329,7 +329,7 @@ def build_mlp(
         seed: seed of the Glorot-uniform kernels. Default 0.
 
     Returns:
-        An unbuilt-optimizer functional `keras.Model`.
+        A functional `keras.Model` (not compiled) returning logits.
     """
     inputs = keras.Input((input_dim,), name="x")
     h = inputs

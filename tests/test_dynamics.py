@@ -282,6 +282,15 @@ def test_unknown_preset_and_bad_config_type(tmp_path):
         dynamics.train_and_evaluate({"epochs": 1}, tmp_path)
 
 
+def test_plot_needs_the_measurement_columns(tmp_path):
+    from keras_localrank.plotting import plot_dynamics
+
+    frame = pd.DataFrame({"step": [0, 1], "layer": ["a", "a"], "local_rank": [2.0, 1.0]})
+    with pytest.raises(ValueError, match="train_loss"):
+        plot_dynamics(frame, tmp_path / "x.png", rank_columns=["local_rank"])
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_presets_match_the_paper():
     paper = dynamics.get_preset("mnist_paper")
     assert (paper.n_train, paper.learning_rate, paper.weight_decay, paper.batch_size) == (
