@@ -93,6 +93,8 @@ def run_from_flags(**fixed) -> dict:
                 f"(drop {100 * s['relative_drop']['mean']:.0f}%, starts at step "
                 f"{s['drop_start_step']['mean']})"
             )
+    if summary["task_dimension"] is not None:
+        print(f"(the labels depend on k = {summary['task_dimension']} input directions)")
     final = summary["mean_std"]["final"]
     print(
         "final train/test accuracy: "

@@ -752,7 +752,8 @@ def train_and_evaluate(
 
     Returns:
         The top-level summary (also written to `workdir/summary.json`):
-        `{"per_seed": {seed: summarize_run(...)}, "mean_std": ..., ...}`.
+        `{"per_seed": {seed: summarize_run(...)}, "mean_std": ...,
+        "task_dimension": k (Gaussian task) or None, ...}`.
 
     Raises:
         TypeError: `config` is not a `DynamicsConfig`.
@@ -805,6 +806,7 @@ def train_and_evaluate(
         per_seed={str(s): summaries[s] for s in config.seeds},
         mean_std=aggregate_summaries(summaries),
         seeds=list(config.seeds),
+        task_dimension=config.k if config.dataset == "gaussian" else None,
         rank_columns=rank_columns(config.atols),
         drop_start_definition=(
             "last measured step with value >= peak - drop_tolerance * (peak - final); "

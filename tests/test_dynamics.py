@@ -105,7 +105,8 @@ def test_run_directory_contents(two_seeds):
 
 def test_summary_is_consistent_with_csv(two_seeds):
     config, workdir, summary = two_seeds
-    assert read_json(os.path.join(workdir, "summary.json"))["seeds"] == [0, 1]
+    top = read_json(os.path.join(workdir, "summary.json"))
+    assert top["seeds"] == [0, 1] and top["task_dimension"] == config.k == 2
     for seed in (0, 1):
         run = os.path.join(workdir, f"seed={seed}")
         frame = pd.read_csv(os.path.join(run, "measurements.csv"))
