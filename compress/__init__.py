@@ -5,9 +5,12 @@ Run `python -m compress --help` for the app. The library:
 - `local_rank_compress`: data-aware pruning and factorization, ranks floored
   by the measured local rank; `weight_svd` and (lazily, through `tf_keras`)
   `compress.tfmot_bridge.magnitude_prune` are the baselines.
-- Policies (`ParamFraction`, `EnergyFraction`, `AccuracyTolerance`) choose
-  ranks; `LowRankDense` is the serializable factorized layer.
-- `count_params`, `count_macs`, `measure` evaluate; `run` does it all.
+- Policies (`ParamFraction`, `GreedyParamFraction`, `EnergyFraction`,
+  `AccuracyTolerance`) choose ranks; `LowRankDense` is the serializable
+  factorized layer.
+- `count_params`, `count_macs`, `measure` evaluate; `finetune` fine-tunes at
+  a low learning rate and keeps the best epoch on validation data; `run`
+  does it all.
 
 References:
     Patel & Shwartz-Ziv, "Learning to Compress: Local Rank and Information
@@ -17,13 +20,14 @@ References:
 from compress.app import CompressionConfig, load_model, run
 from compress.baselines import weight_svd
 from compress.data_aware import local_rank_compress, local_rank_floors
-from compress.evaluate import finetune, measure
+from compress.evaluate import FineTuned, finetune, measure
 from compress.layers import LowRankDense
 from compress.outcome import Compressed
 from compress.policies import (
     AccuracyTolerance,
     Candidate,
     EnergyFraction,
+    GreedyParamFraction,
     ParamFraction,
     RankPolicy,
     get_policy,
@@ -37,6 +41,8 @@ __all__ = [
     "Compressed",
     "CompressionConfig",
     "EnergyFraction",
+    "FineTuned",
+    "GreedyParamFraction",
     "LowRankDense",
     "ParamFraction",
     "RankPolicy",

@@ -3,7 +3,7 @@
 Example:
     python -m compress --model=model.keras --dataset=mnist \
         --data_path=../shared/data/mnist10k.npz --budget=0.5 --budget=0.2 \
-        --method=all --finetune_epochs=2 --output_dir=runs/compress
+        --method=all --finetune_epochs=2 --finetune_lr=1e-4 --output_dir=runs/compress
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ flags.DEFINE_multi_enum(
     "Compression method(s).",
 )
 flags.DEFINE_integer("finetune_epochs", 0, "Fine-tuning epochs after compression.")
+flags.DEFINE_float(
+    "finetune_lr", None, "Fine-tuning learning rate (default: a tenth of the model's compiled one)."
+)
+flags.DEFINE_float(
+    "validation_fraction",
+    0.1,
+    "Training samples held out to keep the best fine-tuning epoch and drive the allocation.",
+)
+flags.DEFINE_enum(
+    "allocation", "greedy", ["greedy", "energy"], "How local_rank shares the budget by layer."
+)
 flags.DEFINE_string("output_dir", None, "Folder for the report and the compressed models.")
 flags.DEFINE_integer("calibration_samples", 1024, "Training samples used to measure.")
 flags.DEFINE_integer("n_train", None, "Use at most this many training samples.")
@@ -53,6 +64,9 @@ def main(argv):
         budgets=tuple(FLAGS.budget),
         methods=tuple(FLAGS.method),
         finetune_epochs=FLAGS.finetune_epochs,
+        finetune_lr=FLAGS.finetune_lr,
+        validation_fraction=FLAGS.validation_fraction,
+        allocation=FLAGS.allocation,
         calibration_samples=FLAGS.calibration_samples,
         n_train=FLAGS.n_train,
         n_test=FLAGS.n_test,

@@ -19,7 +19,16 @@ import keras
 
 from compress.baselines import select_layers, weight_svd
 from compress.data_aware import local_rank_compress
-from compress.evaluate import ensure_compiled, finetune, measure, outputs_logits
+from compress.evaluate import (
+    check_learning_rate,
+    default_finetune_lr,
+    ensure_compiled,
+    finetune,
+    measure,
+    outputs_logits,
+    validation_score,
+)
+from compress.policies import GreedyParamFraction, ParamFraction
 from compress.outcome import Compressed
 from compress.registry import count_params
 from compress.surgery import recompile_like
@@ -34,6 +43,8 @@ logger = logging.getLogger(__name__)
 ALL_METHODS = ("local_rank", "weight_svd", "tfmot")
 #: Every method name (`local_rank_nofloor`: the local-rank method without floors).
 METHODS = ALL_METHODS + ("local_rank_nofloor",)
+#: How the local-rank method shares a parameter budget between layers.
+ALLOCATIONS = ("greedy", "energy")
 
 
 @dataclasses.dataclass
@@ -49,6 +60,20 @@ class CompressionConfig:
         budgets: target parameter fractions, each in (0, 1]. Default (0.2,).
         methods: names from `METHODS`, or `("all",)`. Default all.
         finetune_epochs: epochs of fine-tuning after compression. Default 0.
+        finetune_lr: learning rate of the fine-tune (a fresh optimizer of
+            the model's compiled class), >= 0. Default None: a tenth of the
+            model's compiled learning rate (1e-4 for Adam at 1e-3 or an
+            uncompiled model).
+        validation_fraction: fraction in [0, 1) of the training samples (the
+            last ones) held out of calibration and fine-tuning. It scores
+            every fine-tuning epoch, keeping the best one (epoch 0 included,
+            so fine-tuning never lowers the validation accuracy), and drives
+            the greedy allocation. Default 0.1.
+        allocation: how the local-rank method shares the budget between
+            layers: `"greedy"` (lower the rank where the validation loss
+            rises least per weight saved; needs `validation_fraction` > 0)
+            or `"energy"` (one energy threshold for every layer). Default
+            `"greedy"`.
         calibration_samples: training samples used to measure. Default 1024.
         n_train: training samples used for fine-tuning (None: all).
         n_test: test samples for evaluation (None: all).
@@ -66,6 +91,9 @@ class CompressionConfig:
     budgets: Sequence[float] = (0.2,)
     methods: Sequence[str] = ("all",)
     finetune_epochs: int = 0
+    finetune_lr: float | None = None
+    validation_fraction: float = 0.1
+    allocation: str = "greedy"
     calibration_samples: int = 1024
     n_train: int | None = None
     n_test: int | None = None
@@ -170,15 +198,34 @@ def _clone(model):
     return copy
 
 
-def _compress(method, model, budget, x_cal, x_train, y_train, config, epochs) -> Compressed:
+def _validation_loss(model, x_val, y_val, batch_size):
+    """`model -> mean cross-entropy on (x_val, y_val)` (the greedy allocation's loss)."""
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=outputs_logits(model))
+
+    def score(candidate):
+        total = 0.0
+        for start in range(0, len(x_val), 4 * batch_size):
+            sl = slice(start, start + 4 * batch_size)
+            out = candidate.predict_on_batch(x_val[sl])
+            total += float(loss(y_val[sl], out)) * len(x_val[sl])
+        return total / len(x_val)
+
+    return score
+
+
+def _compress(method, model, budget, data, config, epochs, learning_rate) -> Compressed:
     if method in ("local_rank", "local_rank_nofloor"):
+        greedy = config.allocation == "greedy"
         out = local_rank_compress(
             model,
-            x_cal,
-            budget,
+            data["x_cal"],
+            GreedyParamFraction(budget) if greedy else ParamFraction(budget),
             subspace=config.subspace,
             floor=method == "local_rank",
             floor_rtol=config.floor_rtol,
+            evaluate=_validation_loss(model, data["x_val"], data["y_val"], config.batch_size)
+            if greedy
+            else None,
         )
         out.method = method
         return out
@@ -189,12 +236,75 @@ def _compress(method, model, budget, x_cal, x_train, y_train, config, epochs) ->
     return magnitude_prune(
         model,
         budget,
-        x_train,
-        y_train,
+        data["x_fit"],
+        data["y_fit"],
         from_logits=outputs_logits(model),
         finetune_epochs=epochs,
         batch_size=config.batch_size,
+        learning_rate=learning_rate,
     )
+
+
+def _check_options(config) -> None:
+    if isinstance(config.finetune_epochs, bool) or int(config.finetune_epochs) < 0:
+        raise ValueError(
+            f"Expected `finetune_epochs` >= 0. Received: finetune_epochs={config.finetune_epochs!r}"
+        )
+    check_learning_rate(config.finetune_lr, "finetune_lr")
+    v = config.validation_fraction
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(
+            f"Expected `validation_fraction` to be a number. Received: validation_fraction={v!r}"
+        )
+    if not math.isfinite(v) or not 0.0 <= v < 1.0:
+        raise ValueError(
+            f"Expected `validation_fraction` in [0, 1). Received: validation_fraction={v!r}"
+        )
+    if config.allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"Expected `allocation` in {ALLOCATIONS}. Received: allocation={config.allocation!r}"
+        )
+    if config.allocation == "greedy" and v == 0:
+        raise ValueError(
+            "The greedy allocation needs validation data. Received: allocation='greedy' "
+            "with validation_fraction=0; use allocation='energy' or a positive fraction."
+        )
+
+
+def split_validation(n: int, fraction: float) -> int:
+    """Number of training samples (the first ones) left after holding out `fraction`."""
+    held = int(round(n * fraction))
+    if fraction > 0 and (held < 1 or held >= n):
+        raise ValueError(
+            f"Expected `validation_fraction` to leave samples on both sides. Received: "
+            f"validation_fraction={fraction!r} of {n} training samples."
+        )
+    return n - held
+
+
+def _finetuned(method, model, compressed, budget, data, validation, config, learning_rate):
+    """`(fine-tuned model, epoch kept)`; never worse than `compressed` on `validation`."""
+    epochs = config.finetune_epochs
+    if method != "tfmot":
+        done = finetune(
+            _clone(compressed),
+            data["x_fit"],
+            data["y_fit"],
+            epochs=epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            learning_rate=learning_rate,
+            validation_data=validation,
+        )
+        return done.model, done.best_epoch
+    # TF-MOT fine-tunes inside its own (tf_keras) training loop: keep the
+    # better of the pruned and the pruned-then-fine-tuned model.
+    tuned = _compress(method, model, budget, data, config, epochs, learning_rate).model
+    if validation is None:
+        return tuned, epochs
+    before = validation_score(compressed, *validation, batch_size=config.batch_size)
+    after = validation_score(tuned, *validation, batch_size=config.batch_size)
+    return (tuned, epochs) if after > before else (compressed, 0)
 
 
 def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = None) -> dict:
@@ -212,15 +322,16 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
         ValueError: a missing or unreadable model file, a model with no
             compressible layer, data that does not fit the model, an
             impossible budget (outside (0, 1], or below what every method
-            can reach), bad method names or negative `finetune_epochs`.
+            can reach), bad method names, negative `finetune_epochs` or
+            `finetune_lr`, `validation_fraction` outside [0, 1), an unknown
+            `allocation`, or the greedy allocation without validation data.
+        TypeError: a `finetune_lr` or `validation_fraction` that is not a
+            number.
     """
     say = progress or logger.info
     budgets = _check_budgets(config.budgets)
     methods = _check_methods(config.methods)
-    if isinstance(config.finetune_epochs, bool) or int(config.finetune_epochs) < 0:
-        raise ValueError(
-            f"Expected `finetune_epochs` >= 0. Received: finetune_epochs={config.finetune_epochs!r}"
-        )
+    _check_options(config)
     model = load_model(config.model)
     select_layers(model)  # raises for a model with no compressible layer
     ds = datasets.load(
@@ -232,8 +343,19 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
     )
     x_train, x_test = _fit_data(model, ds)
     y_train, y_test = ds.y_train, ds.y_test
-    x_cal = x_train[: config.calibration_samples]
+    n_fit = split_validation(len(x_train), config.validation_fraction)
+    data = {
+        "x_fit": x_train[:n_fit],
+        "y_fit": y_train[:n_fit],
+        "x_val": x_train[n_fit:],
+        "y_val": y_train[n_fit:],
+        "x_cal": x_train[: min(n_fit, config.calibration_samples)],
+    }
+    validation = (data["x_val"], data["y_val"]) if len(data["x_val"]) else None
     ensure_compiled(model)
+    learning_rate = (
+        default_finetune_lr(model) if config.finetune_lr is None else float(config.finetune_lr)
+    )
 
     say(f"evaluating the original model ({count_params(model):,} parameters)")
     original = measure(
@@ -249,7 +371,7 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
             start = time.perf_counter()
             row = {"method": method, "budget": budget}
             try:
-                out = _compress(method, model, budget, x_cal, x_train, y_train, config, 0)
+                out = _compress(method, model, budget, data, config, 0, learning_rate)
             except ValueError as e:
                 if "Impossible budget" not in str(e):
                     raise
@@ -277,27 +399,13 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
             )
             final = out.model
             if config.finetune_epochs:
-                say(f"  fine-tuning {config.finetune_epochs} epoch(s)")
-                if method == "tfmot":
-                    final = _compress(
-                        method,
-                        model,
-                        budget,
-                        x_cal,
-                        x_train,
-                        y_train,
-                        config,
-                        config.finetune_epochs,
-                    ).model
-                else:
-                    final = finetune(
-                        _clone(out.model),
-                        x_train,
-                        y_train,
-                        epochs=config.finetune_epochs,
-                        batch_size=config.batch_size,
-                        seed=config.seed,
-                    )
+                say(
+                    f"  fine-tuning {config.finetune_epochs} epoch(s), "
+                    f"learning rate {learning_rate:g}"
+                )
+                final, row["finetune_best_epoch"] = _finetuned(
+                    method, model, out.model, budget, data, validation, config, learning_rate
+                )
                 tuned = final.evaluate(
                     x_test, y_test, batch_size=config.batch_size, verbose=0, return_dict=True
                 )
@@ -323,7 +431,7 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
         )
     report = {
         "model": name,
-        "config": dataclasses.asdict(config),
+        "config": {**dataclasses.asdict(config), "finetune_lr_used": learning_rate},
         "original": {k: v for k, v in original.items()},
         "rows": rows,
     }

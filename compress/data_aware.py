@@ -142,8 +142,11 @@ def local_rank_compress(
             value. Default 0.1.
         floor_samples: calibration samples used for the floor. Default 128.
         batch_size: samples per chunk. Default 256.
-        evaluate: `model -> accuracy drop`, needed by `AccuracyTolerance`.
-            Default None.
+        evaluate: `model -> score` (lower is better), needed by
+            `AccuracyTolerance` (the accuracy drop) and `GreedyParamFraction`
+            (a held-out loss). It receives a dense stand-in whose kernels
+            equal the factorized layers' products (the same function, no
+            model rebuilt per trial). Default None.
 
     Returns:
         A `Compressed` with ranks, floors and removed units.
@@ -227,7 +230,9 @@ def local_rank_compress(
         candidates,
         fixed_params=fixed,
         original_params=original,
-        evaluate=None if evaluate is None else (lambda r: evaluate(build(r)[0])),
+        evaluate=None
+        if evaluate is None
+        else _trial_evaluator(work, candidates, bases, stats, evaluate),
     )
     compressed, factors = build(ranks)
     return Compressed(
@@ -238,6 +243,38 @@ def local_rank_compress(
         floors=floors,
         removed_units=removed,
     )
+
+
+def _trial_evaluator(work, candidates, bases, stats, evaluate):
+    """`ranks -> evaluate(stand-in)`: one dense clone of `work` whose kernels
+    and biases are set to those of the factorized layers at `ranks`."""
+    stand_in = keras.models.clone_model(work)
+    stand_in.set_weights(work.get_weights())
+    cache: dict[tuple[str, int], list[np.ndarray]] = {}  # bounded: kernels can be large
+    current: dict[str, int] = {}
+
+    def weights(c, rank):
+        if (c.name, rank) not in cache:
+            layer = work.get_layer(c.name)
+            if c.saves(rank):
+                a, b, bias = _projected_factors(layer, bases[c.name][:, :rank], stats[c.name].mean)
+                value = [a @ b] + ([bias] if layer.use_bias else [])
+            else:
+                value = layer.get_weights()
+            if len(cache) >= 2 * len(candidates):
+                cache.pop(next(iter(cache)))
+            cache[(c.name, rank)] = value
+        return cache[(c.name, rank)]
+
+    def run(ranks):
+        for c in candidates:
+            rank = c.max_rank if not c.saves(ranks[c.name]) else ranks[c.name]
+            if current.get(c.name) != rank:
+                stand_in.get_layer(c.name).set_weights(weights(c, rank))
+                current[c.name] = rank
+        return float(evaluate(stand_in))
+
+    return run
 
 
 def data_shaped_model(model, x, *, energy: float = 0.9999):

@@ -3,10 +3,12 @@
 A policy sees one `Candidate` per factorizable layer (its shape, the
 eigenvalues of the subspace statistic it will be projected on, in
 descending order, and the measured local-rank floor) and returns a rank per
-layer. Every policy shares one mechanism: a common *energy threshold* `e`
+layer. Most policies share one mechanism: a common *energy threshold* `e`
 gives each layer the smallest rank whose leading eigenvalues hold a fraction
-`e` of its total, never below its floor; policies differ in how `e` is set
-(fixed, by a parameter budget, or by an accuracy tolerance). Policies are
+`e` of its total, never below its floor; they differ in how `e` is set
+(fixed, by a parameter budget, or by an accuracy tolerance).
+`GreedyParamFraction` instead spends a parameter budget where a measured
+loss on held-out data says it matters most. Policies are
 plain objects with `get_config`/`from_config`, like TF-MOT's pruning
 schedules.
 """
@@ -23,6 +25,7 @@ __all__ = [
     "AccuracyTolerance",
     "Candidate",
     "EnergyFraction",
+    "GreedyParamFraction",
     "ParamFraction",
     "RankPolicy",
     "get_policy",
@@ -61,6 +64,11 @@ class Candidate:
     @property
     def dense_params(self) -> int:
         return self.n_in * self.n_out + (self.n_out if self.use_bias else 0)
+
+    @property
+    def break_even(self) -> int:
+        """The largest rank whose factorization has fewer weights than the kernel (0: none)."""
+        return (self.n_in * self.n_out - 1) // (self.n_in + self.n_out)
 
     def saves(self, rank: int) -> bool:
         """True when a rank-`rank` factorization has fewer weights than the kernel."""
@@ -104,6 +112,21 @@ def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
     return value
 
 
+def _check_reachable(fraction, candidates, fixed_params, original_params) -> float:
+    """The budget in parameters, or a ValueError when the floors exceed it."""
+    target = fraction * original_params
+    smallest = total_params(candidates, ranks_at_energy(candidates, 0.0), fixed_params)
+    if smallest > target:
+        raise ValueError(
+            f"Impossible budget: budget={fraction!r} allows "
+            f"{int(target):,} of {original_params:,} parameters, but the layers "
+            f"that are kept and the rank floors need at least {smallest:,} "
+            f"(budget >= {smallest / original_params:.4f}). Raise the budget or "
+            "lower the floors."
+        )
+    return target
+
+
 class RankPolicy:
     """Base class: `select(candidates, fixed_params=..., original_params=...)`."""
 
@@ -121,7 +144,9 @@ class RankPolicy:
             candidates: the factorizable layers.
             fixed_params: weights of every other layer (they are kept).
             original_params: weights of the uncompressed model.
-            evaluate: `ranks -> accuracy drop` (used by `AccuracyTolerance`).
+            evaluate: `ranks -> score`, lower is better (the accuracy drop
+                for `AccuracyTolerance`, a validation loss for
+                `GreedyParamFraction`).
 
         Returns:
             `{layer name: rank}`.
@@ -182,16 +207,7 @@ class ParamFraction(RankPolicy):
         self.fraction = _check_fraction("fraction", fraction)
 
     def select(self, candidates, *, fixed_params, original_params, evaluate=None):
-        target = self.fraction * original_params
-        smallest = total_params(candidates, ranks_at_energy(candidates, 0.0), fixed_params)
-        if smallest > target:
-            raise ValueError(
-                f"Impossible budget: budget={self.fraction!r} allows "
-                f"{int(target):,} of {original_params:,} parameters, but the layers "
-                f"that are kept and the rank floors need at least {smallest:,} "
-                f"(budget >= {smallest / original_params:.4f}). Raise the budget or "
-                "lower the floors."
-            )
+        target = _check_reachable(self.fraction, candidates, fixed_params, original_params)
         low, high = 0.0, 1.0
         if total_params(candidates, ranks_at_energy(candidates, high), fixed_params) <= target:
             return ranks_at_energy(candidates, high)
@@ -257,7 +273,80 @@ class AccuracyTolerance(RankPolicy):
         return {"max_drop": self.max_drop, "steps": self.steps}
 
 
-_POLICIES = {cls.__name__: cls for cls in (EnergyFraction, ParamFraction, AccuracyTolerance)}
+class GreedyParamFraction(RankPolicy):
+    """Meet a parameter budget, lowering ranks where a measured loss rises least.
+
+    Starts from every layer at full rank and repeatedly lowers the rank of
+    the one layer whose step down costs the least increase of
+    `evaluate(ranks)` (a loss on held-out data, lower is better) per weight
+    saved, until the model fits the budget; ranks never go below the
+    floors. Each step removes about `step` of the weights still above the
+    budget, and at least `step / 2` of the budget itself (so the last steps
+    are fine), so the number of evaluations grows with the logarithm of the
+    compression ratio times the number of layers. Unlike `ParamFraction`,
+    layers are not tied to one energy threshold: a layer the loss is
+    insensitive to gives up more. The `ParamFraction` ranks at the same
+    budget are evaluated too, and returned when their loss is lower.
+
+    Args:
+        fraction: target fraction in (0, 1] of the original parameter count.
+        step: fraction in (0, 1] of the excess weights removed per step.
+            Default 0.1.
+
+    Raises:
+        ValueError: `fraction` or `step` outside (0, 1]; from `select`, a
+            budget below what the floors and the uncompressible layers need.
+        TypeError: `fraction` or `step` not a number; from `select`, no
+            `evaluate` callback.
+    """
+
+    def __init__(self, fraction: float, step: float = 0.1):
+        self.fraction = _check_fraction("fraction", fraction)
+        self.step = _check_fraction("step", step)
+
+    def select(self, candidates, *, fixed_params, original_params, evaluate=None):
+        if evaluate is None:
+            raise TypeError(
+                "GreedyParamFraction needs `evaluate` (ranks -> loss). Received: evaluate=None"
+            )
+        target = _check_reachable(self.fraction, candidates, fixed_params, original_params)
+        ranks = {c.name: c.max_rank for c in candidates}
+        total = total_params(candidates, ranks, fixed_params)
+        loss = evaluate(ranks)
+        while total > target:
+            chunk = max(self.step * (total - target), self.step / 2 * target)
+            best = None
+            for c in candidates:
+                rank = ranks[c.name]
+                start = min(rank, c.break_even)
+                new = max(c.floor, 1, start - max(1, round(chunk / (c.n_in + c.n_out))))
+                saved = c.params(rank) - c.params(new)
+                if saved <= 0:
+                    continue
+                trial = {**ranks, c.name: new}
+                trial_loss = evaluate(trial)
+                score = (trial_loss - loss) / saved
+                if best is None or score < best[0]:
+                    best = (score, trial, trial_loss)
+            if best is None:  # unreachable after _check_reachable; kept for safety
+                break
+            _, ranks, loss = best
+            total = total_params(candidates, ranks, fixed_params)
+        # Greedy steps are myopic: far below the original size they can end
+        # worse than one shared energy threshold. Keep whichever is better.
+        shared = ParamFraction(self.fraction).select(
+            candidates, fixed_params=fixed_params, original_params=original_params
+        )
+        return shared if evaluate(shared) < loss else ranks
+
+    def get_config(self) -> dict:
+        return {"fraction": self.fraction, "step": self.step}
+
+
+_POLICIES = {
+    cls.__name__: cls
+    for cls in (EnergyFraction, ParamFraction, AccuracyTolerance, GreedyParamFraction)
+}
 
 
 def get_policy(identifier) -> RankPolicy:

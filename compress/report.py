@@ -49,6 +49,7 @@ def plot_tradeoff(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
     methods = sorted({row["method"] for row in rows})
@@ -73,6 +74,10 @@ def plot_tradeoff(
     if baseline is not None:
         ax.axhline(baseline, color="grey", lw=0.8, ls=":", label="original")
     ax.set_xscale("log")
+    ticks = sorted({row["budget"] for row in rows if row.get("budget")})
+    if ticks:  # label the budgets, not every log-scale minor tick
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters / original")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)

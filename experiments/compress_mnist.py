@@ -5,8 +5,11 @@ Trains a 784-1024-1024-10 ReLU MLP and the paper's 784-200x4-10 MLP on MNIST
 compression app (`compress.app.run`) on each with local rank, weight SVD and
 TF-MOT magnitude pruning at every budget, and writes one directory per
 model plus `summary.md`/`summary.json` (the target check) in `--workdir`.
+The app holds out the last `--validation_fraction` of the training samples
+(which the original models were trained on) for its choices: the greedy rank
+allocation and the best fine-tuning epoch; the test split decides nothing.
 
-    python experiments/compress_mnist.py --data_path=../shared/data/mnist10k.npz \
+    python -m experiments.compress_mnist --data_path=../shared/data/mnist10k.npz \
         --workdir=runs/compress_mnist
 """
 
@@ -27,6 +30,10 @@ flags.DEFINE_multi_float("budget", [0.5, 0.3, 0.2, 0.1, 0.05, 0.02], "Parameter 
 flags.DEFINE_multi_string("arch", ["1024x2", "200x4"], "Hidden layers: WIDTHxDEPTH.")
 flags.DEFINE_integer("epochs", 8, "Training epochs of the original models.")
 flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs after compression.")
+flags.DEFINE_float("finetune_lr", None, "Fine-tuning learning rate (default: compiled LR / 10).")
+flags.DEFINE_float("validation_fraction", 0.1, "Training samples held out for choices.")
+flags.DEFINE_enum("allocation", "greedy", ["greedy", "energy"], "local_rank budget allocation.")
+flags.DEFINE_integer("calibration_samples", 1024, "Calibration samples.")
 flags.DEFINE_integer("latency_runs", 10, "Timed inference runs per model.")
 flags.DEFINE_integer("seed", 0, "Seed.")
 
@@ -42,6 +49,9 @@ class ExperimentConfig:
     methods: Sequence[str] = ("local_rank", "local_rank_nofloor", "weight_svd", "tfmot")
     epochs: int = 8
     finetune_epochs: int = 2
+    finetune_lr: float | None = None
+    validation_fraction: float = 0.1
+    allocation: str = "greedy"
     n_train: int | None = None
     n_test: int | None = None
     calibration_samples: int = 1024
@@ -145,6 +155,9 @@ def compress_mnist(config: ExperimentConfig) -> dict:
                 budgets=tuple(config.budgets),
                 methods=tuple(config.methods),
                 finetune_epochs=config.finetune_epochs,
+                finetune_lr=config.finetune_lr,
+                validation_fraction=config.validation_fraction,
+                allocation=config.allocation,
                 calibration_samples=config.calibration_samples,
                 n_train=config.n_train,
                 n_test=config.n_test,
@@ -172,6 +185,10 @@ def main(argv):
             archs=tuple(FLAGS.arch),
             epochs=FLAGS.epochs,
             finetune_epochs=FLAGS.finetune_epochs,
+            finetune_lr=FLAGS.finetune_lr,
+            validation_fraction=FLAGS.validation_fraction,
+            allocation=FLAGS.allocation,
+            calibration_samples=FLAGS.calibration_samples,
             latency_runs=FLAGS.latency_runs,
             seed=FLAGS.seed,
         )

@@ -14,6 +14,7 @@ from compress import (
     AccuracyTolerance,
     Candidate,
     EnergyFraction,
+    GreedyParamFraction,
     LowRankDense,
     ParamFraction,
     count_macs,
@@ -25,6 +26,7 @@ from compress import (
     prune_units,
     weight_svd,
 )
+from compress.evaluate import finetune
 from compress.statistics import calibration_statistics
 
 RNG = np.random.default_rng(0)
@@ -270,7 +272,13 @@ def _candidates():
 
 
 @pytest.mark.parametrize(
-    "policy", [EnergyFraction(0.9), ParamFraction(0.25), AccuracyTolerance(0.01, steps=3)]
+    "policy",
+    [
+        EnergyFraction(0.9),
+        ParamFraction(0.25),
+        AccuracyTolerance(0.01, steps=3),
+        GreedyParamFraction(0.3, step=0.2),
+    ],
 )
 def test_policies_serialize(policy):
     again = get_policy({"class_name": type(policy).__name__, "config": policy.get_config()})
@@ -324,6 +332,74 @@ def test_accuracy_tolerance_finds_the_smallest_acceptable_model():
     assert ranks["a"] == 4
 
 
+def test_greedy_param_fraction_spends_the_budget_where_the_loss_cares():
+    cands = _candidates()
+    a, b = cands
+    original = sum(c.dense_params for c in cands) + 100
+    calls = []
+
+    def loss(ranks):  # made up: only layer "b" matters, and more rank is better
+        calls.append(dict(ranks))
+        return 1.0 / ranks["b"]
+
+    for fraction in (0.2, 0.5, 0.6):
+        ranks = GreedyParamFraction(fraction).select(
+            cands, fixed_params=100, original_params=original, evaluate=loss
+        )
+        budget = fraction * original
+        assert 100 + a.params(ranks["a"]) + b.params(ranks["b"]) <= budget
+        assert ranks["a"] >= a.floor
+        if b.params(b.max_rank) + a.params(a.floor) + 100 <= budget:
+            assert ranks["b"] == b.max_rank  # "b" gets all it can use ...
+        else:  # ... or all that is left once "a" is at its floor
+            assert ranks["a"] == a.floor
+            assert 100 + a.params(a.floor) + b.params(ranks["b"] + 1) > budget
+        shared = ParamFraction(fraction).select(cands, fixed_params=100, original_params=original)
+        if fraction >= 0.5:  # where one energy threshold would split it otherwise
+            assert shared["b"] < ranks["b"]
+    assert len(calls) < 300  # logarithmic in the compression, not one call per rank
+    # When the shared energy threshold scores better, it is what comes back.
+    shared = ParamFraction(0.5).select(cands, fixed_params=100, original_params=original)
+    ranks = GreedyParamFraction(0.5).select(
+        cands,
+        fixed_params=100,
+        original_params=original,
+        evaluate=lambda r: 0.0 if r == shared else 1.0 / r["b"],
+    )
+    assert ranks == shared
+    with pytest.raises(ValueError, match="Impossible budget"):
+        GreedyParamFraction(0.05).select(
+            cands, fixed_params=100, original_params=original, evaluate=loss
+        )
+    with pytest.raises(TypeError, match="evaluate"):
+        GreedyParamFraction(0.5).select(cands, fixed_params=100, original_params=original)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="step"):
+            GreedyParamFraction(0.5, step=bad)
+
+
+def test_greedy_allocation_through_local_rank_compress_meets_the_budget():
+    model = _mlp([24, 24, 4], activation="tanh")
+    x = RNG.normal(size=(256, 12)).astype("float32")
+    reference = model.predict(x, verbose=0)
+
+    seen = []
+
+    def distortion(candidate):
+        seen.append(float(np.mean((candidate.predict_on_batch(x) - reference) ** 2)))
+        return seen[-1]
+
+    out = local_rank_compress(model, x, GreedyParamFraction(0.6), floor=False, evaluate=distortion)
+    assert count_params(out.model) <= 0.6 * count_params(model)
+    assert out.ranks  # something was factorized
+    assert seen[0] < 1e-10  # the first trial is the uncompressed model
+    # The policy's trials run on a dense stand-in; the chosen ranks were one
+    # of them, and the built (factorized) model computes the same function.
+    built = float(np.mean((out.model.predict(x, verbose=0) - reference) ** 2))
+    assert built > 1e-8
+    assert min(abs(v - built) for v in seen) <= 1e-6 * max(1.0, built)
+
+
 # --- calibration statistics vs NumPy -----------------------------------------------------
 
 
@@ -354,3 +430,68 @@ def test_no_compressible_layer_and_bad_subspace():
         local_rank_compress(
             _mlp([4, 2]), RNG.normal(size=(8, 12)).astype("float32"), 0.5, subspace="pca"
         )
+
+
+# --- fine-tuning ---------------------------------------------------------------------
+
+
+def _classifier(learning_rate=None, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)]
+    )
+    if learning_rate is not None:
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    x = RNG.normal(size=(300, 6)).astype("float32")
+    y = np.argmax(x[:, :3], axis=1)  # learnable: the largest of the first 3 inputs
+    return model, x, y
+
+
+def test_finetune_uses_its_learning_rate():
+    model, x, y = _classifier(learning_rate=0.01)
+    before = [w.copy() for w in model.get_weights()]
+    done = finetune(model, x, y, epochs=2, batch_size=32, learning_rate=0.0)
+    assert done.model is model and done.learning_rate == 0.0
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)  # lr 0: Adam does not move a weight
+    model, x, y = _classifier(learning_rate=0.01)  # (the call above recompiled it at 0)
+    done = finetune(model, x, y, epochs=1, batch_size=32)  # default: a tenth of 0.01
+    assert done.learning_rate == pytest.approx(1e-3)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    uncompiled, x, y = _classifier()
+    assert finetune(uncompiled, x, y, epochs=1).learning_rate == pytest.approx(1e-4)
+
+
+def test_finetune_keeps_the_best_epoch_on_validation_data():
+    model, x, y = _classifier(learning_rate=0.01)
+    model.fit(x[:200], y[:200], epochs=30, batch_size=32, verbose=0)
+    val = (x[200:], y[200:])
+    before = [w.copy() for w in model.get_weights()]
+    start = model.evaluate(*val, verbose=0, return_dict=True)
+    # A learning rate this large wrecks the model: the weights before are kept.
+    done = finetune(model, x[:200], y[:200], epochs=2, learning_rate=50.0, validation_data=val)
+    assert done.best_epoch == 0 and len(done.scores) == 3
+    assert all(s < done.scores[0] for s in done.scores[1:])
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert model.evaluate(*val, verbose=0, return_dict=True)["accuracy"] == start["accuracy"]
+    # An untrained model does improve: a later epoch is kept.
+    fresh, x, y = _classifier(learning_rate=0.01, seed=1)
+    done = finetune(fresh, x[:200], y[:200], epochs=3, learning_rate=0.05, validation_data=val)
+    assert done.best_epoch > 0
+    assert done.scores[done.best_epoch] == max(done.scores) > done.scores[0]
+
+
+@pytest.mark.parametrize(
+    "value, error", [(-1e-3, ValueError), (float("nan"), ValueError), ("fast", TypeError)]
+)
+def test_finetune_rejects_bad_learning_rates(value, error):
+    model, x, y = _classifier(learning_rate=0.01)
+    with pytest.raises(error, match=f"learning_rate={value!r}"):
+        finetune(model, x, y, epochs=1, learning_rate=value)

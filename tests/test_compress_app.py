@@ -61,6 +61,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
             "--budget=0.3",
             "--method=all",
             "--finetune_epochs=1",
+            "--finetune_lr=0.002",
             f"--output_dir={out_dir}",
             "--n_train=400",
             "--calibration_samples=256",
@@ -89,6 +90,9 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
         assert row["macs"] > 0 and row["file_bytes"] > 0 and row["latency_ms"] > 0
         loaded = keras.models.load_model(row["model_path"])
         assert loaded.count_params() > 0
+    assert report["config"]["finetune_lr_used"] == 0.002
+    assert "learning rate 0.002" in proc.stdout
+    assert all(r.get("finetune_best_epoch") in (0, 1) for r in rows.values() if r["status"] == "ok")
     lr = rows[("local_rank", 0.6)]
     assert lr["status"] == "ok" and lr["accuracy"] > report["original"]["accuracy"] - 0.05
 
@@ -182,6 +186,22 @@ def test_error_bad_method_and_epochs(tmp_path, small_model):
         run(_config(small_model, tmp_path, methods=("prune",)))
     with pytest.raises(ValueError, match="finetune_epochs"):
         run(_config(small_model, tmp_path, finetune_epochs=-1))
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"finetune_lr": -0.1}, ValueError, "finetune_lr=-0.1"),
+        ({"finetune_lr": "small"}, TypeError, "finetune_lr='small'"),
+        ({"validation_fraction": 1.0}, ValueError, "validation_fraction=1.0"),
+        ({"validation_fraction": -0.1}, ValueError, "validation_fraction=-0.1"),
+        ({"allocation": "even"}, ValueError, "allocation='even'"),
+        ({"validation_fraction": 0.0}, ValueError, "allocation='greedy'.*validation_fraction=0"),
+    ],
+)
+def test_error_bad_finetune_and_validation_options(tmp_path, small_model, options, error, message):
+    with pytest.raises(error, match=message):
+        run(_config(small_model, tmp_path, **options))
 
 
 def test_never_overwrites_the_input_model(tmp_path):
