@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 from keras_localrank.io import atomic_write_json, atomic_write_text
+from keras_localrank.plotting import new_figure, save_figure
 
 __all__ = ["markdown_table", "plot_tradeoff", "write_report"]
 
@@ -45,13 +45,9 @@ def plot_tradeoff(
     rows: list[dict], path: str, *, title: str = "", baseline: float | None = None
 ) -> None:
     """Accuracy against parameter fraction, one curve per method (PNG, atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+    fig, ax = new_figure(figsize=(6, 4), dpi=90)
     methods = sorted({row["method"] for row in rows})
     for method in methods:
         points = sorted(
@@ -84,17 +80,7 @@ def plot_tradeoff(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(fig, path)
 
 
 def write_report(report: dict, output_dir: str, *, stem: str = "report") -> dict[str, str]:

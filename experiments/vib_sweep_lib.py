@@ -34,6 +34,7 @@ import pandas as pd
 from keras_localrank import datasets
 from keras_localrank.io import atomic_write_json, atomic_write_text
 from keras_localrank.layers.gaussian_bottleneck import check_beta
+from keras_localrank.plotting import new_figure, save_figure
 from keras_localrank.spectra import Tolerance
 from keras_localrank.vib import (
     PRESETS,
@@ -298,24 +299,13 @@ def _plot_x(betas: np.ndarray) -> np.ndarray:
     return np.where(betas > 0, betas, floor)
 
 
-def _save_figure(fig, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=80, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
-
-
 def _plots(frame: pd.DataFrame, workdir: str, title: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     grouped = frame.groupby("beta")
     betas = np.array(sorted(frame["beta"].unique()), float)
     x = _plot_x(betas)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    fig, axes = new_figure(1, 2, figsize=(10, 3.8), sharex=True)
     for ax, kind in zip(axes, TOLERANCE_KINDS):
         for col in _lr_columns(frame, kind):
             mean = grouped[col].mean().reindex(betas).to_numpy()
@@ -331,10 +321,9 @@ def _plots(frame: pd.DataFrame, workdir: str, title: str) -> list[str]:
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     paths.append(os.path.join(workdir, "local_rank_vs_beta.png"))
-    _save_figure(fig, paths[-1])
-    plt.close(fig)
+    save_figure(fig, paths[-1], dpi=80, bbox_inches="tight")
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = new_figure(figsize=(5, 4))
     colour = np.log10(_plot_x(frame["beta"].to_numpy(float)))
     points = ax.scatter(frame["rate"], frame["izy_lower_bound"], c=colour, cmap="viridis", s=18)
     ax.set_xscale("symlog", linthresh=0.1)
@@ -346,10 +335,9 @@ def _plots(frame: pd.DataFrame, workdir: str, title: str) -> list[str]:
     ax.set_title("information plane", fontsize=10)
     ax.grid(alpha=0.3)
     paths.append(os.path.join(workdir, "information_plane.png"))
-    _save_figure(fig, paths[-1])
-    plt.close(fig)
+    save_figure(fig, paths[-1], dpi=80, bbox_inches="tight")
 
-    fig, ax1 = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax1 = new_figure(figsize=(5.5, 3.8))
     for col, axis, colour_name in (("accuracy", ax1, "C0"), ("rate", ax1.twinx(), "C3")):
         mean = grouped[col].mean().reindex(betas).to_numpy()
         axis.plot(x, mean, marker="o", ms=3, color=colour_name)
@@ -368,8 +356,7 @@ def _plots(frame: pd.DataFrame, workdir: str, title: str) -> list[str]:
     ax1.grid(alpha=0.3)
     ax1.set_title("test accuracy and rate against beta", fontsize=10)
     paths.append(os.path.join(workdir, "accuracy_vs_beta.png"))
-    _save_figure(fig, paths[-1])
-    plt.close(fig)
+    save_figure(fig, paths[-1], dpi=80, bbox_inches="tight")
     return paths
 
 

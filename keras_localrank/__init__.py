@@ -5,7 +5,7 @@ Jacobian with respect to the input (Patel & Shwartz-Ziv,
 https://arxiv.org/abs/2410.07687).
 """
 
-from keras_localrank import datasets, layers, metrics, schedules, vib
+from keras_localrank import datasets, dynamics, layers, metrics, plotting, schedules, vib
 from keras_localrank.callbacks import LocalRankCallback
 from keras_localrank.estimate import LocalRankEstimator, local_rank
 from keras_localrank.layers import GaussianBottleneck, RankProbe, SampleAverage
@@ -32,9 +32,11 @@ __all__ = [
     "Tolerance",
     "effective_rank",
     "datasets",
+    "dynamics",
     "layers",
     "local_rank",
     "metrics",
+    "plotting",
     "schedules",
     "rank_from_singular_values",
     "stable_rank",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +30,37 @@ def _band(ax, stats: pd.DataFrame, label: str, color=None):
     (line,) = ax.plot(x, mean, marker=".", markersize=3, label=label, color=color)
     if np.any(std > 0):
         ax.fill_between(x, mean - std, mean + std, alpha=0.25, color=line.get_color())
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize, dpi=None, **subplot_kw):
+    """A matplotlib `Figure` and its axes, without pyplot.
+
+    The global matplotlib backend is left alone (no `matplotlib.use`), so a
+    user's notebook or GUI session is unaffected; PNGs are rendered by Agg.
+
+    Returns:
+        `(figure, axes)` as `Figure.subplots` returns them.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kw) -> None:
+    """Write `fig` as a PNG atomically (temp file in the same folder, then rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", **savefig_kw)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def plot_dynamics(
@@ -61,11 +93,6 @@ def plot_dynamics(
     Raises:
         ValueError: a missing column or an empty frame.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     needed = {"step", "layer", *rank_columns, *(c for _, cs in _METRIC_PANELS for c in cs)}
     missing = sorted(needed - set(frame.columns))
     if missing or frame.empty:
@@ -73,7 +100,7 @@ def plot_dynamics(
             f"Expected a non-empty frame with columns {sorted(needed)}. Missing: {missing}"
         )
     panels = len(rank_columns) + len(_METRIC_PANELS)
-    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.2))
+    fig, axes = new_figure(1, panels, figsize=(3.6 * panels, 3.2))
     for ax, column in zip(axes, rank_columns):
         for layer, rows in frame.groupby("layer", sort=True):
             _band(ax, _mean_std(rows, column), layer)
@@ -96,10 +123,4 @@ def plot_dynamics(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=dpi)
