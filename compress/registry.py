@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from compress.layers import LowRankDense
+from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS
 
 __all__ = [
     "FACTORIZABLE_LAYERS",
@@ -31,14 +32,7 @@ FACTORIZABLE_LAYERS: tuple[type, ...] = (keras.layers.Dense,)
 #: Layers whose output units can be removed (with the consumer's inputs).
 PRUNABLE_LAYERS: tuple[type, ...] = (keras.layers.Dense, LowRankDense)
 #: Layers that are the identity at inference: a pruned unit passes through.
-PASS_THROUGH_LAYERS: tuple[type, ...] = (
-    keras.layers.Dropout,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-    keras.layers.Identity,
-    keras.layers.ActivityRegularization,
-)
+PASS_THROUGH_LAYERS: tuple[type, ...] = INFERENCE_IDENTITY_LAYERS
 
 
 def is_factorizable(layer) -> bool:

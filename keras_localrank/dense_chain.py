@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 
 from keras_localrank.spectra import singular_values
-from keras_localrank.taps import Tap, model_graph
+from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap, model_graph
 
 __all__ = ["DenseLink", "find_dense_forest", "dense_forest_singular_values"]
 
@@ -59,15 +59,6 @@ _ELEMENTWISE_LAYERS = (
     keras.layers.LeakyReLU,
     keras.layers.ELU,
     keras.layers.PReLU,
-)
-#: Layers that are the identity at inference.
-_IDENTITY_LAYERS = (
-    keras.layers.Dropout,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.AlphaDropout,
-    keras.layers.Identity,
-    keras.layers.ActivityRegularization,
 )
 _RESHAPE_LAYERS = (keras.layers.Flatten, keras.layers.Reshape)
 
@@ -95,7 +86,7 @@ def _stage_of(layer):
     or False if it is not element-wise."""
     from keras_localrank.layers import RankProbe
 
-    if isinstance(layer, (*_IDENTITY_LAYERS, RankProbe)):
+    if isinstance(layer, (*INFERENCE_IDENTITY_LAYERS, RankProbe)):
         return None
     if isinstance(layer, keras.layers.Activation):
         return layer.activation if layer.activation in ELEMENTWISE_ACTIVATIONS else False

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import keras
 
 __all__ = [
+    "INFERENCE_IDENTITY_LAYERS",
     "MEASURABLE_LAYERS",
     "Tap",
     "TapSelection",
@@ -53,6 +54,17 @@ MEASURABLE_LAYERS: tuple[type, ...] = (
     keras.layers.Dense,
     keras.layers.EinsumDense,
 ) + _CONV_LAYERS
+
+
+#: Layers that are the identity at inference (noise and dropout layers).
+INFERENCE_IDENTITY_LAYERS: tuple[type, ...] = (
+    keras.layers.Dropout,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.Identity,
+    keras.layers.ActivityRegularization,
+)
 
 
 def _is_probe(layer) -> bool:
