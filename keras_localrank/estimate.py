@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
-from keras_localrank.inputs import as_samples
+from keras_localrank.inputs import as_samples, check_positive_int
 from keras_localrank.jacobians import choose_mode, preactivation_jacobians
 from keras_localrank.result import LayerInfo, LocalRankResult
 from keras_localrank.spectra import (
@@ -38,13 +38,6 @@ _METHODS = ("auto", "analytic", "autodiff", "autodiff-reverse", "autodiff-forwar
 #: Jacobian elements (all taps) held per chunk when `batch_size` is None.
 _ELEMENT_BUDGET = 2**25
 _MAX_AUTO_BATCH = 128
-
-
-def _check_positive_int(name, value, *, allow_none=True):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int. Received: {name}={value!r}")
 
 
 def _cast_model(model, dtype: str):
@@ -109,7 +102,8 @@ class LocalRankEstimator:
     ):
         if method not in _METHODS:
             raise ValueError(f"Expected `method` in {_METHODS}. Received: method={method!r}")
-        _check_positive_int("batch_size", batch_size)
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
         tolerances = tuple(tolerances)
         if not tolerances or not all(isinstance(t, Tolerance) for t in tolerances):
             raise TypeError(
@@ -390,7 +384,7 @@ def local_rank(
         batch_size=batch_size,
         method=method,
         jit_compile=jit_compile,
-        input_shape=None if x is None else _input_shape_hint(model, x),
+        input_shape=_input_shape_hint(model, x),
     )
     return estimator(x, verbose=verbose, max_samples=max_samples)[0]
 

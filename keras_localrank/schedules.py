@@ -12,13 +12,9 @@ import math
 
 import numpy as np
 
+from keras_localrank.inputs import check_positive_int
+
 __all__ = ["Schedule", "EpochSchedule", "StepSchedule", "LogSchedule", "get"]
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int. Received: {name}={value!r}")
-    return int(value)
 
 
 class Schedule:
@@ -59,7 +55,7 @@ class EpochSchedule(Schedule):
     per_step = False
 
     def __init__(self, every: int = 1):
-        self.every = _positive_int("every", every)
+        self.every = check_positive_int("every", every)
 
     def resolve(self, *, epochs, steps_per_epoch):
         if epochs < self.every:
@@ -84,7 +80,7 @@ class StepSchedule(Schedule):
     per_step = True
 
     def __init__(self, every: int):
-        self.every = _positive_int("every", every)
+        self.every = check_positive_int("every", every)
 
     def resolve(self, *, epochs, steps_per_epoch):
         if steps_per_epoch is not None and epochs * steps_per_epoch < self.every:
@@ -116,8 +112,8 @@ class LogSchedule(Schedule):
     per_step = True
 
     def __init__(self, num: int = 50, total_steps: int | None = None):
-        self.num = _positive_int("num", num)
-        self.total_steps = None if total_steps is None else _positive_int(
+        self.num = check_positive_int("num", num)
+        self.total_steps = None if total_steps is None else check_positive_int(
             "total_steps", total_steps
         )
         self._steps: frozenset[int] = frozenset()

@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_localrank.inputs import check_positive_int
+
 tfd = tfp.distributions
 
 __all__ = ["GaussianBottleneck", "SampleAverage", "check_beta"]
@@ -64,14 +66,6 @@ def _check_finite(name: str, value) -> float:
     if not math.isfinite(float(value)):
         raise ValueError(f"Expected a finite `{name}`. Received: {name}={value!r}")
     return float(value)
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"Expected `{name}` to be an int. Received: {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"Expected `{name}` >= 1. Received: {name}={value!r}")
-    return int(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_localrank")
@@ -151,10 +145,10 @@ class GaussianBottleneck(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = _check_positive_int("units", units)
+        self.units = check_positive_int("units", units)
         self._beta = check_beta(beta)
-        self.train_samples = _check_positive_int("train_samples", train_samples)
-        self.eval_samples = _check_positive_int("eval_samples", eval_samples)
+        self.train_samples = check_positive_int("train_samples", train_samples)
+        self.eval_samples = check_positive_int("eval_samples", eval_samples)
         self.scale_shift = _check_finite("scale_shift", scale_shift)
         self.scale_floor = check_beta(scale_floor, "scale_floor")
         self.learnable_prior = bool(learnable_prior)
