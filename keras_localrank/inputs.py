@@ -7,21 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_localrank.validation import check_positive_int
+
 __all__ = ["as_samples", "check_positive_int"]
-
-
-def check_positive_int(name: str, value) -> int:
-    """`value` as an int, after checking it is an integer >= 1.
-
-    Raises:
-        TypeError: a non-integer (booleans included), naming `name` and the value.
-        ValueError: an integer below 1, naming `name` and the value.
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"Expected `{name}` to be an int. Received: {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int. Received: {name}={value!r}")
-    return int(value)
 
 
 def _from_dataset(dataset: tf.data.Dataset, max_samples: int | None) -> np.ndarray:

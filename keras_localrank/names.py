@@ -1,0 +1,43 @@
+"""One vocabulary for the two rank kinds, used by logs, traces, CSV columns and sweeps.
+
+- `"exact"`: numerical rank by numpy's rule (`Tolerance()`), logged as
+  `local_rank/<layer>`;
+- `"robust"`: `#{s_i > atol}` (the paper's `rank_eps`), logged as
+  `robust_local_rank/<layer>`, or `robust_local_rank@<atol>/<layer>` when
+  several thresholds are tracked at once.
+
+Study tables use the same names without the layer part (`local_rank`,
+`robust_local_rank@0.01`) as column names, and `kind` / `atol` columns in
+long-format traces.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EXACT", "ROBUST", "RANK_KINDS", "rank_column", "rank_key"]
+
+EXACT = "exact"
+ROBUST = "robust"
+RANK_KINDS = (EXACT, ROBUST)
+
+
+def rank_column(kind: str, atol: float | None = None, *, qualify: bool = True) -> str:
+    """The column/prefix name of a rank kind: `local_rank`, `robust_local_rank[@atol]`.
+
+    Args:
+        kind: `"exact"` or `"robust"`.
+        atol: the robust threshold (required for `"robust"`).
+        qualify: append `@<atol>` to robust names. Default True; callers that
+            track a single threshold may pass False.
+    """
+    if kind == EXACT:
+        return "local_rank"
+    if kind == ROBUST:
+        if atol is None:
+            raise ValueError("Expected `atol` for a robust rank name. Received: atol=None")
+        return f"robust_local_rank@{atol:g}" if qualify else "robust_local_rank"
+    raise ValueError(f"Expected `kind` in {RANK_KINDS}. Received: kind={kind!r}")
+
+
+def rank_key(layer: str, kind: str, atol: float | None = None, *, qualify: bool = True) -> str:
+    """The Keras `logs` key of one layer's rank: `<rank_column>/<layer>`."""
+    return f"{rank_column(kind, atol, qualify=qualify)}/{layer}"
