@@ -1,4 +1,4 @@
-"""Training-dynamics studies (keras_localrank.dynamics, experiments/*_mlp.py).
+"""Training-dynamics studies (keras_localrank.studies.dynamics, experiments/*_mlp.py).
 
 Tiny configs (a few hundred optimizer steps on 8-unit MLPs) so the whole file
 runs in well under a minute on 2 CPU cores.
@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from keras_localrank import dynamics, schedules
+from keras_localrank import curves, schedules
+from keras_localrank.studies import checkpoints, dynamics, mlp
 
 TINY = dict(
     n_train=96,
@@ -79,7 +80,7 @@ def test_run_directory_contents(two_seeds):
         "epoch",
         "layer",
         "local_rank",
-        "local_rank_eps=0.01",
+        "robust_local_rank@0.01",
         "train_loss",
         "train_accuracy",
         "test_loss",
@@ -92,10 +93,10 @@ def test_run_directory_contents(two_seeds):
     assert sorted(frame["step"].unique()) == expected
     assert not frame.duplicated(["step", "layer"]).any()
     assert sorted(frame["layer"].unique()) == ["hidden_1", "hidden_2", "hidden_3"]
-    assert frame[["local_rank", "local_rank_eps=0.01"]].notna().all().all()
+    assert frame[["local_rank", "robust_local_rank@0.01"]].notna().all().all()
     # A ReLU layer fed by a 6-dim input has rank <= 6; robust rank <= exact rank.
     assert frame["local_rank"].max() <= 6
-    assert (frame["local_rank_eps=0.01"] <= frame["local_rank"] + 1e-9).all()
+    assert (frame["robust_local_rank@0.01"] <= frame["local_rank"] + 1e-9).all()
     assert frame["train_accuracy"].between(0, 1).all()
     trace = pd.read_csv(os.path.join(run, "trace.csv"))
     assert len(trace) == 2 * len(frame)  # exact and eps rows
@@ -113,7 +114,7 @@ def test_summary_is_consistent_with_csv(two_seeds):
         run_summary = read_json(os.path.join(run, "summary.json"))
         assert run_summary == summary["per_seed"][str(seed)]
         for layer, rows in frame.groupby("layer"):
-            for column in ("local_rank", "local_rank_eps=0.01"):
+            for column in ("local_rank", "robust_local_rank@0.01"):
                 s = run_summary["layers"][layer][column]
                 values = rows.sort_values("step")[column].to_numpy()
                 assert s["peak"] == pytest.approx(values.max())
@@ -129,10 +130,10 @@ def test_multi_seed_aggregation(two_seeds):
     both = pd.read_csv(os.path.join(workdir, "measurements.csv"))
     assert sorted(both["seed"].unique()) == [0, 1]
     finals = [
-        summary["per_seed"][s]["layers"]["hidden_3"]["local_rank_eps=0.01"]["final"]
+        summary["per_seed"][s]["layers"]["hidden_3"]["robust_local_rank@0.01"]["final"]
         for s in ("0", "1")
     ]
-    agg = summary["mean_std"]["layers"]["hidden_3"]["local_rank_eps=0.01"]["final"]
+    agg = summary["mean_std"]["layers"]["hidden_3"]["robust_local_rank@0.01"]["final"]
     assert agg == {
         "mean": pytest.approx(np.mean(finals)),
         "std": pytest.approx(np.std(finals)),
@@ -199,8 +200,8 @@ def test_kernels_only_weight_decay_survives_resume(tmp_path):
     x, y = np.ones((4, 6), np.float32), np.zeros(4, np.int64)
 
     def fresh():
-        model = dynamics.build_mlp(6, 4, (8, 8, 8))
-        dynamics._compile(model, config)
+        model = mlp.build_mlp(6, 4, (8, 8, 8))
+        mlp.compile_mlp(model, config)
         return model
 
     model = fresh()
@@ -212,7 +213,7 @@ def test_kernels_only_weight_decay_survives_resume(tmp_path):
     np.testing.assert_allclose(model.layers[1].bias.numpy(), 1.0, rtol=1e-5)
     model.save(tmp_path / "ckpt.keras")
     restored = fresh()
-    dynamics._restore(restored, str(tmp_path / "ckpt.keras"))
+    checkpoints.restore(restored, str(tmp_path / "ckpt.keras"))
     assert int(restored.optimizer.iterations.numpy()) == 1
     restored.train_on_batch(x, y)
     np.testing.assert_allclose(restored.layers[1].kernel.numpy(), kernel / 4, rtol=1e-5)
@@ -231,7 +232,7 @@ def test_workdir_with_a_different_config_is_refused(tmp_path):
 
 
 def test_summarize_curve_by_hand():
-    s = dynamics.summarize_curve([0, 1, 2, 3, 4, 5, 6], [10, 20, 20, 19.5, 12, 10, 10])
+    s = curves.summarize_curve([0, 1, 2, 3, 4, 5, 6], [10, 20, 20, 19.5, 12, 10, 10])
     assert s == dict(
         peak=20.0,
         peak_step=1,
@@ -241,11 +242,11 @@ def test_summarize_curve_by_hand():
         relative_drop=0.5,
         drop_start_step=3,
     )
-    flat = dynamics.summarize_curve([1, 2, 3], [20, 20, 19.5])
+    flat = curves.summarize_curve([1, 2, 3], [20, 20, 19.5])
     assert flat["drop_start_step"] is None and flat["relative_drop"] == pytest.approx(0.025)
-    assert dynamics.summarize_curve([1, 2], [np.nan, 4])["peak"] == 4
+    assert curves.summarize_curve([1, 2], [np.nan, 4])["peak"] == 4
     with pytest.raises(ValueError, match="finite"):
-        dynamics.summarize_curve([1], [np.nan])
+        curves.summarize_curve([1], [np.nan])
 
 
 @pytest.mark.parametrize(
@@ -328,7 +329,7 @@ def test_mnist_script_with_data_path(tmp_path):
     done = _script(
         "experiments.mnist_mlp",
         f"--data_path={npz}",
-        f"--output_dir={out}",
+        f"--workdir={out}",
         "--n_train=64",
         "--n_test=16",
         "--hidden=8,8,8,8",
@@ -347,7 +348,7 @@ def test_mnist_script_with_data_path(tmp_path):
     assert config["learning_rate"] == 1e-3 and config["weight_decay"] == 1.0  # the preset
     assert "--data_path" in (out / "flags.txt").read_text()
     frame = pd.read_csv(out / "seed=3" / "measurements.csv")
-    assert {"local_rank_eps=0.01", "local_rank_eps=0.1"} <= set(frame.columns)
+    assert {"robust_local_rank@0.01", "robust_local_rank@0.1"} <= set(frame.columns)
 
 
 @pytest.mark.parametrize(
