@@ -43,6 +43,18 @@ def run(main: Callable[[list[str]], object]) -> None:
     app.run(one_line_errors(main))
 
 
+def numbers(name: str, values, kind) -> tuple:
+    """The values of list flag `--name` as `kind` (int or float).
+
+    Raises:
+        ValueError: a value that is not a `kind` number, naming the flag.
+    """
+    try:
+        return tuple(kind(v) for v in values)
+    except ValueError:
+        raise ValueError(f"Expected numbers in --{name}. Received: {','.join(values)}") from None
+
+
 def build_mlp(input_dim: int, widths: list[int], seed: int) -> keras.Model:
     """The reference ReLU MLP of the benchmarks: He-normal init, linear last layer."""
     keras.utils.set_random_seed(seed)

@@ -10,6 +10,7 @@ import logging
 
 from absl import flags
 
+from experiments.common import numbers
 from keras_localrank.studies import dynamics
 
 FLAGS = flags.FLAGS
@@ -37,18 +38,6 @@ def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
     flags.DEFINE_integer("verbose", 0, "Keras fit verbosity.")
     flags.DEFINE_integer("data_seed", None, "Seed of the data set / split.")
     _PRESETS.update(presets)
-
-
-def numbers(name: str, values, kind) -> tuple:
-    """The values of list flag `--name` as `kind` (int or float).
-
-    Raises:
-        ValueError: a value that is not a `kind` number, naming the flag.
-    """
-    try:
-        return tuple(kind(v) for v in values)
-    except ValueError:
-        raise ValueError(f"Expected numbers in --{name}. Received: {','.join(values)}") from None
 
 
 def config_from_flags(**fixed) -> dynamics.DynamicsConfig:

@@ -326,6 +326,7 @@ class SubRun(_Folder):
         mutable_keys: config keys that may change between calls. Default ().
         lock: take this sub-run's own lock first (released by `close()` or at
             the end of a `with` block). Default False.
+        name: how the manifest names it. Default: the folder's name.
 
     Raises:
         RunDirectoryLocked: with `lock=True`, another process holds the lock.
@@ -341,10 +342,11 @@ class SubRun(_Folder):
         *,
         mutable_keys: Iterable[str] = (),
         lock: bool = False,
+        name: str | None = None,
         _guarded: bool = False,
     ):
         self.path = os.path.abspath(os.fspath(path))
-        self.name = os.path.basename(self.path)
+        self.name = name or os.path.basename(self.path)
         self.config = None if config is None else dict(config)
         os.makedirs(self.path, exist_ok=True)
         self._lock = _Lock(os.path.join(self.path, LOCK))
@@ -539,14 +541,21 @@ class RunDirectory(_Folder):
     ) -> SubRun:
         """The sub-run folder `name` (created), its config checked; see `SubRun`.
 
+        `name` is a folder inside the run directory, possibly nested
+        (`"runs/beta=0.1_seed=0"`); the manifest lists it under that name.
+
         The manifest lists the sub-run as complete only when its own marker
         says so: a sub-run marked in the manifest but whose `complete.json` is
         missing (e.g. removed by hand) is dropped from the manifest here.
         """
         self._require_open()
-        if not name or os.sep in name or name in (".", ".."):
-            raise ValueError(f"Expected a plain folder name. Received: name={name!r}")
-        sub = SubRun(self.join(name), config, mutable_keys=mutable_keys, _guarded=True)
+        if not isinstance(name, str) or not name or os.path.isabs(name):
+            raise ValueError(f"Expected a folder name inside the run directory. Received: {name!r}")
+        if self.join(name) == self.path:
+            raise ValueError(f"Expected a folder name inside the run directory. Received: {name!r}")
+        path = self.join(name)
+        name = os.path.relpath(path, self.path)
+        sub = SubRun(path, config, mutable_keys=mutable_keys, name=name, _guarded=True)
         if not sub.is_complete():
             self.mark_incomplete(name)
         return sub

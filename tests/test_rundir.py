@@ -256,8 +256,11 @@ def test_atomic_path_renames_on_success_only(tmp_path):
         assert os.listdir(tmp_path / "models") == ["m.bin"]
         with pytest.raises(ValueError, match="inside"):
             run.join("..", "elsewhere.txt")
-        with pytest.raises(ValueError, match="plain folder name"):
-            run.subrun("../x")
+        for bad in ("../x", ".", "/abs"):
+            with pytest.raises(ValueError, match="inside"):
+                run.subrun(bad)
+        nested = run.subrun("runs/a=1")
+        assert (nested.path, nested.name) == (str(tmp_path / "runs" / "a=1"), "runs/a=1")
 
 
 def test_bad_paths_and_corrupt_files(tmp_path):
