@@ -130,11 +130,9 @@ def summarize_run(frame: pd.DataFrame, config: DynamicsConfig) -> dict:
 def _measurements(run: SubRun, config: DynamicsConfig) -> pd.DataFrame:
     """Join the rank trace and the loss/accuracy rows into one row per (step, layer)."""
     trace = pd.read_csv(run.join("trace.csv"))
-    kinds = trace["kind"] if "kind" in trace else trace["rank"]
     trace["column"] = [
-        names.rank_column(names.EXACT) if kind == names.EXACT
-        else names.rank_column(names.ROBUST, atol)
-        for kind, atol in zip(kinds, trace["atol"])
+        names.rank_column(kind, None if kind == names.EXACT else atol)
+        for kind, atol in zip(trace["kind"], trace["atol"])
     ]
     wide = trace.pivot_table(
         index=["step", "epoch", "layer"], columns="column", values="mean", sort=False
@@ -160,9 +158,8 @@ def _train_seed(config, data, seed: int, run: SubRun, callbacks, verbose: int) -
     compile_mlp(model, config)
     initial_epoch = state.get("epoch", 0)
     if initial_epoch:
-        restore(model, run.join("checkpoints", state["checkpoint"]))
-        truncate_csv(run, "trace.csv", "step", state["step"])
-        truncate_csv(run, "metrics.csv", "step", state["step"])
+        restore(model, run.join("checkpoints", state["checkpoint"]))  # and its global step
+        # The scheduled callbacks drop their own rows past the restored step.
         truncate_csv(run, "history.csv", "epoch", initial_epoch - 1)
         log.info("seed %d: resuming at epoch %d (step %d)", seed, initial_epoch, state["step"])
     else:

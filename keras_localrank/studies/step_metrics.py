@@ -1,4 +1,4 @@
-"""`StepMetrics`: train/test loss and accuracy at the steps a step schedule names."""
+"""`StepMetrics`: train/test loss and accuracy at the steps a schedule names."""
 
 from __future__ import annotations
 
@@ -9,46 +9,71 @@ import numpy as np
 import pandas as pd
 
 from keras_localrank.io import atomic_write_text
+from keras_localrank.scheduled import ScheduledCallback
 
 __all__ = ["StepMetrics"]
 
 
-class StepMetrics(keras.callbacks.Callback):
-    """Train/test loss and accuracy at the steps a step schedule fires (same
-    step counting as `LocalRankCallback`), appended to a CSV written atomically.
+class StepMetrics(ScheduledCallback):
+    """Train/test loss and accuracy (of a logits model) at scheduled optimizer steps.
+
+    The step is the optimizer's global step (`keras_localrank.scheduled`), the
+    same one `LocalRankCallback` uses, so both record the same steps, also with
+    `steps_per_execution > 1` and after a resume. Rows go to a CSV rewritten
+    atomically after every evaluation; an existing CSV is continued, and rows
+    past the step training resumes from are dropped.
 
     Args:
         data: a `keras_localrank.datasets.Dataset`.
-        schedule: a step schedule (`schedules.LogSchedule`, ...).
-        path: the CSV (continued when it exists: resumed runs).
+        schedule: a schedule (`schedules.LogSchedule`, `StepSchedule`, ...).
+        path: the CSV.
         measure_on_train_begin: also evaluate before the first step.
+            Default False.
         batch_size: evaluation batch size. Default 2048.
     """
 
-    def __init__(self, data, schedule, path, *, measure_on_train_begin, batch_size=2048):
-        super().__init__()
+    def __init__(self, data, schedule, path, *, measure_on_train_begin=False, batch_size=2048):
+        super().__init__(schedule, measure_on_train_begin=measure_on_train_begin)
         self._arrays = (data.x_train, data.y_train, data.x_test, data.y_test)
-        self.schedule = schedule
-        self.path = path
-        self.measure_on_train_begin = measure_on_train_begin
+        self.path = os.fspath(path)
         self._batch_size = batch_size
         self.rows: list[dict] = []
 
     def on_train_begin(self, logs=None):
-        self._spe = self.params["steps"]
-        self.schedule.resolve(epochs=self.params["epochs"], steps_per_epoch=self._spe)
         self.rows = pd.read_csv(self.path).to_dict("records") if os.path.exists(self.path) else []
-        self._epoch, self._step = 0, 0
-        if self.measure_on_train_begin:
-            self._measure(-1)
+        super().on_train_begin(logs)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch, self._step = epoch, epoch * self._spe
+    # -- ScheduledCallback hooks ----------------------------------------------------
 
-    def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
-        if self.schedule.fires(self._step):
-            self._measure(self._epoch)
+    def on_scheduled_step(self, step, epoch, *, initial=False):
+        x_tr, y_tr, x_te, y_te = self._arrays
+        train_loss, train_acc = self._evaluate(x_tr, y_tr)
+        test_loss, test_acc = self._evaluate(x_te, y_te)
+        self.rows.append(
+            dict(
+                step=step,
+                epoch=epoch,
+                train_loss=train_loss,
+                train_accuracy=train_acc,
+                test_loss=test_loss,
+                test_accuracy=test_acc,
+            )
+        )
+        self._save()
+
+    def recorded_steps(self):
+        return [row["step"] for row in self.rows]
+
+    def discard_after(self, step):
+        kept = [row for row in self.rows if row["step"] <= step]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            self._save()
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _save(self):
+        atomic_write_text(self.path, pd.DataFrame(self.rows).to_csv(index=False))
 
     def _evaluate(self, x, y) -> tuple[float, float]:
         loss_sum, correct = 0.0, 0
@@ -62,19 +87,3 @@ class StepMetrics(keras.callbacks.Callback):
             )
             correct += int(np.sum(np.argmax(keras.ops.convert_to_numpy(logits), -1) == labels))
         return loss_sum / len(x), correct / len(x)
-
-    def _measure(self, epoch):
-        x_tr, y_tr, x_te, y_te = self._arrays
-        train_loss, train_acc = self._evaluate(x_tr, y_tr)
-        test_loss, test_acc = self._evaluate(x_te, y_te)
-        self.rows.append(
-            dict(
-                step=self._step,
-                epoch=epoch,
-                train_loss=train_loss,
-                train_accuracy=train_acc,
-                test_loss=test_loss,
-                test_accuracy=test_acc,
-            )
-        )
-        atomic_write_text(self.path, pd.DataFrame(self.rows).to_csv(index=False))
