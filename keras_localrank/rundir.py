@@ -521,8 +521,17 @@ class RunDirectory(_Folder):
         return name in self._manifest["complete"]
 
     def mark_complete(self, name: str, **info) -> None:
-        """List output `name` (a file, or a sub-run's name) as complete in the manifest."""
+        """List output `name` (a file, or a sub-run's name) as complete in the manifest.
+
+        Marking an output that is already complete with the same `info` leaves
+        the manifest as it is.
+        """
         self._require_open()
+        previous = self._manifest["complete"].get(name)
+        if previous is not None and _normalise(info) == {
+            k: v for k, v in previous.items() if k != "completed_at"
+        }:
+            return
         self._manifest["complete"][name] = {"completed_at": _now(), **info}
         self.write_json(MANIFEST, self._manifest)
 

@@ -74,6 +74,11 @@ def test_open_writes_config_and_manifest_0644(tmp_path):
     with RunDirectory(root, CONFIG) as again:  # a later process sees the manifest
         assert again.is_complete("flags.txt")
         assert again.manifest["complete"]["flags.txt"]["rows"] == 1
+        manifest = (root / "manifest.json").read_bytes()
+        again.mark_complete("flags.txt", rows=1)  # already complete: not rewritten
+        assert (root / "manifest.json").read_bytes() == manifest
+        again.mark_complete("flags.txt", rows=2)
+        assert again.manifest["complete"]["flags.txt"]["rows"] == 2
         again.mark_incomplete("flags.txt")
         assert not again.is_complete("flags.txt")
     with pytest.raises(RunDirectoryError, match="not open"):
