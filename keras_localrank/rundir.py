@@ -57,7 +57,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from keras_localrank.io import atomic_write_json, atomic_write_text
+from keras_localrank.io import _jsonable, atomic_write_json, atomic_write_text
 from keras_localrank.validation import check_writable_dir
 
 __all__ = [
@@ -120,14 +120,6 @@ class ConfigMismatch(RunDirectoryError, ValueError):
 def _normalise(obj: Any) -> Any:
     """`obj` as it reads back from JSON (tuples -> lists, numpy -> Python)."""
     return json.loads(json.dumps(obj, default=_jsonable))
-
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 _MISSING = "<missing>"

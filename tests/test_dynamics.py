@@ -20,6 +20,7 @@ from keras_localrank import curves, datasets, schedules
 from keras_localrank.rundir import ConfigMismatch, RunDirectoryLocked
 from keras_localrank.studies import checkpoints, dynamics, mlp
 from keras_localrank.studies.step_metrics import StepMetrics
+from tests.run_files import snapshot
 
 TINY = dict(
     n_train=96,
@@ -224,23 +225,12 @@ def test_kernels_only_weight_decay_survives_resume(tmp_path):
     np.testing.assert_allclose(restored.layers[1].bias.numpy(), 1.0, rtol=1e-5)
 
 
-def _snapshot(folder):
-    """Bytes of every file below `folder` but the lock file."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if name != ".lock":
-                with open(os.path.join(root, name), "rb") as f:
-                    out[os.path.relpath(os.path.join(root, name), folder)] = f.read()
-    return out
-
-
 def test_workdir_with_a_different_config_is_refused(tmp_path):
     config = tiny(epochs=2, checkpoint_every=1, num_measurements=2)
     dynamics.train_and_evaluate(
         config, tmp_path, plots=False, extra_files={"flags.txt": "--epochs=2\n"}
     )
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(ValueError, match="learning_rate"):
         dynamics.train_and_evaluate(
             tiny(epochs=2, checkpoint_every=1, num_measurements=2, learning_rate=0.5),
@@ -256,20 +246,20 @@ def test_workdir_with_a_different_config_is_refused(tmp_path):
         )
     assert info.value.keys == ["epochs"]
     # The finished run's config.json and flags.txt (and everything else) are untouched.
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     assert (tmp_path / "flags.txt").read_text() == "--epochs=2\n"
     # More seeds or other summary settings are a valid rerun: only seed 1 trains.
     more = tiny(epochs=2, checkpoint_every=1, num_measurements=2, seeds=(0, 1), drop_tolerance=0.2)
     summary = dynamics.train_and_evaluate(more, tmp_path, plots=False)
     assert sorted(summary["per_seed"]) == ["0", "1"]
-    assert (tmp_path / "seed=0" / "trace.csv").read_bytes() == before["seed=0/trace.csv"]
+    assert snapshot(tmp_path)["seed=0/trace.csv"] == before["seed=0/trace.csv"]  # not retrained
     assert read_json(tmp_path / "config.json")["seeds"] == [0, 1]
 
 
 def test_second_process_on_the_workdir_is_refused(tmp_path):
     config = tiny(epochs=2, checkpoint_every=1, num_measurements=2)
     dynamics.train_and_evaluate(config, tmp_path, plots=False)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     # The first process: holds the run directory open (the same config) until told.
     code = (
         "import json, sys, types; pkg = types.ModuleType('keras_localrank'); "
@@ -290,7 +280,7 @@ def test_second_process_on_the_workdir_is_refused(tmp_path):
         with pytest.raises(RunDirectoryLocked, match=f"pid {holder.pid}"):
             dynamics.train_and_evaluate(tiny(epochs=2, checkpoint_every=1, num_measurements=2,
                                              seeds=(0, 1)), tmp_path, plots=False)
-        assert _snapshot(tmp_path) == before  # nothing written, deleted or duplicated
+        assert snapshot(tmp_path) == before  # nothing written, deleted or duplicated
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)

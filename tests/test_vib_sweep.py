@@ -13,6 +13,7 @@ import pytest
 from keras_localrank import curves, validation
 from keras_localrank.rundir import ConfigMismatch, RunDirectory
 from keras_localrank.studies import vib_sweep as lib
+from tests.run_files import snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,16 +103,6 @@ def _tiny(**kwargs):
     )
 
 
-def _snapshot(folder):
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if name != ".lock":
-                with open(os.path.join(root, name), "rb") as f:
-                    out[os.path.relpath(os.path.join(root, name), folder)] = f.read()
-    return out
-
-
 def _completed(folder):
     runs = folder / "runs"
     return sorted(p.name for p in runs.iterdir() if (p / "complete.json").exists())
@@ -172,17 +163,17 @@ def test_sweep_resumes_after_interruption(tmp_path, monkeypatch):
     assert calls == []
 
     # A different model setting is refused before anything is written.
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(ConfigMismatch, match="robust_atol"):
         lib.train_and_evaluate(_tiny(robust_atol=0.5), tmp_path, extra_files={"flags.txt": "y"})
-    assert _snapshot(tmp_path) == before and calls == []
+    assert snapshot(tmp_path) == before and calls == []
 
 
 def test_sweep_refuses_a_directory_with_other_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(lib, "train_one", lambda *a: pytest.fail("must not train"))
     with RunDirectory(tmp_path, _tiny().to_dict(), mutable_keys=lib.MUTABLE_KEYS) as run:
         run.write_text("flags.txt", "--epochs=2\n")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     changed = _tiny()
     changed = lib.SweepConfig(
         **{**changed.__dict__, "overrides": {**changed.overrides, "epochs": 3}}
@@ -192,7 +183,7 @@ def test_sweep_refuses_a_directory_with_other_settings(tmp_path, monkeypatch):
     assert info.value.keys == ["model.epochs"]
     with pytest.raises(ValueError, match="robust_atol"):  # ConfigMismatch is a ValueError
         lib.train_and_evaluate(_tiny(robust_atol=0.5), tmp_path)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_script_bad_betas_end_in_one_line(tmp_path):
