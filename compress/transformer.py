@@ -372,7 +372,7 @@ def _collect(model, x, layers, *, batch_size: int):
             if id(t) not in seen:
                 seen.add(id(t))
                 tensors.append(t)
-    capture = keras.Model(graph.inputs, tensors)
+    capture = keras.Model(graph.inputs[0], tensors)
     for start in range(0, len(x), batch_size):
         values = capture(keras.ops.convert_to_tensor(x[start : start + batch_size]), training=False)
         if not isinstance(values, (list, tuple)):
