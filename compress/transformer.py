@@ -67,7 +67,11 @@ __all__ = [
     "projection_candidates",
     "projection_statistics",
     "prune_constant_heads",
+    "transformer_compress",
+    "transformer_macs",
     "transformer_targets",
+    "weight_candidates",
+    "weight_spectra",
     "weight_svd_projections",
 ]
 
@@ -334,6 +338,7 @@ class ProjectionStatistics:
         mean: `E[p]`, shape `[n_out]` (float64).
         covariance: `Cov[p]`, shape `[n_out, n_out]` (float64).
         count: rows (samples x positions) averaged over.
+        positions: positions per sample that share the kernel (tokens).
     """
 
     target: str
@@ -343,6 +348,7 @@ class ProjectionStatistics:
     mean: np.ndarray
     covariance: np.ndarray
     count: int
+    positions: int = 1
 
     def eigen(self) -> tuple[np.ndarray, np.ndarray]:
         """`(eigenvalues, eigenvectors)` of the subspace statistic, descending.
@@ -451,10 +457,11 @@ def projection_statistics(
     resolved, moments, _ = _gather(
         model, x, targets, heads=False, batch_size=_check_batch(batch_size)
     )
-    return {t: _statistics(t, resolved[t][1], moments[t]) for t in targets}
+    n = len(x)
+    return {t: _statistics(t, resolved[t][1], moments[t], n) for t in targets}
 
 
-def _statistics(target, sub, m: _Moments) -> ProjectionStatistics:
+def _statistics(target, sub, m: _Moments, samples: int) -> ProjectionStatistics:
     layout = einsum_layout(sub)
     cov = m.scatter / m.count
     return ProjectionStatistics(
@@ -465,6 +472,7 @@ def _statistics(target, sub, m: _Moments) -> ProjectionStatistics:
         mean=m.mean,
         covariance=(cov + cov.T) / 2,
         count=m.count,
+        positions=max(1, m.count // max(1, samples)),
     )
 
 
@@ -483,7 +491,7 @@ def projection_candidates(
     """
     floors = dict(floors or {})
     return [
-        Candidate(t, s.n_in, s.n_out, s.use_bias, s.eigen()[0], floor=floors.get(t, 1))
+        _candidate(t, s.n_in, s.n_out, s.use_bias, s.eigen()[0], floors.get(t, 1), s.positions)
         for t, s in statistics.items()
     ]
 
@@ -759,6 +767,67 @@ def weight_svd_projections(
     return _rewrite(model, plans), _records(model, plans, energies)
 
 
+def weight_candidates(model, targets: Sequence[str] | None = None) -> list:
+    """`policies.Candidate`s from the kernels alone (data-free), one per target.
+
+    Each spectrum is the squared singular values of the target's kernel
+    unfolded to `n_in x n_out`.
+
+    Raises:
+        ValueError: no target in `model` (or `targets` empty).
+        UnsupportedLayerError: targets that cannot be rewritten.
+    """
+    names = transformer_targets(model) if targets is None else list(targets)
+    if not names:
+        raise ValueError(
+            f"Model {model.name!r} has no projection to factorize: expected Dense, "
+            "EinsumDense or MultiHeadAttention layers. Received layers: "
+            f"{[type(layer).__name__ for layer in model.layers]}."
+        )
+    spectra = weight_spectra(model, names)
+    candidates = []
+    for name in names:
+        layout = einsum_layout(_resolve(model, name)[1])
+        candidates.append(
+            _candidate(
+                name,
+                layout.n_in,
+                layout.n_out,
+                layout.bias_shape is not None,
+                spectra[name],
+                1,
+                _target_positions(model, name),
+            )
+        )
+    return candidates
+
+
+def _candidate(name, n_in, n_out, use_bias, spectrum, floor, positions):
+    # Candidates that cost MACs know how many positions share the kernel.
+    costed = "positions" in {f.name for f in dataclasses.fields(Candidate)}
+    extra = {"positions": positions} if costed else {}
+    return Candidate(name, n_in, n_out, use_bias, spectrum, floor=floor, **extra)
+
+
+def _target_positions(model, target: str) -> int:
+    """Positions per sample at which a target's kernel is applied."""
+    layer, sub = _resolve(model, target)
+    _, role = _split_target(target)
+    if role is not None:
+        node = _node(model, layer)
+        bound = _MHA_CALL.bind(layer, *node.arguments.args, **node.arguments.kwargs).arguments
+        source = bound["value"] if role in ("key", "value") else bound["query"]
+        return int(math.prod(source.shape[1:-1]))
+    return _free_positions(layer)
+
+
+def _free_positions(layer) -> int:
+    """Positions per sample of a projection layer: its input's free axes."""
+    shape = layer._inbound_nodes[0].input_tensors[0].shape
+    contract = len(einsum_layout(layer).in_dims)
+    return int(math.prod(shape[1 : len(shape) - contract]))
+
+
 def weight_spectra(model, targets: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Squared singular values of each target's kernel, descending (data-free)."""
     targets = transformer_targets(model) if targets is None else list(targets)
@@ -901,3 +970,117 @@ def prune_constant_heads(
     if not builders:
         return model, records
     return replace_layers(model, builders, weights), records
+
+
+# --- at a budget, and costs -------------------------------------------------------------
+
+
+def transformer_compress(
+    model: keras.Model,
+    calib_x,
+    policy,
+    *,
+    targets: Sequence[str] | None = None,
+    prune_heads: bool = True,
+    head_tol: float = 1e-6,
+    evaluate=None,
+    batch_size: int = 64,
+):
+    """Constant-head removal, then data-aware low rank at ranks chosen by `policy`.
+
+    Args:
+        model: a built functional or Sequential model (not modified).
+        calib_x: calibration samples.
+        policy: a `policies.RankPolicy`, or a float: the target parameter
+            fraction (`ParamFraction`). Candidates are the projection
+            targets, their spectra the eigenvalues of their output
+            statistics; a rank whose factors would not save weights keeps
+            the layer dense.
+        targets: projection targets. Default None: `transformer_targets`.
+        prune_heads: first remove heads constant on `calib_x`. Default True.
+        head_tol: tolerance of `prune_constant_heads`. Default 1e-6.
+        evaluate: `model -> score` (lower is better), for policies that
+            measure (`AccuracyTolerance`, `GreedyParamFraction`); each trial
+            builds the compressed model. Default None.
+        batch_size: samples per chunk. Default 64.
+
+    Returns:
+        A `Compressed` (`method="local_rank"`) with the ranks, and the heads
+        removed per attention layer in `removed_units`.
+
+    Raises:
+        ValueError: an impossible budget (from the policy), bad targets.
+        UnsupportedLayerError: targets that cannot be rewritten.
+    """
+    from compress.outcome import Compressed
+    from compress.policies import ParamFraction, RankPolicy, get_policy
+    from compress.registry import count_params
+
+    if not isinstance(policy, RankPolicy):
+        policy = ParamFraction(policy) if isinstance(policy, (int, float)) else get_policy(policy)
+    original = count_params(model)
+    work, removed = model, {}
+    if prune_heads and any(_is_mha(layer) for layer in model.layers):
+        work, heads = prune_constant_heads(model, calib_x, head_tol, batch_size=batch_size)
+        removed = {r.layer: len(r.removed) for r in heads if r.removed}
+    names = transformer_targets(work) if targets is None else list(targets)
+    stats = projection_statistics(work, calib_x, names, batch_size=batch_size)
+    candidates = projection_candidates(stats)
+    by_name = {c.name: c for c in candidates}
+    fixed = count_params(work) - sum(c.dense_params for c in candidates)
+
+    def saving(ranks):
+        return {t: r for t, r in ranks.items() if by_name[t].saves(r)}
+
+    def build(ranks):
+        chosen = saving(ranks)
+        if not chosen:
+            return (replace_layers(work, {}, {}) if work is model else work), []
+        return compress_attention(work, calib_x, chosen, statistics=stats)
+
+    trial = None if evaluate is None else (lambda ranks: float(evaluate(build(ranks)[0])))
+    ranks = policy.select(candidates, fixed_params=fixed, original_params=original, evaluate=trial)
+    compressed, records = build(ranks)
+    return Compressed(
+        model=compressed,
+        method="local_rank",
+        budget=getattr(policy, "fraction", None),
+        ranks={r.target: r.rank for r in records},
+        removed_units=removed,
+    )
+
+
+def _projection_macs(sub) -> int:
+    """MACs of one projection at one position (its factors, if factorized)."""
+    layout = einsum_layout(sub)
+    if isinstance(sub, (LowRankEinsumDense, LowRankDense)):
+        return int(sub.kernel_a.shape[-1]) * (layout.n_in + layout.n_out)
+    return layout.n_in * layout.n_out
+
+
+def transformer_macs(layer) -> int | None:
+    """Multiply-accumulates per sample of an attention or projection layer.
+
+    `MultiHeadAttention` (stock or `LowRankMultiHeadAttention`): the four
+    projections at their positions plus the scores `Q K^T` and their
+    combination with `V` (`heads * T_q * T_k * (key_dim + value_dim)`).
+    `EinsumDense` and `LowRankEinsumDense`: the projection at every output
+    position. Returns None for other layers.
+
+    Args:
+        layer: a layer of a built functional model (called once).
+    """
+    if _is_mha(layer):
+        node = layer._inbound_nodes[0]
+        bound = _MHA_CALL.bind(layer, *node.arguments.args, **node.arguments.kwargs).arguments
+        t_q = math.prod(bound["query"].shape[1:-1])
+        t_k = math.prod(bound["value"].shape[1:-1])  # keys: the same positions
+        macs = t_q * _projection_macs(layer._query_dense)
+        macs += t_k * _projection_macs(layer._key_dense)
+        macs += t_k * _projection_macs(layer._value_dense)
+        macs += t_q * _projection_macs(layer._output_dense)
+        macs += layer.num_heads * t_q * t_k * (layer.key_dim + layer.value_dim)
+        return int(macs)
+    if isinstance(layer, (keras.layers.EinsumDense, LowRankEinsumDense)):
+        return int(_free_positions(layer) * _projection_macs(layer))
+    return None

@@ -22,6 +22,8 @@ from compress.transformer import (
     projection_candidates,
     projection_statistics,
     prune_constant_heads,
+    transformer_compress,
+    transformer_macs,
     transformer_targets,
     weight_svd_projections,
 )
@@ -357,3 +359,56 @@ def test_candidates_feed_the_rank_policies():
     after = sum(int(np.prod(w.shape)) for w in new.weights)
     assert after == total - sum(r.params_before - r.params_after for r in records)
     assert after <= 0.6 * total + 1
+
+
+# --- at a budget, and costs ------------------------------------------------------------------
+
+
+def test_transformer_compress_meets_a_parameter_budget_after_removing_heads():
+    model = _block(heads=3, key_dim=4)
+    _zero_value_head(model, 2)
+    x = _x()
+    total = sum(int(np.prod(w.shape)) for w in model.weights)
+    out = transformer_compress(model, x, 0.7, head_tol=1e-5)
+    assert out.removed_units == {"mha": 1}
+    assert out.model.get_layer("mha").num_heads == 2
+    assert out.ranks  # something was factorized
+    assert sum(int(np.prod(w.shape)) for w in out.model.weights) <= 0.7 * total
+    assert out.model is not model and model.get_layer("mha").num_heads == 3
+    # At the full budget nothing is factorized, and the function is the same.
+    full = transformer_compress(model, x, 1.0, head_tol=1e-5)
+    assert full.ranks == {}
+    assert _max_err(_predict(full.model, x), _predict(model, x)) < 1e-4
+
+
+def test_projection_weight_svd_baseline_at_a_budget():
+    from compress.baselines import projection_weight_svd
+    from compress.transformer import weight_candidates
+
+    model = _block()
+    total = sum(int(np.prod(w.shape)) for w in model.weights)
+    out = projection_weight_svd(model, 0.7)
+    assert out.method == "weight_svd" and out.ranks
+    assert sum(int(np.prod(w.shape)) for w in out.model.weights) <= 0.7 * total
+    cands = {c.name: c for c in weight_candidates(model)}
+    kernel = model.get_layer("mha").value_dense.kernel.numpy().reshape(D, -1)
+    expected = np.linalg.svd(kernel.astype(np.float64), compute_uv=False) ** 2
+    np.testing.assert_allclose(cands["mha/value"].spectrum, expected, rtol=1e-6)
+    assert (cands["mha/attention_output"].n_in, cands["mha/attention_output"].n_out) == (8, D)
+    with pytest.raises(ValueError, match="no projection"):
+        projection_weight_svd(keras.Sequential([keras.Input((3,)), keras.layers.ReLU()]), 0.5)
+
+
+def test_transformer_macs_by_hand():
+    model = _block(heads=2, key_dim=4, value_dim=3)
+    mha = model.get_layer("mha")
+    # q, k: 5 positions x 8 x (2*4); v: 5 x 8 x (2*3); out: 5 x (2*3) x 8;
+    # scores and combination: 2 heads x 5 x 5 x (4 + 3).
+    by_hand = 5 * 8 * 8 * 2 + 5 * 8 * 6 + 5 * 6 * 8 + 2 * 5 * 5 * 7
+    assert transformer_macs(mha) == by_hand
+    assert transformer_macs(model.get_layer("ffn2")) == 5 * 12 * 8
+    assert transformer_macs(model.get_layer("ln")) is None
+    low, _ = compress_attention(model, _x(), {"mha/query": 3, "ffn2": 2})
+    # the query projection becomes 5 x 3 x (8 + 8); ffn2 5 x 2 x (12 + 8)
+    assert transformer_macs(low.get_layer("mha")) == by_hand - 5 * 8 * 8 + 5 * 3 * 16
+    assert transformer_macs(low.get_layer("ffn2")) == 5 * 2 * 20
