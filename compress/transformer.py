@@ -86,7 +86,6 @@ __all__ = [
     "projection_statistics",
     "prune_constant_heads",
     "transformer_compress",
-    "transformer_macs",
     "transformer_targets",
     "weight_candidates",
     "weight_spectra",
@@ -513,7 +512,9 @@ def prune_constant_heads(
         model: a built functional or Sequential model (not modified).
         calib_x: calibration samples.
         tol: tolerance on the range of each entry of a head's output.
-            Default 0.
+            Default 0. In float32 the softmax weights of a head do not sum
+            to exactly 1, so a head that outputs its value bias varies by
+            about 1e-7 times that bias: pass a small `tol` (1e-6) to find it.
         layers: attention layers to prune. Default None: all.
         batch_size: samples per chunk. Default 64.
 
@@ -565,7 +566,7 @@ def prune_constant_heads(
     return replace_layers(model, builders, weights), records
 
 
-# --- at a budget, and costs -------------------------------------------------------------
+# --- at a budget -------------------------------------------------------------
 
 
 def transformer_compress(
@@ -641,39 +642,3 @@ def transformer_compress(
         ranks={r.target: r.rank for r in records},
         removed_units=removed,
     )
-
-
-def _projection_macs(sub) -> int:
-    """MACs of one projection at one position (its factors, if factorized)."""
-    layout = einsum_layout(sub)
-    if isinstance(sub, (LowRankEinsumDense, LowRankDense)):
-        return int(sub.kernel_a.shape[-1]) * (layout.n_in + layout.n_out)
-    return layout.n_in * layout.n_out
-
-
-def transformer_macs(layer) -> int | None:
-    """Multiply-accumulates per sample of an attention or projection layer.
-
-    `MultiHeadAttention` (stock or `LowRankMultiHeadAttention`): the four
-    projections at their positions plus the scores `Q K^T` and their
-    combination with `V` (`heads * T_q * T_k * (key_dim + value_dim)`).
-    `EinsumDense` and `LowRankEinsumDense`: the projection at every output
-    position. Returns None for other layers.
-
-    Args:
-        layer: a layer of a built functional model (called once).
-    """
-    if is_attention(layer):
-        node = layer._inbound_nodes[0]
-        bound = MHA_CALL.bind(layer, *node.arguments.args, **node.arguments.kwargs).arguments
-        t_q = math.prod(bound["query"].shape[1:-1])
-        t_k = math.prod(bound["value"].shape[1:-1])  # keys: the same positions
-        macs = t_q * _projection_macs(layer._query_dense)
-        macs += t_k * _projection_macs(layer._key_dense)
-        macs += t_k * _projection_macs(layer._value_dense)
-        macs += t_q * _projection_macs(layer._output_dense)
-        macs += layer.num_heads * t_q * t_k * (layer.key_dim + layer.value_dim)
-        return int(macs)
-    if isinstance(layer, (keras.layers.EinsumDense, LowRankEinsumDense)):
-        return int(_free_positions(layer) * _projection_macs(layer))
-    return None

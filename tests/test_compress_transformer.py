@@ -23,7 +23,6 @@ from compress.transformer import (
     projection_statistics,
     prune_constant_heads,
     transformer_compress,
-    transformer_macs,
     transformer_targets,
     weight_svd_projections,
 )
@@ -144,6 +143,35 @@ def test_full_rank_rewrites_are_exact(use_bias, method):
     assert len(new.weights) == len(model.weights) + 6  # one extra factor per projection
     assert _max_err(_predict(model, x), reference) == 0  # the input model is untouched
     assert not isinstance(model.get_layer("mha"), LowRankMultiHeadAttention)
+
+
+def test_causal_cross_attention_statistics_and_rewrites_follow_the_layer():
+    """Distinct key and value inputs and a causal mask: the statistics are those
+    of the layer's actual outputs, and the rewrites stay exact."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((T, D))
+    k = keras.layers.Dense(D, name="k_in")(inp)
+    v = keras.layers.Dense(D, activation="tanh", name="v_in")(inp)
+    mha = keras.layers.MultiHeadAttention(3, 2, value_dim=4, name="mha")
+    out = mha(inp, v, key=k, use_causal_mask=True)
+    model = keras.Model(inp, keras.layers.Dense(4, name="head")(out))
+    x = _x()
+    actual = _predict(keras.Model(inp, out), x).reshape(-1, D)
+    stats = projection_statistics(model, x, ["mha/attention_output"])
+    np.testing.assert_allclose(stats["mha/attention_output"].mean, actual.mean(axis=0), atol=1e-5)
+    cov = np.cov(actual.astype(np.float64), rowvar=False, bias=True)
+    np.testing.assert_allclose(stats["mha/attention_output"].covariance, cov, atol=1e-5)
+    reference = _predict(model, x)
+    full, _ = compress_attention(model, x, {"mha/query": 6, "mha/attention_output": D})
+    assert _max_err(_predict(full, x), reference) < 1e-4
+    vk = model.get_layer("mha").value_dense.kernel
+    kernel = vk.numpy()
+    kernel[:, 1] = 0.0
+    vk.assign(kernel)
+    reference = _predict(model, x)
+    pruned, records = prune_constant_heads(model, x, 1e-5)
+    assert records[0].removed == (1,)
+    assert _max_err(_predict(pruned, x), reference) < 1e-4
 
 
 # --- known rank: lossless at the rank, lossy below -----------------------------------------
@@ -361,7 +389,7 @@ def test_candidates_feed_the_rank_policies():
     assert after <= 0.6 * total + 1
 
 
-# --- at a budget, and costs ------------------------------------------------------------------
+# --- at a budget ------------------------------------------------------------------
 
 
 def test_transformer_compress_meets_a_parameter_budget_after_removing_heads():
@@ -397,18 +425,3 @@ def test_projection_weight_svd_baseline_at_a_budget():
     assert (cands["mha/attention_output"].n_in, cands["mha/attention_output"].n_out) == (8, D)
     with pytest.raises(ValueError, match="no projection"):
         projection_weight_svd(keras.Sequential([keras.Input((3,)), keras.layers.ReLU()]), 0.5)
-
-
-def test_transformer_macs_by_hand():
-    model = _block(heads=2, key_dim=4, value_dim=3)
-    mha = model.get_layer("mha")
-    # q, k: 5 positions x 8 x (2*4); v: 5 x 8 x (2*3); out: 5 x (2*3) x 8;
-    # scores and combination: 2 heads x 5 x 5 x (4 + 3).
-    by_hand = 5 * 8 * 8 * 2 + 5 * 8 * 6 + 5 * 6 * 8 + 2 * 5 * 5 * 7
-    assert transformer_macs(mha) == by_hand
-    assert transformer_macs(model.get_layer("ffn2")) == 5 * 12 * 8
-    assert transformer_macs(model.get_layer("ln")) is None
-    low, _ = compress_attention(model, _x(), {"mha/query": 3, "ffn2": 2})
-    # the query projection becomes 5 x 3 x (8 + 8); ffn2 5 x 2 x (12 + 8)
-    assert transformer_macs(low.get_layer("mha")) == by_hand - 5 * 8 * 8 + 5 * 3 * 16
-    assert transformer_macs(low.get_layer("ffn2")) == 5 * 2 * 20
