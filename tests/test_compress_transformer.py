@@ -317,6 +317,15 @@ def test_rewritten_models_round_trip_through_keras_files(tmp_path):
     assert sum(int(np.prod(w.shape)) for w in loaded.weights) == sum(
         int(np.prod(w.shape)) for w in new.weights
     )
+    # The factors train: one step moves every weight of the loaded attention
+    # but the key bias (softmax is blind to a shift shared by all keys).
+    weights = loaded.get_layer("mha").trainable_weights
+    assert len(weights) == len(loaded.get_layer("mha").weights) == 10
+    before = {w.path: w.numpy().copy() for w in weights}
+    loaded.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    loaded.fit(x, np.zeros_like(expected), epochs=1, batch_size=len(x), verbose=0)
+    moved = {w.path for w in weights if np.any(before[w.path] != w.numpy())}
+    assert set(before) - moved == {"mha/key/bias"}, set(before) - moved
 
 
 def test_low_rank_einsum_dense_matches_numpy_and_validates():
