@@ -1,16 +1,24 @@
 """The local-rank method: data-aware pruning and factorization.
 
+0. BatchNormalization after a linear layer is folded into it
+   (`compress.folding`).
 1. Units whose output is constant on the calibration data (a ReLU unit that
    is never active outputs 0) are removed and folded into the next layer's
-   bias: exact on that data.
+   bias: exact on that data. Convolution channels too, through
+   normalization, activation and pooling (`compress.channels`).
 2. Each remaining Dense layer is projected on the subspace its
    pre-activation uses across samples: the leading eigenvectors `U_r` of the
    pre-activation covariance (default) or of `E_x[J_l(x) J_l(x)^T]`. With
    `m = E[p]`, `p ~ m + (p - m) U_r U_r^T`, i.e. a `LowRankDense` with
    `A = W U_r`, `B = U_r^T`, bias `m - (m - b) U_r U_r^T`: exact at full rank.
-3. The rank of each layer comes from a `RankPolicy`; it is never below the
-   layer's measured robust local rank `ceil(E_x[rank_eps(J_l(x) S)])`
-   (a rank-r layer caps the rank of its Jacobian at r). `S = Sigma_x^{1/2}`
+   A Conv1D/Conv2D layer is projected the same way on the covariance of its
+   output channels over positions and samples: a convolution with `r`
+   filters, then a `1 x 1` convolution (`compress.conv`).
+3. The rank of each layer comes from a `RankPolicy` on a budget of
+   parameters or MACs (`compress.costs`); it is never below the layer's
+   measured robust local rank `ceil(E_x[rank_eps(J_l(x) S)])` (a rank-r
+   layer caps the rank of its Jacobian at r; for a convolution, the
+   Jacobian of the channels at one position). `S = Sigma_x^{1/2}`
    weighs input directions by how much the data moves along them; with
    `S = I` the first layer's local rank is the rank of its kernel whatever
    the data, a floor no compression can meet.
