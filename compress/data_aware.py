@@ -374,10 +374,11 @@ def local_rank_compress(
 
     stats = calibration_statistics(work, x, names, batch_size=batch_size)
     grams = None
-    if subspace == "jacobian" and dense_names:
-        grams = jacobian_gram(work, x, dense_names, batch_size=max(1, min(batch_size, 16)))
+    if subspace == "jacobian":
         for n in conv_names:
             notes[n] = "projected on the channel covariance (no Jacobian subspace for convolutions)"
+        if dense_names:
+            grams = jacobian_gram(work, x, dense_names, batch_size=max(1, min(batch_size, 16)))
     floors: dict[str, int] = {}
     if floor and dense_names:
         floors.update(

@@ -411,3 +411,31 @@ def test_layers_it_cannot_rewrite_are_named_and_bad_input_is_rejected():
         local_rank_compress(model, RNG.normal(size=(4, 6, 6, 4)).astype("float32"), 0.5,
                             cost="flops")
     assert layer.kernel.shape == (1, 1, 4, 3)
+
+
+def test_calibration_statistics_of_a_strided_valid_conv_match_numpy():
+    # Regression: rows were counted on the layer's input (9 x 8 positions),
+    # not on its output (4 x 3 for this strided 'valid' conv).
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((9, 8, 2))
+    out = keras.layers.Conv2D(3, 3, strides=2, padding="valid", activation="relu", name="c")(inp)
+    model = keras.Model(inp, out)
+    x = RNG.normal(size=(10, 9, 8, 2)).astype("float32")
+    layer = model.get_layer("c")
+    kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
+    bias = keras.ops.convert_to_numpy(layer.bias).astype(np.float64)
+    patches = np.stack(  # independent pre-activation: explicit windows
+        [
+            x[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3, :].reshape(10, -1)
+            for i in range(4)
+            for j in range(3)
+        ],
+        axis=1,
+    ).astype(np.float64)
+    pre = (patches @ kernel.reshape(-1, 3) + bias).reshape(-1, 3)
+    st = calibration_statistics(model, x, ["c"], batch_size=4)["c"]
+    assert st.count == 10 * 4 * 3
+    np.testing.assert_allclose(st.mean, pre.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(st.covariance, np.cov(pre, rowvar=False, bias=True), atol=1e-5)
+    np.testing.assert_allclose(st.out_max, np.maximum(pre, 0).max(axis=0), atol=1e-5)
+    np.testing.assert_allclose(st.input_mean, x.reshape(-1, 2).mean(axis=0), atol=1e-6)
