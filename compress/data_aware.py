@@ -167,7 +167,8 @@ def conv_channel_floors(
     n0 = int(np.prod(np.shape(x)[1:]))
     selection = select_taps(model, list(layer_names))
     graph = model_graph(model)
-    probes, owners, skipped = [], {}, {}
+    probes, owners = [], {}
+    skipped = {name: f"floor not measured: {why}" for name, why in selection.skipped.items()}
     for tap in selection.taps:
         layer = tap.layer
         spatial = [int(d) for d in tap.layer.output.shape[1:-1]]
