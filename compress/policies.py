@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from compress.outcome import InfeasibleBudgetError
+
 __all__ = [
     "AccuracyTolerance",
     "Candidate",
@@ -113,11 +115,11 @@ def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
 
 
 def _check_reachable(fraction, candidates, fixed_params, original_params) -> float:
-    """The budget in parameters, or a ValueError when the floors exceed it."""
+    """The budget in parameters, or an InfeasibleBudgetError when the floors exceed it."""
     target = fraction * original_params
     smallest = total_params(candidates, ranks_at_energy(candidates, 0.0), fixed_params)
     if smallest > target:
-        raise ValueError(
+        raise InfeasibleBudgetError(
             f"Impossible budget: budget={fraction!r} allows "
             f"{int(target):,} of {original_params:,} parameters, but the layers "
             f"that are kept and the rank floors need at least {smallest:,} "
