@@ -1,4 +1,4 @@
-"""`Compressed`: a compressed model and what was done to it; or why it could not be."""
+"""`Compressed`: a compressed model and what was done to it."""
 
 from __future__ import annotations
 
@@ -6,15 +6,7 @@ import dataclasses
 
 import keras
 
-__all__ = ["Compressed", "InfeasibleBudgetError"]
-
-
-class InfeasibleBudgetError(ValueError):
-    """A budget no model of the method can meet (e.g. below the rank floors).
-
-    The app reports such a method and budget as infeasible and carries on;
-    callers tell it apart by its class, never by its message.
-    """
+__all__ = ["Compressed"]
 
 
 @dataclasses.dataclass

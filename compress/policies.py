@@ -21,13 +21,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from compress.outcome import InfeasibleBudgetError
-
 __all__ = [
     "AccuracyTolerance",
     "Candidate",
     "EnergyFraction",
     "GreedyParamFraction",
+    "InfeasibleBudgetError",
     "ParamFraction",
     "RankPolicy",
     "get_policy",
@@ -93,6 +92,10 @@ class Candidate:
         return int(min(max(rank, self.floor, 1), self.max_rank))
 
 
+class InfeasibleBudgetError(ValueError):
+    """A budget below what the kept layers and the rank floors need."""
+
+
 def ranks_at_energy(candidates: Sequence[Candidate], energy: float) -> dict[str, int]:
     """`{name: rank}` at one energy threshold shared by all layers."""
     return {c.name: c.rank_for_energy(energy) for c in candidates}
@@ -115,7 +118,7 @@ def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
 
 
 def _check_reachable(fraction, candidates, fixed_params, original_params) -> float:
-    """The budget in parameters, or an InfeasibleBudgetError when the floors exceed it."""
+    """The budget in parameters, or a ValueError when the floors exceed it."""
     target = fraction * original_params
     smallest = total_params(candidates, ranks_at_energy(candidates, 0.0), fixed_params)
     if smallest > target:

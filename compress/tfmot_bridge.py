@@ -18,7 +18,8 @@ import os
 import keras
 import numpy as np
 
-from compress.outcome import Compressed, InfeasibleBudgetError
+from compress.outcome import Compressed
+from compress.policies import InfeasibleBudgetError
 from compress.registry import count_params
 from compress.surgery import recompile_like
 
