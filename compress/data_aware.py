@@ -29,16 +29,26 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from compress.baselines import select_layers
+from compress.channels import prune_constant_channels
+from compress.conv import ConvFactors, channel_projection_factors, conv_positions, factorize_convs
+from compress.costs import get_cost
+from compress.folding import fold_batchnorm
+from compress.graph import rebuild
 from compress.outcome import Compressed
 from compress.policies import Candidate, ParamFraction, RankPolicy, get_policy
-from compress.registry import count_params
+from compress.registry import CONV_FACTORIZABLE_LAYERS, rewritable_layers
 from compress.statistics import calibration_statistics, jacobian_gram
 from compress.surgery import consumer_of, factorize, prune_units
 from keras_localrank.estimate import local_rank
 from keras_localrank.taps import model_graph
 
-__all__ = ["SUBSPACES", "constant_units", "local_rank_compress", "local_rank_floors"]
+__all__ = [
+    "SUBSPACES",
+    "constant_units",
+    "conv_channel_floors",
+    "local_rank_compress",
+    "local_rank_floors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +116,129 @@ def _check_calibration(x):
         )
 
 
+def conv_channel_floors(
+    model,
+    x,
+    layer_names: Sequence[str],
+    *,
+    atol: float | None = None,
+    rtol: float | None = 0.1,
+    positions_per_axis: int = 2,
+    data_shaped: bool = True,
+    max_entries: float = 2e8,
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Channel-rank floors of convolutions from the measured local rank.
+
+    A channel rewrite of rank `r` maps the pre-activation channels at every
+    output position through the same `r` directions, so the Jacobian of the
+    `c_out` channels at one position, `J_{l,q}(x)` (`c_out x n0`), has rank
+    at most `r`. The floor is the largest, over a grid of positions `q`, of
+    `ceil(E_x[rank_eps(J_{l,q}(x) S)])`, measured with
+    `keras_localrank.local_rank` on `RankProbe`s that each read one position
+    of the pre-activation (`S = Sigma_x^{1/2}` when `data_shaped`).
+
+    Args:
+        model: a built functional or Sequential model.
+        x: calibration samples (a small subset: the cost grows with it).
+        layer_names: Conv1D/Conv2D layers to measure.
+        atol, rtol: singular-value tolerances of the robust rank. Defaults
+            None and 0.1.
+        positions_per_axis: grid points per spatial axis. Default 2.
+        data_shaped: measure `J S` instead of `J`. Default True.
+        max_entries: a layer whose Jacobians would hold more entries than
+            this (samples x probes x c_out x n0) is not measured. Default 2e8.
+
+    Returns:
+        `({layer: floor}, {layer: reason no floor was measured})`.
+    """
+    from keras_localrank.layers import RankProbe
+    from keras_localrank.taps import select_taps
+
+    if data_shaped:
+        model, x = data_shaped_model(model, x)
+    n0 = int(np.prod(np.shape(x)[1:]))
+    selection = select_taps(model, list(layer_names))
+    graph = model_graph(model)
+    probes, owners, skipped = [], {}, {}
+    for tap in selection.taps:
+        layer = tap.layer
+        spatial = [int(d) for d in tap.layer.output.shape[1:-1]]
+        grid = [np.unique(np.linspace(0, d - 1, min(positions_per_axis, d)).round().astype(int))
+                for d in spatial]
+        points = np.array(np.meshgrid(*grid, indexing="ij")).reshape(len(spatial), -1).T
+        cost = len(x) * len(points) * int(layer.filters) * n0
+        if cost > max_entries:
+            skipped[layer.name] = (
+                f"floor not measured: {cost:.2g} Jacobian entries exceed max_entries="
+                f"{max_entries:.2g}; rank floor 1"
+            )
+            continue
+        config = {**layer.get_config(), "activation": "linear", "name": f"{layer.name}__pre"}
+        linear = layer.__class__.from_config(config)
+        pre = linear(tap.input)
+        linear.set_weights(layer.get_weights())
+        crop = keras.layers.Cropping2D if len(spatial) == 2 else keras.layers.Cropping1D
+        for point in points:
+            cropping = tuple((int(p), d - 1 - int(p)) for p, d in zip(point, spatial))
+            h = crop(cropping[0] if len(spatial) == 1 else cropping)(pre)
+            name = f"{layer.name}__at_" + "_".join(str(int(p)) for p in point)
+            probes.append(RankProbe(name=name)(keras.layers.Flatten()(h)))
+            owners[name] = layer.name
+    floors: dict[str, int] = {}
+    if probes:
+        probe_model = keras.Model(graph.inputs[0], probes)
+        result = local_rank(probe_model, x, layers=list(owners), atol=atol, rtol=rtol)
+        for probe, value in result.mean.items():
+            owner = owners[probe]
+            floors[owner] = max(floors.get(owner, 1), math.ceil(value - 1e-9))
+    return floors, skipped
+
+
+def _candidate(layer, statistic, floor):
+    """`(Candidate, eigenvector basis)` of a Dense or convolution layer."""
+    eigvals, eigvecs = np.linalg.eigh(statistic)
+    # Eigenvalues at the level of float32 rounding are zero (numpy's
+    # matrix_rank rule, applied to the computed-in-float32 statistic).
+    noise = max(float(eigvals.max()), 0.0) * len(eigvals) * np.finfo(np.float32).eps
+    eigvals = np.where(eigvals > noise, eigvals, 0.0)
+    order = np.argsort(eigvals)[::-1]
+    kernel = tuple(int(d) for d in layer.kernel.shape)
+    if isinstance(layer, CONV_FACTORIZABLE_LAYERS):
+        positions = conv_positions(layer)[1]
+    else:
+        positions = math.prod(int(d) for d in layer.output.shape[1:-1])
+    candidate = Candidate(
+        layer.name,
+        math.prod(kernel[:-1]),
+        kernel[-1],
+        layer.use_bias,
+        eigvals[order],
+        floor=floor,
+        kernel_shape=kernel,
+        positions=positions,
+    )
+    return candidate, eigvecs[:, order]
+
+
+def _factors(layer, basis, mean):
+    """Factors of `layer` projected on `basis` (LowRankDense or conv chain)."""
+    if isinstance(layer, CONV_FACTORIZABLE_LAYERS):
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+        return channel_projection_factors(kernel, bias, basis, mean)
+    return _projected_factors(layer, basis, mean)
+
+
+def _dense_equivalent(layer, factors) -> list[np.ndarray]:
+    """The original layer's weights computing the same function as `factors`."""
+    if isinstance(factors, ConvFactors):
+        reduce, expand = factors.kernels
+        kernel = np.tensordot(reduce, expand.reshape(expand.shape[-2:]), axes=([-1], [0]))
+        return [kernel.astype(reduce.dtype)] + ([factors.bias] if layer.use_bias else [])
+    a, b, bias = factors
+    return [a @ b] + ([bias] if layer.use_bias else [])
+
+
 def local_rank_compress(
     model: keras.Model,
     x,
@@ -115,116 +248,178 @@ def local_rank_compress(
     subspace: str = "covariance",
     prune: bool = True,
     prune_atol: float = 0.0,
+    fold_bn: bool = True,
     floor: bool = True,
     floor_atol: float | None = None,
     floor_rtol: float | None = 0.1,
     floor_samples: int = 128,
+    conv_floor_samples: int = 16,
+    conv_floor_positions: int = 2,
     batch_size: int = 256,
     evaluate: Callable[[keras.Model], float] | None = None,
+    cost="params",
 ) -> Compressed:
     """Compress `model` with the local-rank method (see the module docstring).
+
+    Dense layers become `LowRankDense`; Conv1D/Conv2D layers become a
+    convolution with `r` filters and a `1 x 1` convolution (see
+    `compress.conv`), `r` from the covariance of the output channels over
+    positions and samples. BatchNormalization after a linear layer is folded
+    first, and constant units and channels are removed (`compress.channels`).
+    Every weight layer that is left as it is, and why, is in the outcome's
+    `skipped`.
 
     Args:
         model: a built functional or Sequential Keras model (not modified).
         x: calibration samples `[N, *input_shape]`, float.
-        policy: a `RankPolicy`, or a float: the target parameter fraction of
-            the original model (`ParamFraction`).
-        layers: names of Dense layers to factorize. Default None: all.
-        subspace: `"covariance"` (default) or `"jacobian"`.
-        prune: first remove units constant on `x`. Default True.
+        policy: a `RankPolicy`, or a float: the target fraction of the
+            original model's cost (`ParamFraction`).
+        layers: names of Dense/Conv1D/Conv2D layers to factorize. Default
+            None: all.
+        subspace: `"covariance"` (default) or `"jacobian"` (Dense layers
+            only; convolutions always use the covariance, noted in `notes`).
+        prune: first remove units and channels constant on `x`. Default True.
         prune_atol: a unit is constant when its output range is <= this.
             Default 0 (exact: only units constant to the last bit).
+        fold_bn: fold BatchNormalization into the preceding layer first.
+            Default True.
         floor: keep each rank >= the layer's measured local rank (see
-            `local_rank_floors`, data-shaped). Default True.
+            `local_rank_floors`, data-shaped, and `conv_channel_floors`).
+            Default True.
         floor_atol: absolute singular-value tolerance of the floor's robust
             local rank. Default None.
         floor_rtol: tolerance relative to each sample's largest singular
             value. Default 0.1.
-        floor_samples: calibration samples used for the floor. Default 128.
+        floor_samples: calibration samples used for Dense floors. Default 128.
+        conv_floor_samples: calibration samples used for convolution floors
+            (each costs a `c_out x n0` Jacobian per grid position). Default 16.
+        conv_floor_positions: grid points per spatial axis for convolution
+            floors. Default 2.
         batch_size: samples per chunk. Default 256.
         evaluate: `model -> score` (lower is better), needed by
             `AccuracyTolerance` (the accuracy drop) and `GreedyParamFraction`
-            (a held-out loss). It receives a dense stand-in whose kernels
-            equal the factorized layers' products (the same function, no
-            model rebuilt per trial). Default None.
+            (a held-out loss). It receives a stand-in of the same
+            architecture whose kernels equal the factorized layers' products
+            (the same function, no model rebuilt per trial). Default None.
+        cost: what the budget counts: `"params"` (default), `"macs"`, or a
+            `compress.costs.CostModel`.
 
     Returns:
-        A `Compressed` with ranks, floors and removed units.
+        A `Compressed` with ranks, floors, removed units and channels, folded
+        normalizations, skipped layers and notes.
 
     Raises:
-        ValueError: bad `subspace`; no compressible layer; data that does not
-            fit the model; an impossible budget.
+        ValueError: bad `subspace` or `cost`; no compressible layer; data
+            that does not fit the model; an impossible budget
+            (`InfeasibleBudgetError`).
     """
     if subspace not in SUBSPACES:
         raise ValueError(f"Expected `subspace` in {SUBSPACES}. Received: subspace={subspace!r}")
+    cost = get_cost(cost)
     if not isinstance(policy, RankPolicy):
         policy = ParamFraction(policy) if isinstance(policy, (int, float)) else get_policy(policy)
     _check_calibration(x)
-    original = count_params(model)
-    names = [layer.name for layer in select_layers(model, layers)]
+    model_graph(model)
+    original = cost.model(model)
+    notes: dict[str, str] = {}
+    folded: dict[str, str] = {}
+    work = model
+    if fold_bn:
+        work, record = fold_batchnorm(model)
+        folded = dict(record.folded)
+        notes.update({k: f"not folded: {v}" for k, v in record.skipped.items()})
+    dense, convs, skipped = rewritable_layers(work, layers)
+    if not dense and not convs:
+        raise ValueError(
+            f"Model {model.name!r} has no compressible layer: expected at least one "
+            "Dense, Conv1D or Conv2D layer"
+            + (f" (not rewritten: {skipped})" if skipped else "")
+            + ". Received layers: "
+            f"{[type(layer).__name__ for layer in model.layers]}."
+        )
+    dense_names = [layer.name for layer in dense]
+    conv_names = [layer.name for layer in convs]
+    names = dense_names + conv_names
 
     removed: dict[str, int] = {}
-    work = model
     if prune:
-        prunable = [n for n in names if consumer_of(model, model.get_layer(n)) is not None]
+        if conv_names:
+            work, pruning = prune_constant_channels(
+                work, x, layers=conv_names, atol=prune_atol, batch_size=batch_size
+            )
+            removed.update(pruning.removed)
+            notes.update({k: f"channels not pruned: {v}" for k, v in pruning.skipped.items()})
+        prunable = [n for n in dense_names if consumer_of(work, work.get_layer(n)) is not None]
         if prunable:
-            stats = calibration_statistics(model, x, prunable, batch_size=batch_size)
+            stats = calibration_statistics(work, x, prunable, batch_size=batch_size)
             plan = {}
             for n in prunable:
                 consts = constant_units(stats[n], atol=prune_atol)
-                if len(consts) >= model.get_layer(n).units:  # keep one unit
+                if len(consts) >= work.get_layer(n).units:  # keep one unit
                     consts.pop(max(consts))
                 if consts:
                     plan[n] = consts
             if plan:
                 logger.info("removing constant units: %s", {k: len(v) for k, v in plan.items()})
-                work = prune_units(model, plan)
-                removed = {k: len(v) for k, v in plan.items()}
+                work = prune_units(work, plan)
+                removed.update({k: len(v) for k, v in plan.items()})
 
     stats = calibration_statistics(work, x, names, batch_size=batch_size)
-    grams = (
-        jacobian_gram(work, x, names, batch_size=max(1, min(batch_size, 16)))
-        if subspace == "jacobian"
-        else None
-    )
-    floors = (
-        local_rank_floors(work, x[:floor_samples], names, atol=floor_atol, rtol=floor_rtol)
-        if floor
-        else {}
-    )
+    grams = None
+    if subspace == "jacobian" and dense_names:
+        grams = jacobian_gram(work, x, dense_names, batch_size=max(1, min(batch_size, 16)))
+        for n in conv_names:
+            notes[n] = "projected on the channel covariance (no Jacobian subspace for convolutions)"
+    floors: dict[str, int] = {}
+    if floor and dense_names:
+        floors.update(
+            local_rank_floors(
+                work, x[:floor_samples], dense_names, atol=floor_atol, rtol=floor_rtol
+            )
+        )
+    if floor and conv_names:
+        conv_floors, unmeasured = conv_channel_floors(
+            work,
+            x[:conv_floor_samples],
+            conv_names,
+            atol=floor_atol,
+            rtol=floor_rtol,
+            positions_per_axis=conv_floor_positions,
+        )
+        floors.update(conv_floors)
+        notes.update(unmeasured)
     candidates, bases = [], {}
     for n in names:
         layer = work.get_layer(n)
         st = stats[n]
-        if grams is not None:
+        if grams is not None and n in grams:
             statistic = grams[n]
         elif layer.use_bias:
             statistic = st.covariance
         else:  # no bias to carry the mean: project the second moment
             statistic = st.covariance + np.outer(st.mean, st.mean)
-        eigvals, eigvecs = np.linalg.eigh(statistic)
-        # Eigenvalues at the level of float32 rounding are zero (numpy's
-        # matrix_rank rule, applied to the computed-in-float32 statistic).
-        noise = max(float(eigvals.max()), 0.0) * len(eigvals) * np.finfo(np.float32).eps
-        eigvals = np.where(eigvals > noise, eigvals, 0.0)
-        order = np.argsort(eigvals)[::-1]
-        bases[n] = eigvecs[:, order]
-        n_in, n_out = layer.kernel.shape
-        candidates.append(
-            Candidate(n, n_in, n_out, layer.use_bias, eigvals[order], floor=floors.get(n, 1))
-        )
-    fixed = count_params(work) - sum(c.dense_params for c in candidates)
+        candidate, bases[n] = _candidate(layer, statistic, floors.get(n, 1))
+        candidates.append(candidate)
+    fixed = cost.model(work) - sum(
+        sum(cost.layer(s) for s in c.original_shapes()) for c in candidates
+    )
 
     def build(ranks):
-        factors = {}
+        dense_factors, conv_factors = {}, {}
         for c in candidates:
             r = ranks[c.name]
-            if not c.saves(r):
+            if not c.saves(r, cost.layer):
                 continue
-            factors[c.name] = _projected_factors(
-                work.get_layer(c.name), bases[c.name][:, :r], stats[c.name].mean
-            )
-        return factorize(work, factors), factors
+            layer = work.get_layer(c.name)
+            f = _factors(layer, bases[c.name][:, :r], stats[c.name].mean)
+            (conv_factors if isinstance(f, ConvFactors) else dense_factors)[c.name] = f
+        out = factorize_convs(work, conv_factors) if conv_factors else work
+        out = factorize(out, dense_factors) if dense_factors else out
+        if out is model:  # never hand back the input model itself
+            out = rebuild(model)
+        ranks_out = {n: int(f[0].shape[1]) for n, f in dense_factors.items()}
+        ranks_out.update({n: f.rank for n, f in conv_factors.items()})
+        return out, ranks_out
 
     ranks = policy.select(
         candidates,
@@ -232,22 +427,27 @@ def local_rank_compress(
         original_params=original,
         evaluate=None
         if evaluate is None
-        else _trial_evaluator(work, candidates, bases, stats, evaluate),
+        else _trial_evaluator(work, candidates, bases, stats, evaluate, cost.layer),
+        cost_fn=cost.layer,
     )
-    compressed, factors = build(ranks)
+    compressed, kept_ranks = build(ranks)
     return Compressed(
         model=compressed,
         method="local_rank",
         budget=getattr(policy, "fraction", None),
-        ranks={n: int(f[0].shape[1]) for n, f in factors.items()},
+        ranks=kept_ranks,
         floors=floors,
         removed_units=removed,
+        budget_kind=cost.name,
+        skipped=skipped,
+        folded=folded,
+        notes=notes,
     )
 
 
-def _trial_evaluator(work, candidates, bases, stats, evaluate):
-    """`ranks -> evaluate(stand-in)`: one dense clone of `work` whose kernels
-    and biases are set to those of the factorized layers at `ranks`."""
+def _trial_evaluator(work, candidates, bases, stats, evaluate, cost_fn):
+    """`ranks -> evaluate(stand-in)`: one clone of `work` whose kernels and
+    biases are set to those of the factorized layers at `ranks`."""
     stand_in = keras.models.clone_model(work)
     stand_in.set_weights(work.get_weights())
     cache: dict[tuple[str, int], list[np.ndarray]] = {}  # bounded: kernels can be large
@@ -256,9 +456,9 @@ def _trial_evaluator(work, candidates, bases, stats, evaluate):
     def weights(c, rank):
         if (c.name, rank) not in cache:
             layer = work.get_layer(c.name)
-            if c.saves(rank):
-                a, b, bias = _projected_factors(layer, bases[c.name][:, :rank], stats[c.name].mean)
-                value = [a @ b] + ([bias] if layer.use_bias else [])
+            if c.saves(rank, cost_fn):
+                f = _factors(layer, bases[c.name][:, :rank], stats[c.name].mean)
+                value = _dense_equivalent(layer, f)
             else:
                 value = layer.get_weights()
             if len(cache) >= 2 * len(candidates):
@@ -268,7 +468,7 @@ def _trial_evaluator(work, candidates, bases, stats, evaluate):
 
     def run(ranks):
         for c in candidates:
-            rank = c.max_rank if not c.saves(ranks[c.name]) else ranks[c.name]
+            rank = c.max_rank if not c.saves(ranks[c.name], cost_fn) else ranks[c.name]
             if current.get(c.name) != rank:
                 stand_in.get_layer(c.name).set_weights(weights(c, rank))
                 current[c.name] = rank

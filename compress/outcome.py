@@ -22,6 +22,11 @@ class Compressed:
         removed_units: `{layer: number of output units removed}`.
         sparsity: fraction of zeroed kernel weights (TF-MOT only).
         nonzero_params: True when parameters are counted as non-zero weights.
+        budget_kind: what the budget counts, `"params"` or `"macs"`.
+        skipped: `{layer: reason}` for weight layers left as they are.
+        folded: `{BatchNormalization: layer it was folded into}`.
+        notes: `{layer: note}`, e.g. why constant channels were kept or a
+            floor was not measured.
     """
 
     model: keras.Model
@@ -32,6 +37,10 @@ class Compressed:
     removed_units: dict[str, int] = dataclasses.field(default_factory=dict)
     sparsity: float | None = None
     nonzero_params: bool = False
+    budget_kind: str = "params"
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         """JSON-able description (without the model)."""
@@ -42,4 +51,8 @@ class Compressed:
             "floors": dict(self.floors),
             "removed_units": dict(self.removed_units),
             "sparsity": self.sparsity,
+            "budget_kind": self.budget_kind,
+            "skipped": dict(self.skipped),
+            "folded": dict(self.folded),
+            "notes": dict(self.notes),
         }

@@ -6,9 +6,13 @@ descending order, and the measured local-rank floor) and returns a rank per
 layer. Most policies share one mechanism: a common *energy threshold* `e`
 gives each layer the smallest rank whose leading eigenvalues hold a fraction
 `e` of its total, never below its floor; they differ in how `e` is set
-(fixed, by a parameter budget, or by an accuracy tolerance).
-`GreedyParamFraction` instead spends a parameter budget where a measured
-loss on held-out data says it matters most. Policies are
+(fixed, by a budget, or by an accuracy tolerance).
+`GreedyParamFraction` instead spends a budget where a measured loss on
+held-out data says it matters most. A budget counts weights by default;
+`select(..., cost_fn=compress.costs.mac_cost)` makes it count
+multiply-accumulates (any `LayerShape -> cost` function works, see
+`compress.costs`). A budget below what the floors need raises
+`InfeasibleBudgetError` (a `ValueError`). Policies are
 plain objects with `get_config`/`from_config`, like TF-MOT's pruning
 schedules.
 """
@@ -21,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from compress.costs import LayerShape, mac_cost, param_cost
+
 __all__ = [
     "AccuracyTolerance",
     "Candidate",
@@ -31,6 +37,7 @@ __all__ = [
     "RankPolicy",
     "get_policy",
     "ranks_at_energy",
+    "total_cost",
     "total_params",
 ]
 
@@ -43,12 +50,21 @@ class Candidate:
 
     Attributes:
         name: layer name.
-        n_in: input width.
-        n_out: output width (units).
+        n_in: input width of the kernel seen as a matrix (`prod(kernel_size)
+            * c_in` for a convolution).
+        n_out: output width (units or filters).
         use_bias: whether the layer has a bias.
         spectrum: non-negative eigenvalues of the layer's subspace statistic,
             descending (the energy each kept direction carries).
         floor: smallest rank allowed (the measured local rank, or 1).
+        kernel_shape: the kernel's shape. Default None: `(n_in, n_out)`.
+        positions: output positions per sample that share the kernel (for
+            MACs). Default 1.
+        factorized: `rank -> tuple[LayerShape, ...]`, the layers of the
+            rewritten form at that rank. Default None: two factors, the
+            kernel with `rank` outputs then a `rank -> n_out` pointwise layer
+            carrying the bias (`LowRankDense`, or a conv and a 1x1 conv).
+        rank_limit: largest rank. Default None: `min(n_in, n_out)`.
     """
 
     name: str
@@ -57,28 +73,69 @@ class Candidate:
     use_bias: bool
     spectrum: np.ndarray
     floor: int = 1
+    kernel_shape: tuple[int, ...] | None = None
+    positions: int = 1
+    factorized: Callable[[int], tuple[LayerShape, ...]] | None = None
+    rank_limit: int | None = None
 
     @property
     def max_rank(self) -> int:
-        return min(self.n_in, self.n_out)
+        return self.rank_limit or min(self.n_in, self.n_out)
+
+    def original_shapes(self) -> tuple[LayerShape, ...]:
+        """The layer as it is."""
+        kernel = self.kernel_shape or (self.n_in, self.n_out)
+        bias = self.n_out if self.use_bias else 0
+        return (LayerShape(tuple(kernel), self.positions, bias),)
+
+    def factor_shapes(self, rank: int) -> tuple[LayerShape, ...]:
+        """The layers of the factorized form at `rank`."""
+        if self.factorized is not None:
+            return tuple(self.factorized(rank))
+        kernel = tuple(self.kernel_shape or (self.n_in, self.n_out))
+        bias = self.n_out if self.use_bias else 0
+        first = LayerShape(kernel[:-1] + (rank,), self.positions, 0)
+        second = LayerShape((1,) * (len(kernel) - 2) + (rank, self.n_out), self.positions, bias)
+        return (first, second)
+
+    def saves(self, rank: int, cost_fn: Callable[[LayerShape], float] = param_cost) -> bool:
+        """True when the factorized form at `rank` costs less than the layer."""
+        factored = sum(cost_fn(s) for s in self.factor_shapes(rank))
+        return factored < sum(cost_fn(s) for s in self.original_shapes())
+
+    def cost(self, rank: int, cost_fn: Callable[[LayerShape], float] = param_cost) -> float:
+        """Cost of the layer at `rank` (kept as it is when that is cheaper)."""
+        shapes = self.factor_shapes(rank) if self.saves(rank, cost_fn) else self.original_shapes()
+        return float(sum(cost_fn(s) for s in shapes))
+
+    def cost_per_rank(self, cost_fn: Callable[[LayerShape], float] = param_cost) -> float:
+        """Cost of one more rank of the factorized form (at rank 1 -> 2)."""
+        if self.max_rank < 2:
+            return math.inf
+        one, two = (sum(cost_fn(s) for s in self.factor_shapes(r)) for r in (1, 2))
+        return max(two - one, 1e-12)
+
+    def largest_saving_rank(self, cost_fn: Callable[[LayerShape], float] = param_cost) -> int:
+        """The largest rank whose factorized form is cheaper than the layer (0: none)."""
+        best = 0
+        for rank in range(1, self.max_rank + 1):
+            if not self.saves(rank, cost_fn):
+                break
+            best = rank
+        return best
 
     @property
     def dense_params(self) -> int:
-        return self.n_in * self.n_out + (self.n_out if self.use_bias else 0)
+        return int(sum(param_cost(s) for s in self.original_shapes()))
 
     @property
     def break_even(self) -> int:
         """The largest rank whose factorization has fewer weights than the kernel (0: none)."""
-        return (self.n_in * self.n_out - 1) // (self.n_in + self.n_out)
-
-    def saves(self, rank: int) -> bool:
-        """True when a rank-`rank` factorization has fewer weights than the kernel."""
-        return rank * (self.n_in + self.n_out) < self.n_in * self.n_out
+        return self.largest_saving_rank(param_cost)
 
     def params(self, rank: int) -> int:
         """Weights of the layer at `rank` (kept dense when that is smaller)."""
-        kernel = min(rank * (self.n_in + self.n_out), self.n_in * self.n_out)
-        return kernel + (self.n_out if self.use_bias else 0)
+        return int(self.cost(rank, param_cost))
 
     def rank_for_energy(self, energy: float) -> int:
         """Smallest rank holding `energy` of the spectrum, at least `floor`."""
@@ -101,9 +158,23 @@ def ranks_at_energy(candidates: Sequence[Candidate], energy: float) -> dict[str,
     return {c.name: c.rank_for_energy(energy) for c in candidates}
 
 
+def total_cost(
+    candidates: Sequence[Candidate],
+    ranks: dict[str, int],
+    fixed: float,
+    cost_fn: Callable[[LayerShape], float] = param_cost,
+) -> float:
+    """Cost of the model: `fixed` plus each candidate at its rank."""
+    return float(fixed + sum(c.cost(ranks[c.name], cost_fn) for c in candidates))
+
+
 def total_params(candidates: Sequence[Candidate], ranks: dict[str, int], fixed: int) -> int:
     """Weights of the model: `fixed` plus each candidate at its rank."""
-    return int(fixed + sum(c.params(ranks[c.name]) for c in candidates))
+    return int(round(total_cost(candidates, ranks, fixed, param_cost)))
+
+
+def _unit(cost_fn) -> str:
+    return {param_cost: "parameters", mac_cost: "MACs"}.get(cost_fn, "cost units")
 
 
 def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
@@ -117,15 +188,15 @@ def _check_fraction(name: str, value, *, low_open: bool = True) -> float:
     return value
 
 
-def _check_reachable(fraction, candidates, fixed_params, original_params) -> float:
-    """The budget in parameters, or a ValueError when the floors exceed it."""
+def _check_reachable(fraction, candidates, fixed_params, original_params, cost_fn) -> float:
+    """The budget in cost units, or an `InfeasibleBudgetError` when the floors exceed it."""
     target = fraction * original_params
-    smallest = total_params(candidates, ranks_at_energy(candidates, 0.0), fixed_params)
+    smallest = total_cost(candidates, ranks_at_energy(candidates, 0.0), fixed_params, cost_fn)
     if smallest > target:
         raise InfeasibleBudgetError(
             f"Impossible budget: budget={fraction!r} allows "
-            f"{int(target):,} of {original_params:,} parameters, but the layers "
-            f"that are kept and the rank floors need at least {smallest:,} "
+            f"{int(target):,} of {int(original_params):,} {_unit(cost_fn)}, but the layers "
+            f"that are kept and the rank floors need at least {int(smallest):,} "
             f"(budget >= {smallest / original_params:.4f}). Raise the budget or "
             "lower the floors."
         )
@@ -139,19 +210,23 @@ class RankPolicy:
         self,
         candidates: Sequence[Candidate],
         *,
-        fixed_params: int,
-        original_params: int,
+        fixed_params: float,
+        original_params: float,
         evaluate: Callable[[dict[str, int]], float] | None = None,
+        cost_fn: Callable[[LayerShape], float] = param_cost,
     ) -> dict[str, int]:
         """Choose a rank per candidate.
 
         Args:
             candidates: the factorizable layers.
-            fixed_params: weights of every other layer (they are kept).
-            original_params: weights of the uncompressed model.
+            fixed_params: cost of every other layer (they are kept), in the
+                unit of `cost_fn` (weights by default).
+            original_params: cost of the uncompressed model, same unit.
             evaluate: `ranks -> score`, lower is better (the accuracy drop
                 for `AccuracyTolerance`, a validation loss for
                 `GreedyParamFraction`).
+            cost_fn: `LayerShape -> cost`, the budget's unit (see
+                `compress.costs`). Default `param_cost` (weights).
 
         Returns:
             `{layer name: rank}`.
@@ -189,7 +264,9 @@ class EnergyFraction(RankPolicy):
     def __init__(self, energy: float):
         self.energy = _check_fraction("energy", energy)
 
-    def select(self, candidates, *, fixed_params, original_params, evaluate=None):
+    def select(
+        self, candidates, *, fixed_params, original_params, evaluate=None, cost_fn=param_cost
+    ):
         return ranks_at_energy(candidates, self.energy)
 
     def get_config(self) -> dict:
@@ -203,7 +280,8 @@ class ParamFraction(RankPolicy):
         fraction: target fraction in (0, 1] of the original parameter count.
 
     Raises:
-        ValueError: `fraction` outside (0, 1]; from `select`, a budget below
+        ValueError: `fraction` outside (0, 1]; from `select`
+            (`InfeasibleBudgetError`), a budget below
             what the floors and the uncompressible layers need.
         TypeError: `fraction` not a number.
     """
@@ -211,14 +289,21 @@ class ParamFraction(RankPolicy):
     def __init__(self, fraction: float):
         self.fraction = _check_fraction("fraction", fraction)
 
-    def select(self, candidates, *, fixed_params, original_params, evaluate=None):
-        target = _check_reachable(self.fraction, candidates, fixed_params, original_params)
+    def select(
+        self, candidates, *, fixed_params, original_params, evaluate=None, cost_fn=param_cost
+    ):
+        target = _check_reachable(self.fraction, candidates, fixed_params, original_params, cost_fn)
+
+        def fits(energy):
+            ranks = ranks_at_energy(candidates, energy)
+            return total_cost(candidates, ranks, fixed_params, cost_fn) <= target
+
         low, high = 0.0, 1.0
-        if total_params(candidates, ranks_at_energy(candidates, high), fixed_params) <= target:
+        if fits(high):
             return ranks_at_energy(candidates, high)
         for _ in range(_BISECTION_STEPS):
             mid = (low + high) / 2
-            if total_params(candidates, ranks_at_energy(candidates, mid), fixed_params) <= target:
+            if fits(mid):
                 low = mid
             else:
                 high = mid
@@ -255,7 +340,9 @@ class AccuracyTolerance(RankPolicy):
         self.max_drop = float(max_drop)
         self.steps = steps
 
-    def select(self, candidates, *, fixed_params, original_params, evaluate=None):
+    def select(
+        self, candidates, *, fixed_params, original_params, evaluate=None, cost_fn=param_cost
+    ):
         if evaluate is None:
             raise TypeError(
                 "AccuracyTolerance needs `evaluate` (ranks -> accuracy drop). "
@@ -300,7 +387,8 @@ class GreedyParamFraction(RankPolicy):
 
     Raises:
         ValueError: `fraction` or `step` outside (0, 1]; from `select`, a
-            budget below what the floors and the uncompressible layers need.
+            budget below what the floors and the uncompressible layers need
+            (`InfeasibleBudgetError`).
         TypeError: `fraction` or `step` not a number; from `select`, no
             `evaluate` callback.
     """
@@ -309,23 +397,28 @@ class GreedyParamFraction(RankPolicy):
         self.fraction = _check_fraction("fraction", fraction)
         self.step = _check_fraction("step", step)
 
-    def select(self, candidates, *, fixed_params, original_params, evaluate=None):
+    def select(
+        self, candidates, *, fixed_params, original_params, evaluate=None, cost_fn=param_cost
+    ):
         if evaluate is None:
             raise TypeError(
                 "GreedyParamFraction needs `evaluate` (ranks -> loss). Received: evaluate=None"
             )
-        target = _check_reachable(self.fraction, candidates, fixed_params, original_params)
+        target = _check_reachable(self.fraction, candidates, fixed_params, original_params, cost_fn)
         ranks = {c.name: c.max_rank for c in candidates}
-        total = total_params(candidates, ranks, fixed_params)
+        total = total_cost(candidates, ranks, fixed_params, cost_fn)
+        savers = {c.name: c.largest_saving_rank(cost_fn) for c in candidates}
+        per_rank = {c.name: c.cost_per_rank(cost_fn) for c in candidates}
         loss = evaluate(ranks)
         while total > target:
             chunk = max(self.step * (total - target), self.step / 2 * target)
             best = None
             for c in candidates:
                 rank = ranks[c.name]
-                start = min(rank, c.break_even)
-                new = max(c.floor, 1, start - max(1, round(chunk / (c.n_in + c.n_out))))
-                saved = c.params(rank) - c.params(new)
+                start = min(rank, savers[c.name])
+                step = chunk / per_rank[c.name]
+                new = max(c.floor, 1, start - max(1, round(min(step, c.max_rank))))
+                saved = c.cost(rank, cost_fn) - c.cost(new, cost_fn)
                 if saved <= 0:
                     continue
                 trial = {**ranks, c.name: new}
@@ -336,11 +429,14 @@ class GreedyParamFraction(RankPolicy):
             if best is None:  # unreachable after _check_reachable; kept for safety
                 break
             _, ranks, loss = best
-            total = total_params(candidates, ranks, fixed_params)
+            total = total_cost(candidates, ranks, fixed_params, cost_fn)
         # Greedy steps are myopic: far below the original size they can end
         # worse than one shared energy threshold. Keep whichever is better.
         shared = ParamFraction(self.fraction).select(
-            candidates, fixed_params=fixed_params, original_params=original_params
+            candidates,
+            fixed_params=fixed_params,
+            original_params=original_params,
+            cost_fn=cost_fn,
         )
         return shared if evaluate(shared) < loss else ranks
 

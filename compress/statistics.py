@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_localrank.inputs import as_samples
 from keras_localrank.jacobians import preactivation_jacobians
-from keras_localrank.taps import preactivation, select_taps, tap_inputs_model
+from keras_localrank.taps import model_graph, preactivation, select_taps, tap_inputs_model
 
-__all__ = ["LayerStatistics", "calibration_statistics", "jacobian_gram"]
+__all__ = ["LayerStatistics", "calibration_statistics", "channel_ranges", "jacobian_gram"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,8 @@ class LayerStatistics:
         covariance: `Cov[p]`, shape `[n_out, n_out]` (float64).
         out_min: per-unit minimum of the layer output (after activation).
         out_max: per-unit maximum of the layer output (after activation).
-        count: number of rows the statistics average over.
+        count: number of rows (samples times output positions) the
+            pre-activation statistics average over.
     """
 
     name: str
@@ -58,12 +60,13 @@ def calibration_statistics(
     Args:
         model: a built functional or Sequential Keras model.
         x: calibration samples `[N, *input_shape]` (float).
-        layer_names: the Dense-like layers to describe.
+        layer_names: the Dense-like or convolution layers to describe.
         batch_size: samples per chunk. Default 256.
 
     Returns:
-        `{name: LayerStatistics}`. Leading axes of a layer's input other
-        than the last are treated as extra samples.
+        `{name: LayerStatistics}`. Axes other than the last (channel) axis
+        are treated as extra samples: for a convolution the moments run over
+        samples and output positions, the input mean over input positions.
 
     Raises:
         ValueError, TypeError: `x` that does not fit the model (see
@@ -83,9 +86,12 @@ def calibration_statistics(
         for tap, inp in zip(taps, outs):
             n_in = inp.shape[-1]
             flat_in = tf.reshape(tf.cast(inp, tf.float32), [-1, n_in])
-            rows = tf.shape(flat_in)[0]
-            pre = tf.reshape(tf.cast(preactivation(tap.layer, inp), tf.float32), [rows, -1])
-            out = tf.reshape(tf.cast(tap.layer.call(inp), tf.float32), [rows, -1])
+            pre = tf.cast(preactivation(tap.layer, inp), tf.float32)
+            n_out = pre.shape[-1]
+            # Rows of the output: samples times output positions (a strided
+            # or 'valid' convolution has fewer positions than its input).
+            pre = tf.reshape(pre, [-1, n_out])
+            out = tf.reshape(tf.cast(tap.layer.call(inp), tf.float32), [-1, n_out])
             mean = tf.reduce_mean(pre, axis=0)
             centred = pre - mean
             result.append(
@@ -95,7 +101,8 @@ def calibration_statistics(
                     tf.matmul(centred, centred, transpose_a=True),
                     tf.reduce_min(out, axis=0),
                     tf.reduce_max(out, axis=0),
-                    rows,
+                    tf.shape(pre)[0],
+                    tf.shape(flat_in)[0],
                 )
             )
         return result
@@ -118,13 +125,14 @@ def calibration_statistics(
             a[3] = np.minimum(a[3], p[3])
             a[4] = np.maximum(a[4], p[4])
             a[5] = n_a + n_b
+            a[6] = a[6] + p[6]
     stats = {}
-    for tap, (s_in, mean, scatter, lo, hi, count) in zip(taps, acc):
+    for tap, (s_in, mean, scatter, lo, hi, count, in_rows) in zip(taps, acc):
         count = int(count)
         cov = scatter / count
         stats[tap.name] = LayerStatistics(
             name=tap.name,
-            input_mean=s_in / count,
+            input_mean=s_in / int(in_rows),
             mean=mean,
             covariance=(cov + cov.T) / 2,
             out_min=lo,
@@ -168,3 +176,48 @@ def jacobian_gram(
         grams = [np.asarray(g, dtype=np.float64) for g in step(tf.constant(x[sl]))]
         sums = grams if sums is None else [s + g for s, g in zip(sums, grams)]
     return {tap.name: s / len(x) for tap, s in zip(taps, sums)}
+
+
+def channel_ranges(
+    model, x, tensors: Sequence, *, batch_size: int = 256
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel `(min, max)` of graph tensors of `model` on `x`.
+
+    The last axis is the channel axis; the minimum and maximum run over
+    samples and every other axis (positions).
+
+    Args:
+        model: a built functional or Sequential Keras model.
+        x: calibration samples `[N, *input_shape]`.
+        tensors: `KerasTensor`s of `model`'s graph.
+        batch_size: samples per chunk. Default 256.
+
+    Returns:
+        One `(min, max)` pair of `[channels]` float64 arrays per tensor.
+    """
+    graph = model_graph(model)
+    in_shape = tuple(graph.inputs[0].shape[1:])
+    x = as_samples(x, input_shape=in_shape, name="x")
+    features = keras.Model(graph.inputs[0], list(tensors))
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def step(chunk):
+        outs = features(chunk, training=False)
+        if not isinstance(outs, (list, tuple)):
+            outs = [outs]
+        result = []
+        for out in outs:
+            flat = tf.reshape(tf.cast(out, tf.float32), [-1, out.shape[-1]])
+            result.append((tf.reduce_min(flat, axis=0), tf.reduce_max(flat, axis=0)))
+        return result
+
+    acc = None
+    for sl in _chunks(len(x), batch_size):
+        parts = [
+            (np.asarray(lo, np.float64), np.asarray(hi, np.float64))
+            for lo, hi in step(tf.constant(x[sl]))
+        ]
+        acc = parts if acc is None else [
+            (np.minimum(a[0], p[0]), np.maximum(a[1], p[1])) for a, p in zip(acc, parts)
+        ]
+    return acc

@@ -423,9 +423,12 @@ def test_no_compressible_layer_and_bad_subspace():
     )
     x = RNG.normal(size=(8, 4, 4, 1)).astype("float32")
     with pytest.raises(ValueError, match="no compressible layer"):
-        local_rank_compress(model, x, 0.5)
-    with pytest.raises(ValueError, match="no compressible layer"):
-        weight_svd(model, 0.5)
+        weight_svd(model, 0.5)  # the Dense-only baseline
+    depthwise = keras.Sequential(
+        [keras.Input((4, 4, 1)), keras.layers.DepthwiseConv2D(3), keras.layers.Flatten()]
+    )
+    with pytest.raises(ValueError, match="no compressible layer.*DepthwiseConv2D layers are not"):
+        local_rank_compress(depthwise, x, 0.5)
     with pytest.raises(ValueError, match="subspace"):
         local_rank_compress(
             _mlp([4, 2]), RNG.normal(size=(8, 12)).astype("float32"), 0.5, subspace="pca"
