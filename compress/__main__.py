@@ -28,7 +28,7 @@ flags.DEFINE_multi_float(
     "budget", [0.2], "Target fraction(s) of the original cost in (0, 1]; repeat for a sweep."
 )
 flags.DEFINE_enum(
-    "budget_kind", "params", ["params"], "What --budget is a fraction of."
+    "budget_kind", "params", ["params", "macs"], "What --budget is a fraction of."
 )
 flags.DEFINE_multi_enum(
     "method",

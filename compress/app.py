@@ -28,7 +28,9 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
+from compress import macs as macs_lib
 from compress.baselines import select_layers, weight_svd
+from compress.costs import PARAMS, CostModel, mac_cost
 from compress.data_aware import local_rank_compress
 from compress.evaluate import (
     LATENCY_BATCHES,
@@ -41,7 +43,12 @@ from compress.evaluate import (
 )
 from compress.outcome import Compressed
 from compress.outputs import OutputKind, output_kind
-from compress.policies import GreedyParamFraction, InfeasibleBudgetError, ParamFraction
+from compress.policies import (
+    GreedyParamFraction,
+    InfeasibleBudgetError,
+    ParamFraction,
+    RankPolicy,
+)
 from compress.registry import count_params
 from compress.report import write_report
 from compress.surgery import recompile_like
@@ -73,8 +80,8 @@ ALL_METHODS = ("local_rank", "weight_svd", "tfmot")
 METHODS = ALL_METHODS + ("local_rank_nofloor",)
 #: How the local-rank method shares a parameter budget between layers.
 ALLOCATIONS = ("greedy", "energy")
-#: What a budget is a fraction of.
-BUDGET_KINDS = ("params",)
+#: What a budget is a fraction of: weights, or multiply-accumulates per sample.
+BUDGET_KINDS = ("params", "macs")
 #: Config fields a rerun on the same work directory may change.
 MUTABLE_KEYS = ("budgets", "methods")
 
@@ -281,7 +288,93 @@ def _validation_loss(kind: OutputKind, x_val, y_val, batch_size):
     return score
 
 
+#: MACs as the report counts them (`compress.macs`), as a budget unit.
+MACS = CostModel("macs", mac_cost, lambda model: float(macs_lib.count_macs(model)))
+
+
+def _cost(config) -> CostModel:
+    return MACS if config.budget_kind == "macs" else PARAMS
+
+
+class _CostPolicy(RankPolicy):
+    """`inner` with its budget counted by `cost` over the whole of `model`.
+
+    For rewrites (weight SVD) whose own code counts weights: the fixed part
+    is the model's cost minus the candidates' cost, both in `cost` units.
+    """
+
+    def __init__(self, inner, cost: CostModel, model):
+        self.inner, self.cost, self.total = inner, cost, cost.model(model)
+
+    def select(self, candidates, *, fixed_params, original_params, evaluate=None, **kw):
+        layers = sum(self.cost.layer(s) for c in candidates for s in c.original_shapes())
+        return self.inner.select(
+            candidates,
+            fixed_params=self.total - layers,
+            original_params=self.total,
+            evaluate=evaluate,
+            cost_fn=self.cost.layer,
+        )
+
+    def get_config(self):
+        return {"inner": self.inner.get_config(), "cost": self.cost.name}
+
+    @property
+    def fraction(self):
+        return self.inner.fraction
+
+
+def _has_attention(model) -> bool:
+    return any(isinstance(layer, keras.layers.MultiHeadAttention) for layer in model.layers)
+
+
+def _compress_transformer(method, model, budget, data, config) -> Compressed:
+    """Low rank of attention and feed-forward projections at one parameter budget.
+
+    Ranks come from one shared energy threshold (`ParamFraction`) over the
+    spectra of the projections: data-aware (output covariance) for the
+    local-rank methods, squared singular values of the kernels for weight
+    SVD. No local-rank floors are measured for these projections yet.
+    """
+    from compress import transformer
+
+    if config.budget_kind != "params":
+        raise InfeasibleBudgetError(
+            "Impossible budget: the transformer rewrites take a parameter budget only. "
+            f"Received: budget_kind={config.budget_kind!r}"
+        )
+    targets = transformer.transformer_targets(model)
+    if method == "weight_svd":
+        spectra = transformer.weight_spectra(model, targets)
+        stats = None
+        candidates = [
+            c
+            for c in transformer.projection_candidates(
+                transformer.projection_statistics(model, data["x_cal"][:64], targets)
+            )
+        ]
+        candidates = [dataclasses.replace(c, spectrum=spectra[c.name]) for c in candidates]
+    else:
+        stats = transformer.projection_statistics(model, data["x_cal"], targets)
+        candidates = transformer.projection_candidates(stats)
+    original = count_params(model)
+    fixed = original - sum(c.dense_params for c in candidates)
+    ranks = ParamFraction(budget).select(candidates, fixed_params=fixed, original_params=original)
+    ranks = {c.name: ranks[c.name] for c in candidates if c.saves(ranks[c.name])}
+    if method == "weight_svd":
+        new, _ = transformer.weight_svd_projections(model, ranks)
+    else:
+        new, _ = transformer.compress_attention(model, data["x_cal"], ranks, statistics=stats)
+    recompile_like(new, model)
+    notes = {"allocation": "one energy threshold over the projections (ParamFraction)"}
+    if method == "local_rank":
+        notes["floors"] = "no local-rank floors for attention projections (not measured)"
+    return Compressed(model=new, method=method, budget=budget, ranks=ranks, notes=notes)
+
+
 def _compress(method, model, budget, data, config, kind, epochs, learning_rate) -> Compressed:
+    if method in ("local_rank", "local_rank_nofloor", "weight_svd") and _has_attention(model):
+        return _compress_transformer(method, model, budget, data, config)
     if method in ("local_rank", "local_rank_nofloor"):
         greedy = config.allocation == "greedy"
         out = local_rank_compress(
@@ -294,11 +387,17 @@ def _compress(method, model, budget, data, config, kind, epochs, learning_rate) 
             evaluate=_validation_loss(kind, data["x_val"], data["y_val"], config.batch_size)
             if greedy
             else None,
+            cost=_cost(config),
         )
         out.method = method
         return out
     if method == "weight_svd":
-        return weight_svd(model, budget)
+        return weight_svd(model, _CostPolicy(ParamFraction(budget), _cost(config), model))
+    if config.budget_kind == "macs":
+        raise InfeasibleBudgetError(
+            "Impossible budget: magnitude pruning zeroes weights of dense kernels, "
+            "which still execute every multiply-accumulate (MACs unchanged)."
+        )
     from compress.tfmot_bridge import magnitude_prune  # TF-MOT only when asked for
 
     return magnitude_prune(

@@ -13,6 +13,8 @@ size 1). Counts follow the usual conventions (as in fvcore/ptflops):
   `SeparableConv`: the depthwise part plus a 1x1 convolution, both at the
   output positions. `Conv*Transpose`: input positions x the kernel's weight
   count (each input value is scattered through the whole kernel).
+- `LowRankDense`, `LowRankEinsumDense`: positions x the weights of both
+  factors (the projections of a `LowRankMultiHeadAttention` likewise).
 - `MultiHeadAttention`: the query, key, value and output projections, plus
   the two products of attention: scores `Tq x Tk x heads x key_dim` and
   the weighted sum `Tq x Tk x heads x value_dim`. The softmax is not counted.
@@ -37,6 +39,7 @@ from collections.abc import Callable, Iterator
 
 import keras
 
+from compress.attention_layers import LowRankEinsumDense
 from compress.layers import LowRankDense
 
 __all__ = ["count_macs", "einsum_macs", "layer_macs", "uncounted_layers"]
@@ -116,9 +119,18 @@ def _low_rank_dense(layer, node) -> int:
     return _positions(inputs[0]) * weights
 
 
+def _projection(layer, input_shape) -> int:
+    """MACs of an `EinsumDense` or a `LowRankEinsumDense` on `input_shape`."""
+    if isinstance(layer, LowRankEinsumDense):
+        positions = math.prod(_dims(input_shape)[: -layer.contract_dims])
+        weights = math.prod(layer.kernel_a.shape) + math.prod(layer.kernel_b.shape)
+        return positions * weights
+    return einsum_macs(layer.equation, input_shape, layer.kernel.shape)
+
+
 def _einsum_dense(layer, node) -> int:
     inputs, _ = _node_shapes(node)
-    return einsum_macs(layer.equation, inputs[0], layer.kernel.shape)
+    return _projection(layer, inputs[0])
 
 
 def _conv(layer, node) -> int:
@@ -161,9 +173,9 @@ def _attention(layer, node) -> int:
     q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
     heads, key_dim = layer.num_heads, layer.key_dim
     value_dim = layer.value_dim or key_dim
-    total = einsum_macs(layer._query_dense.equation, q_shape, layer._query_dense.kernel.shape)
-    total += einsum_macs(layer._key_dense.equation, k_shape, layer._key_dense.kernel.shape)
-    total += einsum_macs(layer._value_dense.equation, v_shape, layer._value_dense.kernel.shape)
+    total = _projection(layer._query_dense, q_shape)
+    total += _projection(layer._key_dense, k_shape)
+    total += _projection(layer._value_dense, v_shape)
     # Attention axes index the sequence dims; the other non-batch dims act as batch.
     q_dims, k_dims = _dims(q_shape)[:-1], _dims(k_shape)[:-1]
     axes = [a - 1 for a in (layer._attention_axes or range(1, len(q_shape) - 1))]
@@ -172,9 +184,7 @@ def _attention(layer, node) -> int:
     t_k = math.prod(k_dims[i] for i in axes)
     total += outer * t_q * t_k * heads * (key_dim + value_dim)
     attended = (None, *q_dims, heads, value_dim)
-    total += einsum_macs(
-        layer._output_dense.equation, attended, layer._output_dense.kernel.shape
-    )
+    total += _projection(layer._output_dense, attended)
     return int(total)
 
 
@@ -184,6 +194,7 @@ MAC_RULES: tuple[tuple[type, Callable], ...] = (
     (LowRankDense, _low_rank_dense),
     (L.Dense, _dense),
     (L.EinsumDense, _einsum_dense),
+    (LowRankEinsumDense, _einsum_dense),
     (L.Conv1DTranspose, _conv_transpose),
     (L.Conv2DTranspose, _conv_transpose),
     (L.Conv3DTranspose, _conv_transpose),

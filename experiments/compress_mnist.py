@@ -151,7 +151,7 @@ def compress_mnist(config: ExperimentConfig) -> dict:
                 model=path,
                 dataset=config.dataset,
                 data_path=config.data_path,
-                output_dir=os.path.join(config.workdir, f"mlp_{arch}"),
+                workdir=os.path.join(config.workdir, f"mlp_{arch}"),
                 budgets=tuple(config.budgets),
                 methods=tuple(config.methods),
                 finetune_epochs=config.finetune_epochs,

@@ -123,3 +123,20 @@ def test_unknown_layers_with_weights_are_named():
 def test_einsum_macs_ellipsis_and_batch():
     assert einsum_macs("...b,bc->...c", (None, 3, 4), (4, 5)) == 3 * 4 * 5
     assert einsum_macs("abc,cd->abd", (None, 3, 4), (4, 5)) == 3 * 4 * 5
+
+
+def test_low_rank_layers_count_both_factors():
+    from compress.attention_layers import LowRankEinsumDense, LowRankMultiHeadAttention
+    from compress.layers import LowRankDense
+
+    model = _model((7, 6), LowRankEinsumDense(output_dims=(2, 4), rank=3, name="l"))
+    assert count_macs(model) == 7 * (6 * 3 + 3 * 2 * 4)
+    model = _model((6,), LowRankDense(5, 2, name="l"))
+    assert count_macs(model) == 6 * 2 + 2 * 5
+    t, d, h, dk = 5, 8, 2, 3
+    x = keras.Input((t, d))
+    mha = LowRankMultiHeadAttention(h, dk, projection_ranks={"query": 2}, name="mha")
+    model = keras.Model(x, mha(x, x))
+    query = t * (d * 2 + 2 * h * dk)  # d -> 2 -> (h, dk) at each token
+    rest = 2 * t * d * h * dk + 2 * t * t * h * dk + t * h * dk * d
+    assert count_macs(model) == query + rest
