@@ -52,6 +52,7 @@ from compress.policies import (
 from compress.registry import count_params
 from compress.report import write_report
 from compress.surgery import recompile_like
+from compress.transformer import UnsupportedLayerError
 from keras_localrank import datasets
 from keras_localrank.rundir import RunDirectory
 from keras_localrank.validation import (
@@ -636,6 +637,16 @@ def _one_model(
     except InfeasibleBudgetError as e:
         say(f"  skipped: {e}")
         return {**row, "status": f"infeasible: {e}"}
+    except UnsupportedLayerError as e:
+        say(f"  skipped: {e}")
+        return {**row, "status": f"unsupported: {e}"}
+    except ValueError as e:
+        if method != "tfmot":
+            raise
+        # The TF-MOT bridge rebuilds only some graphs in tf_keras: the
+        # baseline is reported as unsupported, the other methods go on.
+        say(f"  skipped: {e}")
+        return {**row, "status": f"unsupported: {' '.join(str(e).split())}"}
     stats = _measure_row(out.model, x_test, y_test, config, kind, nonzero=out.nonzero_params)
     row.update(
         param_fraction=stats["params"] / original["params"],
