@@ -607,7 +607,7 @@ def _run(config, budgets, methods, run_dir, say, model, data) -> dict:
                     final.save(tmp)
                 row["model_path"] = path
             run_dir.mark_complete(key, row=row)
-            _write(run_dir, name, config, learning_rate, kind, original, order)
+            _write(run_dir, name, config, learning_rate, kind, original, order, plots=False)
     report = _write(run_dir, name, config, learning_rate, kind, original, order)
     if not any(r["status"] == "ok" for r in report["rows"]):
         raise InfeasibleBudgetError(
@@ -618,9 +618,10 @@ def _run(config, budgets, methods, run_dir, say, model, data) -> dict:
     return report
 
 
-def _write(run_dir, name, config, learning_rate, kind, original, order) -> dict:
+def _write(run_dir, name, config, learning_rate, kind, original, order, *, plots=True) -> dict:
+    """Rewrite the report from the manifest (JSON and Markdown; plots when asked)."""
     report = _report(name, config, learning_rate, kind, original, run_dir, order)
-    report["paths"] = write_report(report, run_dir.path)
+    report["paths"] = write_report(report, run_dir.path, plots=plots)
     return report
 
 

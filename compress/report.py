@@ -121,7 +121,9 @@ def plot_tradeoff(
     save_figure(fig, path)
 
 
-def write_report(report: dict, workdir: str, *, stem: str = "report") -> dict[str, str]:
+def write_report(
+    report: dict, workdir: str, *, stem: str = "report", plots: bool = True
+) -> dict[str, str]:
     """Write `report` as JSON, Markdown and PNG plots, each atomically.
 
     Args:
@@ -129,6 +131,7 @@ def write_report(report: dict, workdir: str, *, stem: str = "report") -> dict[st
             "output": {"kind", "evidence"}}`.
         workdir: destination folder (created if needed).
         stem: file name stem. Default `"report"`.
+        plots: also draw the PNG plots. Default True.
 
     Returns:
         `{"json": path, "markdown": path, "plot": path, "plot_macs": path,
@@ -161,6 +164,8 @@ def write_report(report: dict, workdir: str, *, stem: str = "report") -> dict[st
         markdown_table([{"method": "original", "status": "ok", **original}, *rows]),
     ]
     atomic_write_text(paths["markdown"], "\n".join(lines))
+    if not plots:
+        return paths
     title = str(report.get("model", ""))
     for x, path in (("params", "plot"), ("macs", "plot_macs"), ("latency", "plot_latency")):
         plot_tradeoff(

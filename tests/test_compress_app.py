@@ -71,7 +71,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
