@@ -112,7 +112,8 @@ def _per_channel(layer) -> bool:
     if isinstance(layer, keras.layers.Activation):
         return layer.activation in ELEMENTWISE_ACTIVATIONS
     if isinstance(layer, keras.layers.BatchNormalization):
-        return layer.axis == len(layer.input.shape) - 1
+        ndim = len(layer.input.shape)
+        return layer.axis % ndim == ndim - 1
     return False
 
 

@@ -157,8 +157,9 @@ def spatial_factors(kernel: np.ndarray, bias: np.ndarray | None, rank: int) -> C
         A `"spatial"` `ConvFactors` with kernels `(k_h, 1, c_in, r)` and
         `(1, k_w, r, c_out)`.
     """
+    matrix = spatial_matrix(kernel)  # validates the kernel's rank-4 shape
     kh, kw, cin, cout = kernel.shape
-    u, s, vt = np.linalg.svd(spatial_matrix(kernel).astype(np.float64), full_matrices=False)
+    u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
     root = np.sqrt(s[:rank])
     vertical = (u[:, :rank] * root).reshape(kh, cin, rank)[:, None]  # (kh, 1, cin, r)
     horizontal = (root[:, None] * vt[:rank]).reshape(rank, kw, cout).transpose(1, 0, 2)[None]

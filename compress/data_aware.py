@@ -1,16 +1,24 @@
 """The local-rank method: data-aware pruning and factorization.
 
+0. BatchNormalization after a linear layer is folded into it
+   (`compress.folding`).
 1. Units whose output is constant on the calibration data (a ReLU unit that
    is never active outputs 0) are removed and folded into the next layer's
-   bias: exact on that data.
+   bias: exact on that data. Convolution channels too, through
+   normalization, activation and pooling (`compress.channels`).
 2. Each remaining Dense layer is projected on the subspace its
    pre-activation uses across samples: the leading eigenvectors `U_r` of the
    pre-activation covariance (default) or of `E_x[J_l(x) J_l(x)^T]`. With
    `m = E[p]`, `p ~ m + (p - m) U_r U_r^T`, i.e. a `LowRankDense` with
    `A = W U_r`, `B = U_r^T`, bias `m - (m - b) U_r U_r^T`: exact at full rank.
-3. The rank of each layer comes from a `RankPolicy`; it is never below the
-   layer's measured robust local rank `ceil(E_x[rank_eps(J_l(x) S)])`
-   (a rank-r layer caps the rank of its Jacobian at r). `S = Sigma_x^{1/2}`
+   A Conv1D/Conv2D layer is projected the same way on the covariance of its
+   output channels over positions and samples: a convolution with `r`
+   filters, then a `1 x 1` convolution (`compress.conv`).
+3. The rank of each layer comes from a `RankPolicy` on a budget of
+   parameters or MACs (`compress.costs`); it is never below the layer's
+   measured robust local rank `ceil(E_x[rank_eps(J_l(x) S)])` (a rank-r
+   layer caps the rank of its Jacobian at r; for a convolution, the
+   Jacobian of the channels at one position). `S = Sigma_x^{1/2}`
    weighs input directions by how much the data moves along them; with
    `S = I` the first layer's local rank is the rank of its kernel whatever
    the data, a floor no compression can meet.
@@ -159,7 +167,8 @@ def conv_channel_floors(
     n0 = int(np.prod(np.shape(x)[1:]))
     selection = select_taps(model, list(layer_names))
     graph = model_graph(model)
-    probes, owners, skipped = [], {}, {}
+    probes, owners = [], {}
+    skipped = {name: f"floor not measured: {why}" for name, why in selection.skipped.items()}
     for tap in selection.taps:
         layer = tap.layer
         spatial = [int(d) for d in tap.layer.output.shape[1:-1]]
@@ -366,10 +375,11 @@ def local_rank_compress(
 
     stats = calibration_statistics(work, x, names, batch_size=batch_size)
     grams = None
-    if subspace == "jacobian" and dense_names:
-        grams = jacobian_gram(work, x, dense_names, batch_size=max(1, min(batch_size, 16)))
+    if subspace == "jacobian":
         for n in conv_names:
             notes[n] = "projected on the channel covariance (no Jacobian subspace for convolutions)"
+        if dense_names:
+            grams = jacobian_gram(work, x, dense_names, batch_size=max(1, min(batch_size, 16)))
     floors: dict[str, int] = {}
     if floor and dense_names:
         floors.update(

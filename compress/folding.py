@@ -71,7 +71,7 @@ def _fold_reason(model, bn, nodes) -> tuple[str | None, object]:
     tensor = own[0].input_tensors[0]
     producer = tensor._keras_history.operation
     ndim = len(tensor.shape)
-    if bn.axis not in (ndim - 1, -1):
+    if bn.axis % ndim != ndim - 1:
         return f"normalizes axis {bn.axis}, not the last (channel) axis", producer
     if not isinstance(producer, FOLDABLE_LAYERS):
         return (
