@@ -1,4 +1,5 @@
-"""Data-free baseline: truncated SVD of each Dense kernel."""
+"""Data-free baselines: truncated SVD of each Dense kernel, and of each
+transformer projection (Dense, EinsumDense, attention projections)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import numpy as np
 from compress.outcome import Compressed
 from compress.policies import Candidate, ParamFraction, RankPolicy, get_policy
 from compress.registry import compressible_layers, count_params
-from compress.surgery import factorize
+from compress.surgery import factorize, replace_layers
 
-__all__ = ["select_layers", "weight_svd"]
+__all__ = ["projection_weight_svd", "select_layers", "weight_svd"]
 
 
 def select_layers(model, layers: Sequence[str] | None = None) -> list:
@@ -89,4 +90,50 @@ def weight_svd(
         method="weight_svd",
         budget=getattr(policy, "fraction", None),
         ranks={name: int(f[0].shape[1]) for name, f in factors.items()},
+    )
+
+
+def projection_weight_svd(
+    model: keras.Model,
+    policy: RankPolicy | float,
+    *,
+    targets: Sequence[str] | None = None,
+) -> Compressed:
+    """Truncated SVD of every transformer projection's kernel (data-free).
+
+    The targets are those of `compress.transformer.transformer_targets`
+    (Dense and EinsumDense layers, the query/key/value/output projections of
+    each `MultiHeadAttention`); ranks come from `policy` applied to the
+    squared singular values of each kernel unfolded to `n_in x n_out`, and a
+    rank whose factors would not save weights keeps the projection dense.
+
+    Args:
+        model: a built functional or Sequential model (not modified).
+        policy: a `RankPolicy`, or a float: the target parameter fraction.
+        targets: projection targets. Default None: all.
+
+    Returns:
+        A `Compressed` (`method="weight_svd"`).
+
+    Raises:
+        ValueError: no target, an impossible budget.
+        UnsupportedLayerError: targets that cannot be rewritten.
+    """
+    from compress.transformer import weight_candidates, weight_svd_projections
+
+    if not isinstance(policy, RankPolicy):
+        policy = ParamFraction(policy) if isinstance(policy, (int, float)) else get_policy(policy)
+    candidates = weight_candidates(model, targets)
+    original = count_params(model)
+    fixed = original - sum(c.dense_params for c in candidates)
+    ranks = policy.select(candidates, fixed_params=fixed, original_params=original)
+    chosen = {c.name: ranks[c.name] for c in candidates if c.saves(ranks[c.name])}
+    compressed = (
+        weight_svd_projections(model, chosen)[0] if chosen else replace_layers(model, {}, {})
+    )
+    return Compressed(
+        model=compressed,
+        method="weight_svd",
+        budget=getattr(policy, "fraction", None),
+        ranks=chosen,
     )

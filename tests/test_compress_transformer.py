@@ -22,6 +22,7 @@ from compress.transformer import (
     projection_candidates,
     projection_statistics,
     prune_constant_heads,
+    transformer_compress,
     transformer_targets,
     weight_svd_projections,
 )
@@ -142,6 +143,35 @@ def test_full_rank_rewrites_are_exact(use_bias, method):
     assert len(new.weights) == len(model.weights) + 6  # one extra factor per projection
     assert _max_err(_predict(model, x), reference) == 0  # the input model is untouched
     assert not isinstance(model.get_layer("mha"), LowRankMultiHeadAttention)
+
+
+def test_causal_cross_attention_statistics_and_rewrites_follow_the_layer():
+    """Distinct key and value inputs and a causal mask: the statistics are those
+    of the layer's actual outputs, and the rewrites stay exact."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((T, D))
+    k = keras.layers.Dense(D, name="k_in")(inp)
+    v = keras.layers.Dense(D, activation="tanh", name="v_in")(inp)
+    mha = keras.layers.MultiHeadAttention(3, 2, value_dim=4, name="mha")
+    out = mha(inp, v, key=k, use_causal_mask=True)
+    model = keras.Model(inp, keras.layers.Dense(4, name="head")(out))
+    x = _x()
+    actual = _predict(keras.Model(inp, out), x).reshape(-1, D)
+    stats = projection_statistics(model, x, ["mha/attention_output"])
+    np.testing.assert_allclose(stats["mha/attention_output"].mean, actual.mean(axis=0), atol=1e-5)
+    cov = np.cov(actual.astype(np.float64), rowvar=False, bias=True)
+    np.testing.assert_allclose(stats["mha/attention_output"].covariance, cov, atol=1e-5)
+    reference = _predict(model, x)
+    full, _ = compress_attention(model, x, {"mha/query": 6, "mha/attention_output": D})
+    assert _max_err(_predict(full, x), reference) < 1e-4
+    vk = model.get_layer("mha").value_dense.kernel
+    kernel = vk.numpy()
+    kernel[:, 1] = 0.0
+    vk.assign(kernel)
+    reference = _predict(model, x)
+    pruned, records = prune_constant_heads(model, x, 1e-5)
+    assert records[0].removed == (1,)
+    assert _max_err(_predict(pruned, x), reference) < 1e-4
 
 
 # --- known rank: lossless at the rank, lossy below -----------------------------------------
@@ -287,6 +317,15 @@ def test_rewritten_models_round_trip_through_keras_files(tmp_path):
     assert sum(int(np.prod(w.shape)) for w in loaded.weights) == sum(
         int(np.prod(w.shape)) for w in new.weights
     )
+    # The factors train: one step moves every weight of the loaded attention
+    # but the key bias (softmax is blind to a shift shared by all keys).
+    weights = loaded.get_layer("mha").trainable_weights
+    assert len(weights) == len(loaded.get_layer("mha").weights) == 10
+    before = {w.path: w.numpy().copy() for w in weights}
+    loaded.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    loaded.fit(x, np.zeros_like(expected), epochs=1, batch_size=len(x), verbose=0)
+    moved = {w.path for w in weights if np.any(before[w.path] != w.numpy())}
+    assert set(before) - moved == {"mha/key/bias"}, set(before) - moved
 
 
 def test_low_rank_einsum_dense_matches_numpy_and_validates():
@@ -357,3 +396,41 @@ def test_candidates_feed_the_rank_policies():
     after = sum(int(np.prod(w.shape)) for w in new.weights)
     assert after == total - sum(r.params_before - r.params_after for r in records)
     assert after <= 0.6 * total + 1
+
+
+# --- at a budget ------------------------------------------------------------------
+
+
+def test_transformer_compress_meets_a_parameter_budget_after_removing_heads():
+    model = _block(heads=3, key_dim=4)
+    _zero_value_head(model, 2)
+    x = _x()
+    total = sum(int(np.prod(w.shape)) for w in model.weights)
+    out = transformer_compress(model, x, 0.7, head_tol=1e-5)
+    assert out.removed_units == {"mha": 1}
+    assert out.model.get_layer("mha").num_heads == 2
+    assert out.ranks  # something was factorized
+    assert sum(int(np.prod(w.shape)) for w in out.model.weights) <= 0.7 * total
+    assert out.model is not model and model.get_layer("mha").num_heads == 3
+    # At the full budget nothing is factorized, and the function is the same.
+    full = transformer_compress(model, x, 1.0, head_tol=1e-5)
+    assert full.ranks == {}
+    assert _max_err(_predict(full.model, x), _predict(model, x)) < 1e-4
+
+
+def test_projection_weight_svd_baseline_at_a_budget():
+    from compress.baselines import projection_weight_svd
+    from compress.transformer import weight_candidates
+
+    model = _block()
+    total = sum(int(np.prod(w.shape)) for w in model.weights)
+    out = projection_weight_svd(model, 0.7)
+    assert out.method == "weight_svd" and out.ranks
+    assert sum(int(np.prod(w.shape)) for w in out.model.weights) <= 0.7 * total
+    cands = {c.name: c for c in weight_candidates(model)}
+    kernel = model.get_layer("mha").value_dense.kernel.numpy().reshape(D, -1)
+    expected = np.linalg.svd(kernel.astype(np.float64), compute_uv=False) ** 2
+    np.testing.assert_allclose(cands["mha/value"].spectrum, expected, rtol=1e-6)
+    assert (cands["mha/attention_output"].n_in, cands["mha/attention_output"].n_out) == (8, D)
+    with pytest.raises(ValueError, match="no projection"):
+        projection_weight_svd(keras.Sequential([keras.Input((3,)), keras.layers.ReLU()]), 0.5)
