@@ -33,8 +33,8 @@ flags.DEFINE_enum(
 flags.DEFINE_multi_enum(
     "method",
     ["all"],
-    ["local_rank", "weight_svd", "tfmot", "local_rank_nofloor", "all"],
-    "Compression method(s).",
+    ["local_rank", "weight_svd", "tfmot", "local_rank_nofloor", "spatial", "tucker2", "all"],
+    "Compression method(s); all = local_rank, weight_svd, tfmot.",
 )
 flags.DEFINE_integer("finetune_epochs", 0, "Fine-tuning epochs after compression.")
 flags.DEFINE_float(

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 from compress import macs as macs_lib
-from compress.baselines import select_layers, weight_svd
+from compress.baselines import select_layers
 from compress.costs import PARAMS, CostModel, mac_cost
 from compress.data_aware import local_rank_compress
 from compress.evaluate import (
@@ -43,16 +43,12 @@ from compress.evaluate import (
 )
 from compress.outcome import Compressed
 from compress.outputs import OutputKind, output_kind
-from compress.policies import (
-    GreedyParamFraction,
-    InfeasibleBudgetError,
-    ParamFraction,
-    RankPolicy,
-)
+from compress.policies import GreedyParamFraction, InfeasibleBudgetError, ParamFraction
 from compress.registry import count_params
 from compress.report import write_report
 from compress.surgery import recompile_like
 from compress.transformer import UnsupportedLayerError
+from compress.weight_only import weight_factorize
 from keras_localrank import datasets
 from keras_localrank.rundir import RunDirectory
 from keras_localrank.validation import (
@@ -77,8 +73,12 @@ logger = logging.getLogger(__name__)
 
 #: Methods run by `method="all"`.
 ALL_METHODS = ("local_rank", "weight_svd", "tfmot")
-#: Every method name (`local_rank_nofloor`: the local-rank method without floors).
-METHODS = ALL_METHODS + ("local_rank_nofloor",)
+#: Every method name: `local_rank_nofloor` is the local-rank method without
+#: floors; `spatial` (k x 1 then 1 x k) and `tucker2` are data-free rewrites
+#: of the convolutions (Dense layers get their weight SVD).
+METHODS = ALL_METHODS + ("local_rank_nofloor", "spatial", "tucker2")
+#: Data-free methods -> `compress.weight_only` scheme.
+WEIGHT_SCHEMES = {"weight_svd": "channel", "spatial": "spatial", "tucker2": "tucker2"}
 #: How the local-rank method shares a parameter budget between layers.
 ALLOCATIONS = ("greedy", "energy")
 #: What a budget is a fraction of: weights, or multiply-accumulates per sample.
@@ -297,84 +297,47 @@ def _cost(config) -> CostModel:
     return MACS if config.budget_kind == "macs" else PARAMS
 
 
-class _CostPolicy(RankPolicy):
-    """`inner` with its budget counted by `cost` over the whole of `model`.
-
-    For rewrites (weight SVD) whose own code counts weights: the fixed part
-    is the model's cost minus the candidates' cost, both in `cost` units.
-    """
-
-    def __init__(self, inner, cost: CostModel, model):
-        self.inner, self.cost, self.total = inner, cost, cost.model(model)
-
-    def select(self, candidates, *, fixed_params, original_params, evaluate=None, **kw):
-        layers = sum(self.cost.layer(s) for c in candidates for s in c.original_shapes())
-        return self.inner.select(
-            candidates,
-            fixed_params=self.total - layers,
-            original_params=self.total,
-            evaluate=evaluate,
-            cost_fn=self.cost.layer,
-        )
-
-    def get_config(self):
-        return {"inner": self.inner.get_config(), "cost": self.cost.name}
-
-    @property
-    def fraction(self):
-        return self.inner.fraction
-
-
 def _has_attention(model) -> bool:
     return any(isinstance(layer, keras.layers.MultiHeadAttention) for layer in model.layers)
 
 
 def _compress_transformer(method, model, budget, data, config) -> Compressed:
-    """Low rank of attention and feed-forward projections at one parameter budget.
+    """Attention and feed-forward projections at one parameter budget.
 
     Ranks come from one shared energy threshold (`ParamFraction`) over the
-    spectra of the projections: data-aware (output covariance) for the
-    local-rank methods, squared singular values of the kernels for weight
-    SVD. No local-rank floors are measured for these projections yet.
+    projections' spectra: their output covariance for the local-rank
+    methods (after removing constant heads), the kernels' squared singular
+    values for weight SVD. No local-rank floors are measured for
+    projections yet.
     """
-    from compress import transformer
+    from compress.baselines import projection_weight_svd
+    from compress.transformer import transformer_compress
 
     if config.budget_kind != "params":
         raise InfeasibleBudgetError(
             "Impossible budget: the transformer rewrites take a parameter budget only. "
             f"Received: budget_kind={config.budget_kind!r}"
         )
-    targets = transformer.transformer_targets(model)
     if method == "weight_svd":
-        spectra = transformer.weight_spectra(model, targets)
-        stats = None
-        candidates = [
-            c
-            for c in transformer.projection_candidates(
-                transformer.projection_statistics(model, data["x_cal"][:64], targets)
-            )
-        ]
-        candidates = [dataclasses.replace(c, spectrum=spectra[c.name]) for c in candidates]
+        out = projection_weight_svd(model, ParamFraction(budget))
+    elif method in ("local_rank", "local_rank_nofloor"):
+        out = transformer_compress(model, data["x_cal"], ParamFraction(budget))
+        out.notes = {
+            **out.notes,
+            "floors": "no local-rank floors for attention projections (not measured)",
+        }
     else:
-        stats = transformer.projection_statistics(model, data["x_cal"], targets)
-        candidates = transformer.projection_candidates(stats)
-    original = count_params(model)
-    fixed = original - sum(c.dense_params for c in candidates)
-    ranks = ParamFraction(budget).select(candidates, fixed_params=fixed, original_params=original)
-    ranks = {c.name: ranks[c.name] for c in candidates if c.saves(ranks[c.name])}
-    if method == "weight_svd":
-        new, _ = transformer.weight_svd_projections(model, ranks)
-    else:
-        new, _ = transformer.compress_attention(model, data["x_cal"], ranks, statistics=stats)
-    recompile_like(new, model)
-    notes = {"allocation": "one energy threshold over the projections (ParamFraction)"}
-    if method == "local_rank":
-        notes["floors"] = "no local-rank floors for attention projections (not measured)"
-    return Compressed(model=new, method=method, budget=budget, ranks=ranks, notes=notes)
+        raise UnsupportedLayerError(
+            f"Method {method!r} has no rewrite for attention layers; use local_rank or "
+            "weight_svd."
+        )
+    out.method = method
+    recompile_like(out.model, model)
+    return out
 
 
 def _compress(method, model, budget, data, config, kind, epochs, learning_rate) -> Compressed:
-    if method in ("local_rank", "local_rank_nofloor", "weight_svd") and _has_attention(model):
+    if method != "tfmot" and _has_attention(model):
         return _compress_transformer(method, model, budget, data, config)
     if method in ("local_rank", "local_rank_nofloor"):
         greedy = config.allocation == "greedy"
@@ -392,8 +355,12 @@ def _compress(method, model, budget, data, config, kind, epochs, learning_rate) 
         )
         out.method = method
         return out
-    if method == "weight_svd":
-        return weight_svd(model, _CostPolicy(ParamFraction(budget), _cost(config), model))
+    if method in WEIGHT_SCHEMES:
+        out = weight_factorize(
+            model, ParamFraction(budget), scheme=WEIGHT_SCHEMES[method], cost=_cost(config)
+        )
+        recompile_like(out.model, model)
+        return out
     if config.budget_kind == "macs":
         raise InfeasibleBudgetError(
             "Impossible budget: magnitude pruning zeroes weights of dense kernels, "

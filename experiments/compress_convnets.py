@@ -47,14 +47,22 @@ flags.DEFINE_integer("n_test", 5000, "Test samples (of 10,000).")
 flags.DEFINE_multi_float("conv_budget", [0.3], "MACs fractions for the convnets.")
 flags.DEFINE_multi_float("vit_budget", [0.5], "Parameter fractions for the ViT.")
 flags.DEFINE_multi_string(
-    "method", ["local_rank", "weight_svd", "tfmot"], "Compression methods (see compress.app)."
+    "method",
+    ["local_rank", "weight_svd", "tucker2", "tfmot"],
+    "Compression methods (see compress.app.METHODS).",
 )
 flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs after compression.")
+flags.DEFINE_enum("allocation", "greedy", ["greedy", "energy"], "local_rank budget allocation.")
+flags.DEFINE_float(
+    "validation_fraction", 0.05, "Training samples the app holds out (<= 0.1, unseen in training)."
+)
 flags.DEFINE_integer("calibration_samples", 512, "Calibration samples.")
 flags.DEFINE_integer("latency_runs", 10, "Timed inference runs per model and batch size.")
 flags.DEFINE_integer("seed", 0, "Seed.")
 
 ARCHS = ("cnn", "resnet", "vit")
+#: Fraction of the training samples (the last ones) the originals never see.
+TRAIN_HOLDOUT = 0.1
 
 
 @dataclasses.dataclass
@@ -68,8 +76,10 @@ class ExperimentConfig:
     n_test: int | None = 5000
     conv_budgets: Sequence[float] = (0.3,)
     vit_budgets: Sequence[float] = (0.5,)
-    methods: Sequence[str] = ("local_rank", "weight_svd", "tfmot")
+    methods: Sequence[str] = ("local_rank", "weight_svd", "tucker2", "tfmot")
     finetune_epochs: int = 2
+    allocation: str = "greedy"
+    validation_fraction: float = 0.05
     calibration_samples: int = 512
     latency_runs: int = 10
     seed: int = 0
@@ -175,7 +185,7 @@ def train(arch: str, config: ExperimentConfig, ds):
         metrics=["accuracy"],
     )
     x = ds.x_train.reshape(-1, 28, 28, 1)
-    n_fit = len(x) - int(round(0.1 * len(x)))  # the app's validation split stays unseen
+    n_fit = len(x) - int(round(TRAIN_HOLDOUT * len(x)))  # the app's validation stays unseen
     model.fit(x[:n_fit], ds.y_train[:n_fit], epochs=config.epochs,
               batch_size=config.batch_size, verbose=2)
     return model
@@ -249,10 +259,17 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
     from keras_localrank import datasets
     from keras_localrank.rundir import RunDirectory
 
+    if not 0 < config.validation_fraction <= TRAIN_HOLDOUT:
+        raise ValueError(
+            f"Expected `validation_fraction` in (0, {TRAIN_HOLDOUT}] (samples the original "
+            f"models never saw). Received: validation_fraction={config.validation_fraction!r}"
+        )
     for arch in config.archs:
         if arch not in ARCHS:
             raise ValueError(f"Expected `arch` in {ARCHS}. Received: arch={arch!r}")
-    with RunDirectory(workdir, dataclasses.asdict(config)) as run_dir:
+    # Methods and budgets may be added on a rerun: trained models are kept.
+    mutable = ("methods", "conv_budgets", "vit_budgets", "archs")
+    with RunDirectory(workdir, dataclasses.asdict(config), mutable_keys=mutable) as run_dir:
         ds = datasets.load(
             config.dataset, seed=config.seed, n_train=config.n_train, n_test=config.n_test
         )
@@ -279,6 +296,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
                     budget_kind="macs" if convnet else "params",
                     methods=tuple(config.methods),
                     finetune_epochs=config.finetune_epochs,
+                    allocation=config.allocation,
+                    validation_fraction=config.validation_fraction,
                     calibration_samples=config.calibration_samples,
                     n_train=config.n_train,
                     n_test=config.n_test,
@@ -318,6 +337,8 @@ def main(argv):
         vit_budgets=tuple(FLAGS.vit_budget),
         methods=tuple(FLAGS.method),
         finetune_epochs=FLAGS.finetune_epochs,
+        allocation=FLAGS.allocation,
+        validation_fraction=FLAGS.validation_fraction,
         calibration_samples=FLAGS.calibration_samples,
         latency_runs=FLAGS.latency_runs,
         seed=FLAGS.seed,
