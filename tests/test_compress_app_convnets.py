@@ -53,7 +53,7 @@ def test_macs_budget_on_a_convnet(convnet, tmp_path):
             workdir=str(tmp_path / "w"),
             budgets=(0.5,),
             budget_kind="macs",
-            methods=("local_rank", "tfmot"),
+            methods=("local_rank", "tucker2", "tfmot"),
             n_train=600,
             n_test=200,
             calibration_samples=256,
@@ -69,6 +69,11 @@ def test_macs_budget_on_a_convnet(convnet, tmp_path):
     assert lr["mac_fraction"] <= 0.5 + 1e-9
     assert report["original"]["macs"] == count_macs(keras.models.load_model(convnet))
     assert lr["accuracy"] > report["original"]["accuracy"] - 0.15
+    # The data-free baseline meets the same MACs budget.
+    tucker = rows["tucker2"]
+    assert tucker["status"] == "ok", tucker["status"]
+    assert tucker["mac_fraction"] <= 0.5 + 1e-9
+    assert tucker["macs"] == count_macs(keras.models.load_model(tucker["model_path"]))
     # Unstructured sparsity leaves dense MACs unchanged: reported, not faked.
     assert rows["tfmot"]["status"].startswith("infeasible:")
     assert "MACs unchanged" in rows["tfmot"]["status"]
