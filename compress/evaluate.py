@@ -11,7 +11,11 @@ import time
 import keras
 import numpy as np
 
-from compress.registry import count_macs, count_params
+from keras_localrank.validation import check_positive_int
+
+from compress.macs import count_macs
+from compress.outputs import OutputKind, output_kind
+from compress.registry import count_params
 
 __all__ = [
     "FineTuned",
@@ -20,28 +24,33 @@ __all__ = [
     "ensure_compiled",
     "file_size",
     "finetune",
+    "LATENCY_BATCHES",
     "latency_ms",
     "measure",
-    "outputs_logits",
     "validation_score",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def outputs_logits(model) -> bool:
-    """False when the model's last layer applies a softmax, else True."""
-    last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    return activation is not keras.activations.softmax
+def ensure_compiled(
+    model, *, learning_rate: float = 1e-3, kind: OutputKind | None = None
+) -> keras.Model:
+    """Compile an uncompiled classifier with Adam, the cross-entropy of its output, accuracy.
 
+    Args:
+        model: a Keras classifier (left as it is when already compiled).
+        learning_rate: Adam's learning rate. Default 1e-3.
+        kind: what the output is. Default None: `output_kind(model)`.
 
-def ensure_compiled(model, *, learning_rate: float = 1e-3) -> keras.Model:
-    """Compile an uncompiled classifier with Adam, sparse cross-entropy, accuracy."""
+    Returns:
+        `model`.
+    """
     if not getattr(model, "compiled", False):
+        kind = output_kind(model) if kind is None else kind
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=outputs_logits(model)),
+            loss=kind.loss(),
             metrics=["accuracy"],
         )
     return model
@@ -190,9 +199,36 @@ def file_size(model) -> int:
         return os.path.getsize(path)
 
 
+#: Batch sizes the latency is measured at (one sample; a throughput batch).
+LATENCY_BATCHES = (1, 64)
+
+
 def latency_ms(model, x, *, batch_size: int = 128, runs: int = 15) -> float:
-    """Median CPU time of one inference batch, in milliseconds."""
-    batch = np.asarray(x[:batch_size])
+    """Median wall-clock time of one inference batch of `batch_size`, in milliseconds.
+
+    The batch is the first `batch_size` samples of `x` (repeated when `x`
+    has fewer). One untimed call first traces the predict function; the
+    median of `runs` timed calls is robust to the other processes of a
+    shared machine.
+
+    Args:
+        model: a Keras model.
+        x: input samples.
+        batch_size: samples per timed batch, >= 1. Default 128.
+        runs: timed calls, >= 1. Default 15.
+
+    Returns:
+        The median, in milliseconds.
+
+    Raises:
+        ValueError, TypeError: `batch_size` or `runs` not a positive int,
+            or empty `x`.
+    """
+    batch_size = check_positive_int("batch_size", batch_size)
+    runs = check_positive_int("latency_runs", runs)
+    if len(x) == 0:
+        raise ValueError("Expected at least one sample to time. Received: x with 0 samples.")
+    batch = np.asarray(x)[np.arange(batch_size) % len(x)]
     model.predict_on_batch(batch)  # warm up (traces the predict function)
     times = []
     for _ in range(runs):
@@ -210,6 +246,8 @@ def measure(
     nonzero: bool = False,
     batch_size: int = 128,
     latency_runs: int = 15,
+    latency_batches: tuple[int, ...] = LATENCY_BATCHES,
+    kind: OutputKind | None = None,
 ) -> dict:
     """Metrics, parameters, MACs, file size and latency of `model` on `(x, y)`.
 
@@ -219,18 +257,28 @@ def measure(
         x: test inputs.
         y: test labels.
         nonzero: count parameters as non-zero weights. Default False.
-        batch_size: evaluation and latency batch size. Default 128.
-        latency_runs: timed inference runs (the median is kept). Default 15.
+        batch_size: evaluation batch size. Default 128.
+        latency_runs: timed inference runs per batch size (the median is
+            kept). Default 15.
+        latency_batches: batch sizes to time. Default `LATENCY_BATCHES`.
+        kind: what the output is (for compiling an uncompiled model).
+            Default None: detected.
 
     Returns:
-        `{"metrics": {...}, "params", "macs", "file_bytes", "latency_ms"}`.
+        `{"metrics": {...}, "params", "macs", "file_bytes",
+        "latency_ms_b<batch>" for each latency batch}` (latencies in
+        milliseconds per batch, measured on this machine's CPU).
     """
-    ensure_compiled(model)
+    ensure_compiled(model, kind=kind)
     metrics = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
-    return {
+    out = {
         "metrics": {k: float(v) for k, v in metrics.items()},
         "params": count_params(model, nonzero=nonzero),
         "macs": count_macs(model),
         "file_bytes": file_size(model),
-        "latency_ms": latency_ms(model, x, batch_size=batch_size, runs=latency_runs),
     }
+    for batch in latency_batches:
+        out[f"latency_ms_b{batch}"] = latency_ms(
+            model, x, batch_size=batch, runs=latency_runs
+        )
+    return out

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from compress.outcome import Compressed
+from compress.policies import InfeasibleBudgetError
 from compress.registry import count_params
 from compress.surgery import recompile_like
 
@@ -363,7 +364,7 @@ def sparsity_for_budget(model, budget: float) -> float:
     kept = total - kernels
     target = budget * total
     if kernels == 0 or target <= kept:
-        raise ValueError(
+        raise InfeasibleBudgetError(
             f"Impossible budget for TF-MOT pruning: budget={budget!r} allows "
             f"{int(target):,} parameters, but {kept:,} weights (biases, normalization, "
             "depthwise kernels) are never pruned."

@@ -15,6 +15,7 @@ import keras
 import pytest
 
 from compress import CompressionConfig, run
+from compress.policies import InfeasibleBudgetError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
@@ -62,7 +63,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
             "--method=all",
             "--finetune_epochs=1",
             "--finetune_lr=0.002",
-            f"--output_dir={out_dir}",
+            f"--workdir={out_dir}",
             "--n_train=400",
             "--calibration_samples=256",
             "--latency_runs=2",
@@ -70,7 +71,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,7 +88,8 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
             continue
         assert row["param_fraction"] <= budget + 1e-9
         assert 0.0 <= row["accuracy_finetuned"] <= 1.0
-        assert row["macs"] > 0 and row["file_bytes"] > 0 and row["latency_ms"] > 0
+        assert row["macs"] > 0 and row["file_bytes"] > 0
+        assert row["latency_ms_b1"] > 0 and row["latency_ms_b64"] > 0
         loaded = keras.models.load_model(row["model_path"])
         assert loaded.count_params() > 0
     assert report["config"]["finetune_lr_used"] == 0.002
@@ -105,7 +107,7 @@ def test_cli_reports_a_missing_model(tmp_path):
             "compress",
             f"--model={tmp_path / 'none.keras'}",
             "--dataset=digits",
-            f"--output_dir={tmp_path / 'o'}",
+            f"--workdir={tmp_path / 'o'}",
         ],
         env=ENV,
         capture_output=True,
@@ -129,7 +131,7 @@ def _config(model, tmp_path, **kw):
     base = dict(
         model=model,
         dataset="digits",
-        output_dir=str(tmp_path / "out"),
+        workdir=str(tmp_path / "out"),
         methods=("weight_svd",),
         n_train=200,
         n_test=100,
@@ -171,13 +173,13 @@ def test_error_data_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("budget", [0.0, -0.5, 1.5, float("nan")])
 def test_error_budget_outside_range(tmp_path, small_model, budget):
-    with pytest.raises(ValueError, match="Impossible budget.*budget="):
+    with pytest.raises(ValueError, match="budget="):
         run(_config(small_model, tmp_path, budgets=(budget,)))
 
 
 def test_error_budget_below_what_methods_reach(tmp_path, small_model):
     # 0.001 of ~7.4k parameters is 7: less than the output biases alone.
-    with pytest.raises(ValueError, match="Impossible budget: no method reached"):
+    with pytest.raises(InfeasibleBudgetError, match="Impossible budget: no method reached"):
         run(_config(small_model, tmp_path, budgets=(0.001,), methods=("weight_svd", "local_rank")))
 
 
@@ -213,7 +215,7 @@ def test_never_overwrites_the_input_model(tmp_path):
     (out / "models").mkdir(parents=True)
     os.symlink(path, out / "models" / "m_weight_svd_b0.5.keras")
     with pytest.raises(ValueError, match="Refusing to overwrite the input model"):
-        run(_config(path, tmp_path, budgets=(0.5,), output_dir=str(out)))
+        run(_config(path, tmp_path, budgets=(0.5,), workdir=str(out)))
     assert _sha(path) == before
 
 
