@@ -41,6 +41,11 @@ from compress.statistics import calibration_statistics
 
 RNG = np.random.default_rng(0)
 
+
+def _run(model, x):
+    """The model's outputs at inference (a direct call: no predict loop to trace)."""
+    return keras.ops.convert_to_numpy(model(x, training=False))
+
 CONVS = {
     "conv2d_same_strided": (
         lambda: keras.layers.Conv2D(
@@ -111,7 +116,7 @@ def test_full_rank_conv_rewrites_are_exact(key, scheme):
     new = factorize_convs(model, {"c": _full_rank_factors(layer, scheme, model, x)})
     assert len(new.layers) == len(model.layers) + (2 if scheme == "tucker2" else 1)
     np.testing.assert_allclose(
-        new.predict(x, verbose=0), model.predict(x, verbose=0), atol=2e-5, rtol=1e-5
+        _run(new, x), _run(model, x), atol=2e-5, rtol=1e-5
     )
 
 
@@ -145,7 +150,7 @@ def test_conv_with_known_channel_rank_is_compressed_to_it_without_loss():
     assert out.model.get_layer("c_reduce").kernel.shape == (3, 3, 3, rank)
     assert out.model.get_layer("c").kernel.shape == (1, 1, rank, 8)
     np.testing.assert_allclose(
-        out.model.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4, rtol=1e-4
+        _run(out.model, x), _run(model, x), atol=1e-4, rtol=1e-4
     )
     assert count_params(out.model) < count_params(model)
 
@@ -202,7 +207,7 @@ def test_batchnorm_folding_is_exact(kind):
     assert not any(isinstance(la, keras.layers.BatchNormalization) for la in folded.layers)
     assert folded.get_layer("lin").use_bias
     np.testing.assert_allclose(
-        folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5
+        _run(folded, x), _run(model, x), atol=1e-5, rtol=1e-5
     )
     assert len(model.layers) == len(folded.layers) + 1  # the input model is untouched
 
@@ -278,7 +283,7 @@ def test_dead_channel_pruning_next_to_a_residual_add_is_exact(fold_first):
     # The stem and `b` feed the residual sum: kept, and said so.
     assert "Add" in record.skipped["b"] and "2 layers" in record.skipped["stem"]
     np.testing.assert_allclose(
-        pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=2e-5, rtol=1e-5
+        _run(pruned, x), _run(model, x), atol=2e-5, rtol=1e-5
     )
     with pytest.raises(ValueError, match="Add"):
         remove_channels(work, {"b": {0: 0.0}})
@@ -310,7 +315,7 @@ def test_nonzero_constant_into_a_padded_conv_is_kept_and_noted():
     assert pruned.get_layer("a").kernel.shape[-1] == 2
     assert pruned.get_layer("head").kernel.shape == (1, 2)
     np.testing.assert_allclose(
-        pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5, rtol=1e-5
+        _run(pruned, x), _run(model, x), atol=1e-5, rtol=1e-5
     )
 
 
@@ -344,7 +349,7 @@ def test_compressed_convnets_round_trip_through_keras_files(tmp_path, method):
     out.model.save(path)
     loaded = keras.models.load_model(path)  # stock layers only: no custom objects
     np.testing.assert_allclose(
-        loaded.predict(x, verbose=0), out.model.predict(x, verbose=0), atol=1e-6
+        _run(loaded, x), _run(out.model, x), atol=1e-6
     )
 
 
@@ -439,3 +444,31 @@ def test_calibration_statistics_of_a_strided_valid_conv_match_numpy():
     np.testing.assert_allclose(st.covariance, np.cov(pre, rowvar=False, bias=True), atol=1e-5)
     np.testing.assert_allclose(st.out_max, np.maximum(pre, 0).max(axis=0), atol=1e-5)
     np.testing.assert_allclose(st.input_mean, x.reshape(-1, 2).mean(axis=0), atol=1e-6)
+
+
+def test_greedy_allocation_spends_a_mac_budget_where_positions_are_many():
+    # Two convolutions with the same kernel and spectrum; `wide` runs at 64
+    # output positions, `narrow` at 1. Each rank dropped costs the same loss, so
+    # per MAC saved the greedy step must cut `wide` only; per parameter the
+    # two are alike.
+    from compress.policies import Candidate
+
+    spectrum = np.ones(8)
+    wide, narrow = (
+        Candidate(name, 36, 8, True, spectrum, kernel_shape=(3, 3, 4, 8), positions=p)
+        for name, p in (("wide", 64), ("narrow", 1))
+    )
+
+    def loss(ranks):
+        return sum(8 - r for r in ranks.values()) / 16
+
+    full = {"macs": sum(mac_cost(s) for c in (wide, narrow) for s in c.original_shapes())}
+    ranks = GreedyParamFraction(0.7).select(
+        [wide, narrow], fixed_params=0, original_params=full["macs"], evaluate=loss,
+        cost_fn=mac_cost,
+    )
+    assert ranks["narrow"] == 8 and ranks["wide"] < 8
+    spent = sum(c.cost(ranks[c.name], mac_cost) for c in (wide, narrow))
+    assert spent <= 0.7 * full["macs"]
+    # By hand: rank r costs 64 * r * (36 + 8) MACs against 64 * 36 * 8 dense.
+    assert wide.cost(3, mac_cost) == 64 * 3 * 44 and wide.cost(7, mac_cost) == 64 * 288
