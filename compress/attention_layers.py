@@ -144,6 +144,8 @@ class LowRankMultiHeadAttention(keras.layers.MultiHeadAttention):
     Each projection named in `projection_ranks` (`"query"`, `"key"`,
     `"value"`, `"attention_output"`) is a `LowRankEinsumDense` of that rank
     instead of an `EinsumDense`; the attention computation is the stock one.
+    The factors use the layer's initializers; its kernel and bias
+    regularizers and constraints apply to the stock projections only.
 
     Args:
         projection_ranks: `{projection: rank}`. Default None (no projection

@@ -50,6 +50,7 @@ __all__ = [
     "projection_kernel",
     "projection_statistics",
     "resolve_target",
+    "skipped_layers",
     "split_target",
     "transformer_targets",
     "unsupported",
@@ -194,30 +195,47 @@ def _is_projection_layer(layer) -> bool:
     return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense, LowRankEinsumDense))
 
 
+def _inventory(model) -> tuple[list[str], dict[str, str]]:
+    """`(targets, {skipped layer: reason})` over the projection-like layers."""
+    targets, skipped = [], {}
+    for layer in model.layers:
+        is_mha = isinstance(layer, keras.layers.MultiHeadAttention)
+        if not is_mha and (not _is_projection_layer(layer) or isinstance(layer, LowRankDense)):
+            continue
+        try:
+            if is_mha:
+                check_attention(layer)
+                for p in PROJECTIONS:
+                    einsum_layout(getattr(layer, SUBLAYERS[p]))
+            else:
+                einsum_layout(layer)
+            call_node(model, layer)
+        except UnsupportedLayerError as e:
+            skipped[layer.name] = str(e)
+            continue
+        if is_mha:
+            targets.extend(f"{layer.name}/{p}" for p in PROJECTIONS)
+        else:
+            targets.append(layer.name)
+    return targets, skipped
+
+
 def transformer_targets(model) -> list[str]:
     """The rewritable projections of `model`, in model order.
 
     Dense and projection-form EinsumDense layers are named by layer name;
     each `MultiHeadAttention` contributes `"<name>/query"`, `"<name>/key"`,
     `"<name>/value"` and `"<name>/attention_output"`. Layers that cannot be
-    rewritten (other equations, quantized, gated attention) are left out.
+    rewritten are left out: `skipped_layers` names them and says why.
     """
-    targets = []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.MultiHeadAttention):
-            try:
-                check_attention(layer)
-            except UnsupportedLayerError:
-                continue
-            if layer.built:
-                targets.extend(f"{layer.name}/{p}" for p in PROJECTIONS)
-        elif _is_projection_layer(layer) and not isinstance(layer, LowRankDense):
-            try:
-                einsum_layout(layer)
-            except UnsupportedLayerError:
-                continue
-            targets.append(layer.name)
-    return targets
+    return _inventory(model)[0]
+
+
+def skipped_layers(model) -> dict[str, str]:
+    """`{layer name: reason}` for Dense, EinsumDense and attention layers of
+    `model` that the transformer rewrites cannot handle (other equations,
+    gated or subclassed attention, shared, quantized or LoRA layers)."""
+    return _inventory(model)[1]
 
 
 def resolve_target(model, target: str):

@@ -22,6 +22,7 @@ from compress.transformer import (
     projection_candidates,
     projection_statistics,
     prune_constant_heads,
+    skipped_layers,
     transformer_compress,
     transformer_targets,
     weight_svd_projections,
@@ -376,7 +377,10 @@ def test_clear_errors_for_what_cannot_be_rewritten():
         compress_attention(odd, x, {"gated/query": 1})
     with pytest.raises(UnsupportedLayerError, match="use_gate"):
         prune_constant_heads(odd, x, 0.0)
-    assert transformer_targets(odd) == ["shared"]
+    assert transformer_targets(odd) == []
+    skipped = skipped_layers(odd)
+    assert set(skipped) == {"mix", "gated", "shared"}
+    assert "use_gate" in skipped["gated"] and "called 2 times" in skipped["shared"]
     with pytest.raises(UnsupportedLayerError, match="called 2 times"):
         compress_attention(odd, x, {"shared": 2})
 
