@@ -1,12 +1,62 @@
-"""Pieces shared by the benchmark scripts (no flags defined here)."""
+"""Pieces shared by the experiment scripts (no flags defined here)."""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+import zipfile
+from collections.abc import Callable
+
 import keras
+
+from keras_localrank.rundir import RunDirectoryError
+
+#: Errors a user can cause with a flag or a file (a bad value, a wrong type, a
+#: missing/unwritable/corrupt file, a busy or mismatched run directory): a
+#: script reports them in one line. Anything else is a bug and keeps its
+#: traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, zipfile.BadZipFile, RunDirectoryError)
+
+
+def one_line_errors(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+    """Wrap an absl `main`: `USER_ERRORS` end the program with one line on
+    stderr (`<script>: error: <message>`) and exit status 1, not a traceback."""
+
+    @functools.wraps(main)
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            script = os.path.basename(sys.argv[0]) if sys.argv else "script"
+            print(f"{script}: error: {message}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    return wrapped
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+    """`absl.app.run(main)` with `one_line_errors`: the entry point of every script."""
+    from absl import app
+
+    app.run(one_line_errors(main))
+
+
+def numbers(name: str, values, kind) -> tuple:
+    """The values of list flag `--name` as `kind` (int or float).
+
+    Raises:
+        ValueError: a value that is not a `kind` number, naming the flag.
+    """
+    try:
+        return tuple(kind(v) for v in values)
+    except ValueError:
+        raise ValueError(f"Expected numbers in --{name}. Received: {','.join(values)}") from None
 
 
 def build_mlp(input_dim: int, widths: list[int], seed: int) -> keras.Model:
-    """The reference ReLU MLP of DESIGN.md: He-normal init, linear last layer."""
+    """The reference ReLU MLP of the benchmarks: He-normal init, linear last layer."""
     keras.utils.set_random_seed(seed)
     layers = [keras.Input((input_dim,))]
     for i, w in enumerate(widths):

@@ -1,7 +1,7 @@
 """absl flags shared by `gaussian_mlp.py` and `mnist_mlp.py`.
 
 Every flag but `--workdir`, `--preset` and `--seeds` defaults to None: it then
-keeps the preset's value (see `keras_localrank.dynamics.PRESETS`).
+keeps the preset's value (see `keras_localrank.studies.dynamics_config.PRESETS`).
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ import logging
 
 from absl import flags
 
-from keras_localrank import dynamics
-from keras_localrank.io import atomic_write_text
+from experiments.common import numbers
+from keras_localrank.studies import dynamics
 
 FLAGS = flags.FLAGS
 _PRESETS: dict[str, str] = {}
 
 
 def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
-    """Define the flags; `presets` maps a flag value to a `dynamics.PRESETS` name."""
+    """Define the flags; `presets` maps a flag value to a `PRESETS` name."""
     flags.DEFINE_string("workdir", workdir, "Run directory; reuse it to resume.")
-    flags.DEFINE_string("output_dir", None, "Alias of --workdir.")
     flags.DEFINE_enum("preset", next(iter(presets)), list(presets), "Named configuration.")
     flags.DEFINE_list("seeds", ["0"], "Seeds: one model per seed (init and data order).")
     flags.DEFINE_string("data_path", None, "An .npz with x and y read instead of downloading.")
@@ -39,13 +38,6 @@ def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
     flags.DEFINE_integer("verbose", 0, "Keras fit verbosity.")
     flags.DEFINE_integer("data_seed", None, "Seed of the data set / split.")
     _PRESETS.update(presets)
-
-
-def _numbers(name: str, values, kind):
-    try:
-        return tuple(kind(v) for v in values)
-    except ValueError:
-        raise ValueError(f"Expected numbers in --{name}. Received: {values!r}") from None
 
 
 def config_from_flags(**fixed) -> dynamics.DynamicsConfig:
@@ -68,21 +60,26 @@ def config_from_flags(**fixed) -> dynamics.DynamicsConfig:
         if getattr(FLAGS, name) is not None:
             overrides[name] = getattr(FLAGS, name)
     if FLAGS.hidden is not None:
-        overrides["hidden"] = _numbers("hidden", FLAGS.hidden, int)
+        overrides["hidden"] = numbers("hidden", FLAGS.hidden, int)
     if FLAGS.atol is not None:
-        overrides["atols"] = _numbers("atol", FLAGS.atol, float)
-    overrides["seeds"] = _numbers("seeds", FLAGS.seeds, int)
+        overrides["atols"] = numbers("atol", FLAGS.atol, float)
+    overrides["seeds"] = numbers("seeds", FLAGS.seeds, int)
     return dynamics.get_preset(_PRESETS[FLAGS.preset], **overrides)
 
 
 def run_from_flags(**fixed) -> dict:
-    """Resolve the config, write the flags into the run directory, run, print a summary."""
-    logging.getLogger("keras_localrank.dynamics").setLevel(logging.INFO)
+    """Resolve the config, run it (the flags go to `flags.txt` once the run
+    directory accepts the config), print a summary."""
+    logging.getLogger(dynamics.__name__).setLevel(logging.INFO)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
     config = config_from_flags(**fixed)
-    workdir = FLAGS.output_dir or FLAGS.workdir
-    atomic_write_text(f"{workdir}/flags.txt", FLAGS.flags_into_string())
-    summary = dynamics.train_and_evaluate(config, workdir, verbose=FLAGS.verbose)
+    workdir = FLAGS.workdir
+    summary = dynamics.train_and_evaluate(
+        config,
+        workdir,
+        verbose=FLAGS.verbose,
+        extra_files={"flags.txt": FLAGS.flags_into_string()},
+    )
     print(f"Wrote {workdir} in {summary['wall_seconds_this_call']:.0f} s.")
     for column in summary["rank_columns"]:
         print(column)

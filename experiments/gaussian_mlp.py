@@ -7,7 +7,7 @@ seed on 2 CPU cores):
     python -m experiments.gaussian_mlp --workdir=runs/gaussian_mlp --seeds=0,1,2
 
 Run it again with the same --workdir to resume. Outputs: see
-`keras_localrank/dynamics.py`.
+`keras_localrank/studies/dynamics.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import flags
 
-from experiments import dynamics_flags
+from experiments import common, dynamics_flags
 
 flags.DEFINE_integer("dim", None, "Input dimension d (default 20).")
 flags.DEFINE_integer("k", None, "Directions the labels depend on (default 2).")
@@ -28,9 +28,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    fixed = {name: getattr(FLAGS, name) for name in ("dim", "k") if getattr(FLAGS, name)}
+    fixed = {name: getattr(FLAGS, name) for name in ("dim", "k")}
+    fixed = {name: value for name, value in fixed.items() if value is not None}
     dynamics_flags.run_from_flags(**fixed)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

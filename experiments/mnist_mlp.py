@@ -10,7 +10,7 @@ log-spaced measurements). Example (offline, with the bundled digits):
 
 Without --data_path MNIST is downloaded by `keras.datasets.mnist`. Run it
 again with the same --workdir to resume. Outputs: see
-`keras_localrank/dynamics.py`.
+`keras_localrank/studies/dynamics.py`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app
 
-from experiments import dynamics_flags
+from experiments import common, dynamics_flags
 
 dynamics_flags.define_flags(
     workdir="runs/mnist_mlp", presets={"default": "mnist", "paper": "mnist_paper"}
@@ -34,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -1,12 +1,13 @@
 r"""Sweep the VIB trade-off beta; record information terms and local rank.
 
-Example (offline, the bundled 10,000 MNIST digits):
+Example (offline, an .npz with 10,000 MNIST digits):
 
-    python -m experiments.vib_beta_sweep --data_path=../shared/data/mnist10k.npz \
+    python -m experiments.vib_beta_sweep --data_path=mnist10k.npz \
         --workdir=runs/vib_beta_sweep
 
-Run it again with the same --workdir to resume; finished betas are not
-retrained. See `experiments/vib_sweep_lib.py` for the outputs.
+Without --data_path MNIST is downloaded by `keras.datasets.mnist`. Run it
+again with the same --workdir to resume; finished betas are not retrained.
+See `keras_localrank/studies/vib_sweep.py` for the outputs.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import flags
 
-from experiments.vib_sweep_lib import SweepConfig, beta_grid, run_sweep
+from experiments import common
+from experiments.common import numbers
+from keras_localrank.studies import vib_sweep
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/vib_beta_sweep", "Run directory (reuse it to resume).")
@@ -39,26 +42,16 @@ flags.DEFINE_integer("rank_samples", 500, "Test examples the local rank averages
 flags.DEFINE_float("robust_atol", 0.1, "Singular-value threshold of the robust local rank.")
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"Expected numbers in --betas. Received: {text!r}") from None
-
-
-def main(argv):
-    del argv
-    logging.getLogger("experiments.vib_sweep_lib").setLevel(logging.INFO)
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # per-model retracing notes
-    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
+def config_from_flags() -> vib_sweep.SweepConfig:
+    """The `SweepConfig` of the parsed flags."""
     betas = (
-        tuple(_float(b) for b in FLAGS.betas)
+        numbers("betas", FLAGS.betas, float)
         if FLAGS.betas
-        else beta_grid(FLAGS.beta_min, FLAGS.beta_max, FLAGS.num_betas)
+        else vib_sweep.beta_grid(FLAGS.beta_min, FLAGS.beta_max, FLAGS.num_betas)
     )
-    config = SweepConfig(
+    return vib_sweep.SweepConfig(
         betas=betas,
-        seeds=tuple(int(s) for s in FLAGS.seeds),
+        seeds=numbers("seeds", FLAGS.seeds, int),
         dataset=FLAGS.dataset,
         data_path=FLAGS.data_path,
         n_train=FLAGS.n_train or None,
@@ -68,7 +61,16 @@ def main(argv):
         overrides={} if FLAGS.epochs is None else {"epochs": FLAGS.epochs},
         robust_atol=FLAGS.robust_atol,
     )
-    summary = run_sweep(config, FLAGS.workdir)
+
+
+def main(argv):
+    del argv
+    logging.getLogger(vib_sweep.__name__).setLevel(logging.INFO)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # per-model retracing notes
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
+    summary = vib_sweep.train_and_evaluate(
+        config_from_flags(), FLAGS.workdir, extra_files={"flags.txt": FLAGS.flags_into_string()}
+    )
     print(f"Wrote {FLAGS.workdir}: {summary['num_runs']} runs, "
           f"{summary['wall_seconds_this_call']:.0f}s this call.")
     for t in summary["overall_local_rank_transitions"]:
@@ -77,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -57,7 +57,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from keras_localrank.io import atomic_write_json, atomic_write_text
+from keras_localrank.io import _jsonable, atomic_write_json, atomic_write_text
 from keras_localrank.validation import check_writable_dir
 
 __all__ = [
@@ -120,14 +120,6 @@ class ConfigMismatch(RunDirectoryError, ValueError):
 def _normalise(obj: Any) -> Any:
     """`obj` as it reads back from JSON (tuples -> lists, numpy -> Python)."""
     return json.loads(json.dumps(obj, default=_jsonable))
-
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 _MISSING = "<missing>"
@@ -326,6 +318,7 @@ class SubRun(_Folder):
         mutable_keys: config keys that may change between calls. Default ().
         lock: take this sub-run's own lock first (released by `close()` or at
             the end of a `with` block). Default False.
+        name: how the manifest names it. Default: the folder's name.
 
     Raises:
         RunDirectoryLocked: with `lock=True`, another process holds the lock.
@@ -341,10 +334,11 @@ class SubRun(_Folder):
         *,
         mutable_keys: Iterable[str] = (),
         lock: bool = False,
+        name: str | None = None,
         _guarded: bool = False,
     ):
         self.path = os.path.abspath(os.fspath(path))
-        self.name = os.path.basename(self.path)
+        self.name = name or os.path.basename(self.path)
         self.config = None if config is None else dict(config)
         os.makedirs(self.path, exist_ok=True)
         self._lock = _Lock(os.path.join(self.path, LOCK))
@@ -519,8 +513,17 @@ class RunDirectory(_Folder):
         return name in self._manifest["complete"]
 
     def mark_complete(self, name: str, **info) -> None:
-        """List output `name` (a file, or a sub-run's name) as complete in the manifest."""
+        """List output `name` (a file, or a sub-run's name) as complete in the manifest.
+
+        Marking an output that is already complete with the same `info` leaves
+        the manifest as it is.
+        """
         self._require_open()
+        previous = self._manifest["complete"].get(name)
+        if previous is not None and _normalise(info) == {
+            k: v for k, v in previous.items() if k != "completed_at"
+        }:
+            return
         self._manifest["complete"][name] = {"completed_at": _now(), **info}
         self.write_json(MANIFEST, self._manifest)
 
@@ -539,14 +542,21 @@ class RunDirectory(_Folder):
     ) -> SubRun:
         """The sub-run folder `name` (created), its config checked; see `SubRun`.
 
+        `name` is a folder inside the run directory, possibly nested
+        (`"runs/beta=0.1_seed=0"`); the manifest lists it under that name.
+
         The manifest lists the sub-run as complete only when its own marker
         says so: a sub-run marked in the manifest but whose `complete.json` is
         missing (e.g. removed by hand) is dropped from the manifest here.
         """
         self._require_open()
-        if not name or os.sep in name or name in (".", ".."):
-            raise ValueError(f"Expected a plain folder name. Received: name={name!r}")
-        sub = SubRun(self.join(name), config, mutable_keys=mutable_keys, _guarded=True)
+        if not isinstance(name, str) or not name or os.path.isabs(name):
+            raise ValueError(f"Expected a folder name inside the run directory. Received: {name!r}")
+        if self.join(name) == self.path:
+            raise ValueError(f"Expected a folder name inside the run directory. Received: {name!r}")
+        path = self.join(name)
+        name = os.path.relpath(path, self.path)
+        sub = SubRun(path, config, mutable_keys=mutable_keys, name=name, _guarded=True)
         if not sub.is_complete():
             self.mark_incomplete(name)
         return sub

@@ -1,4 +1,4 @@
-"""Training-dynamics studies (keras_localrank.dynamics, experiments/*_mlp.py).
+"""Training-dynamics studies (keras_localrank.studies.dynamics, experiments/*_mlp.py).
 
 Tiny configs (a few hundred optimizer steps on 8-unit MLPs) so the whole file
 runs in well under a minute on 2 CPU cores.
@@ -8,13 +8,19 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 
-from keras_localrank import dynamics, schedules
+from experiments import common
+from keras_localrank import curves, datasets, schedules
+from keras_localrank.rundir import ConfigMismatch, RunDirectoryLocked
+from keras_localrank.studies import checkpoints, dynamics, mlp
+from keras_localrank.studies.step_metrics import StepMetrics
+from tests.run_files import snapshot
 
 TINY = dict(
     n_train=96,
@@ -79,7 +85,7 @@ def test_run_directory_contents(two_seeds):
         "epoch",
         "layer",
         "local_rank",
-        "local_rank_eps=0.01",
+        "robust_local_rank@0.01",
         "train_loss",
         "train_accuracy",
         "test_loss",
@@ -92,10 +98,10 @@ def test_run_directory_contents(two_seeds):
     assert sorted(frame["step"].unique()) == expected
     assert not frame.duplicated(["step", "layer"]).any()
     assert sorted(frame["layer"].unique()) == ["hidden_1", "hidden_2", "hidden_3"]
-    assert frame[["local_rank", "local_rank_eps=0.01"]].notna().all().all()
+    assert frame[["local_rank", "robust_local_rank@0.01"]].notna().all().all()
     # A ReLU layer fed by a 6-dim input has rank <= 6; robust rank <= exact rank.
     assert frame["local_rank"].max() <= 6
-    assert (frame["local_rank_eps=0.01"] <= frame["local_rank"] + 1e-9).all()
+    assert (frame["robust_local_rank@0.01"] <= frame["local_rank"] + 1e-9).all()
     assert frame["train_accuracy"].between(0, 1).all()
     trace = pd.read_csv(os.path.join(run, "trace.csv"))
     assert len(trace) == 2 * len(frame)  # exact and eps rows
@@ -113,7 +119,7 @@ def test_summary_is_consistent_with_csv(two_seeds):
         run_summary = read_json(os.path.join(run, "summary.json"))
         assert run_summary == summary["per_seed"][str(seed)]
         for layer, rows in frame.groupby("layer"):
-            for column in ("local_rank", "local_rank_eps=0.01"):
+            for column in ("local_rank", "robust_local_rank@0.01"):
                 s = run_summary["layers"][layer][column]
                 values = rows.sort_values("step")[column].to_numpy()
                 assert s["peak"] == pytest.approx(values.max())
@@ -129,10 +135,10 @@ def test_multi_seed_aggregation(two_seeds):
     both = pd.read_csv(os.path.join(workdir, "measurements.csv"))
     assert sorted(both["seed"].unique()) == [0, 1]
     finals = [
-        summary["per_seed"][s]["layers"]["hidden_3"]["local_rank_eps=0.01"]["final"]
+        summary["per_seed"][s]["layers"]["hidden_3"]["robust_local_rank@0.01"]["final"]
         for s in ("0", "1")
     ]
-    agg = summary["mean_std"]["layers"]["hidden_3"]["local_rank_eps=0.01"]["final"]
+    agg = summary["mean_std"]["layers"]["hidden_3"]["robust_local_rank@0.01"]["final"]
     assert agg == {
         "mean": pytest.approx(np.mean(finals)),
         "std": pytest.approx(np.std(finals)),
@@ -199,8 +205,8 @@ def test_kernels_only_weight_decay_survives_resume(tmp_path):
     x, y = np.ones((4, 6), np.float32), np.zeros(4, np.int64)
 
     def fresh():
-        model = dynamics.build_mlp(6, 4, (8, 8, 8))
-        dynamics._compile(model, config)
+        model = mlp.build_mlp(6, 4, (8, 8, 8))
+        mlp.compile_mlp(model, config)
         return model
 
     model = fresh()
@@ -212,7 +218,7 @@ def test_kernels_only_weight_decay_survives_resume(tmp_path):
     np.testing.assert_allclose(model.layers[1].bias.numpy(), 1.0, rtol=1e-5)
     model.save(tmp_path / "ckpt.keras")
     restored = fresh()
-    dynamics._restore(restored, str(tmp_path / "ckpt.keras"))
+    checkpoints.restore(restored, str(tmp_path / "ckpt.keras"))
     assert int(restored.optimizer.iterations.numpy()) == 1
     restored.train_on_batch(x, y)
     np.testing.assert_allclose(restored.layers[1].kernel.numpy(), kernel / 4, rtol=1e-5)
@@ -221,17 +227,97 @@ def test_kernels_only_weight_decay_survives_resume(tmp_path):
 
 def test_workdir_with_a_different_config_is_refused(tmp_path):
     config = tiny(epochs=2, checkpoint_every=1, num_measurements=2)
-    dynamics.train_and_evaluate(config, tmp_path, plots=False)
+    dynamics.train_and_evaluate(
+        config, tmp_path, plots=False, extra_files={"flags.txt": "--epochs=2\n"}
+    )
+    before = snapshot(tmp_path)
     with pytest.raises(ValueError, match="learning_rate"):
         dynamics.train_and_evaluate(
             tiny(epochs=2, checkpoint_every=1, num_measurements=2, learning_rate=0.5),
             tmp_path,
             plots=False,
         )
+    with pytest.raises(ConfigMismatch, match="epochs") as info:
+        dynamics.train_and_evaluate(
+            tiny(epochs=3, checkpoint_every=1, num_measurements=2),
+            tmp_path,
+            plots=False,
+            extra_files={"flags.txt": "--epochs=3\n"},
+        )
+    assert info.value.keys == ["epochs"]
+    # The finished run's config.json and flags.txt (and everything else) are untouched.
+    assert snapshot(tmp_path) == before
+    assert (tmp_path / "flags.txt").read_text() == "--epochs=2\n"
+    # More seeds or other summary settings are a valid rerun: only seed 1 trains.
+    more = tiny(epochs=2, checkpoint_every=1, num_measurements=2, seeds=(0, 1), drop_tolerance=0.2)
+    summary = dynamics.train_and_evaluate(more, tmp_path, plots=False)
+    assert sorted(summary["per_seed"]) == ["0", "1"]
+    assert snapshot(tmp_path)["seed=0/trace.csv"] == before["seed=0/trace.csv"]  # not retrained
+    assert read_json(tmp_path / "config.json")["seeds"] == [0, 1]
+
+
+def test_second_process_on_the_workdir_is_refused(tmp_path):
+    config = tiny(epochs=2, checkpoint_every=1, num_measurements=2)
+    dynamics.train_and_evaluate(config, tmp_path, plots=False)
+    before = snapshot(tmp_path)
+    # The first process: holds the run directory open (the same config) until told.
+    code = (
+        "import json, sys, types; pkg = types.ModuleType('keras_localrank'); "
+        f"pkg.__path__ = [{os.path.join(REPO, 'keras_localrank')!r}]; "
+        "sys.modules['keras_localrank'] = pkg; "
+        "from keras_localrank.rundir import RunDirectory; "
+        "run = RunDirectory(sys.argv[1], json.loads(sys.argv[2]), mutable_keys=['seeds']).open(); "
+        "print('holding', flush=True); sys.stdin.readline()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), json.dumps(config.to_dict())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(RunDirectoryLocked, match=f"pid {holder.pid}"):
+            dynamics.train_and_evaluate(tiny(epochs=2, checkpoint_every=1, num_measurements=2,
+                                             seeds=(0, 1)), tmp_path, plots=False)
+        assert snapshot(tmp_path) == before  # nothing written, deleted or duplicated
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def test_step_metrics_follow_the_optimizer_step():
+    # steps_per_execution=4: Keras calls the batch hook every 4 steps. A private
+    # `+= 1` counter saw steps 1, 2 (epoch 0) and 9, 10 (epoch 1) and fired once;
+    # the global step crosses 3, 6, 9 and 15 at checks 4, 8, 12 and 16.
+    data = datasets.gaussian_task(64, 16, dim=6, k=2, seed=0)
+    model = mlp.build_mlp(6, data.num_classes, (8,))
+    mlp.compile_mlp(model, tiny())
+    model.compile(
+        optimizer=model.optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=4,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "metrics.csv")
+        callback = StepMetrics(data, schedules.StepSchedule(3), path)
+        model.fit(data.x_train, data.y_train, batch_size=8, epochs=2, verbose=0,
+                  shuffle=False, callbacks=[callback])
+        rows = pd.read_csv(path)
+    assert rows["step"].tolist() == [4, 8, 12, 16]
+    assert rows["epoch"].tolist() == [0, 0, 1, 1]
+    # The last row is the final weights: independent float64 cross-entropy.
+    logits = model.predict(data.x_train, verbose=0).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -log_p[np.arange(len(data.y_train)), data.y_train].mean()
+    assert rows["train_loss"].iloc[-1] == pytest.approx(expected, rel=1e-4)
+    accuracy = np.mean(np.argmax(log_p, axis=1) == data.y_train)
+    assert rows["train_accuracy"].iloc[-1] == pytest.approx(accuracy)
 
 
 def test_summarize_curve_by_hand():
-    s = dynamics.summarize_curve([0, 1, 2, 3, 4, 5, 6], [10, 20, 20, 19.5, 12, 10, 10])
+    s = curves.summarize_curve([0, 1, 2, 3, 4, 5, 6], [10, 20, 20, 19.5, 12, 10, 10])
     assert s == dict(
         peak=20.0,
         peak_step=1,
@@ -241,11 +327,11 @@ def test_summarize_curve_by_hand():
         relative_drop=0.5,
         drop_start_step=3,
     )
-    flat = dynamics.summarize_curve([1, 2, 3], [20, 20, 19.5])
+    flat = curves.summarize_curve([1, 2, 3], [20, 20, 19.5])
     assert flat["drop_start_step"] is None and flat["relative_drop"] == pytest.approx(0.025)
-    assert dynamics.summarize_curve([1, 2], [np.nan, 4])["peak"] == 4
+    assert curves.summarize_curve([1, 2], [np.nan, 4])["peak"] == 4
     with pytest.raises(ValueError, match="finite"):
-        dynamics.summarize_curve([1], [np.nan])
+        curves.summarize_curve([1], [np.nan])
 
 
 @pytest.mark.parametrize(
@@ -328,7 +414,7 @@ def test_mnist_script_with_data_path(tmp_path):
     done = _script(
         "experiments.mnist_mlp",
         f"--data_path={npz}",
-        f"--output_dir={out}",
+        f"--workdir={out}",
         "--n_train=64",
         "--n_test=16",
         "--hidden=8,8,8,8",
@@ -347,19 +433,59 @@ def test_mnist_script_with_data_path(tmp_path):
     assert config["learning_rate"] == 1e-3 and config["weight_decay"] == 1.0  # the preset
     assert "--data_path" in (out / "flags.txt").read_text()
     frame = pd.read_csv(out / "seed=3" / "measurements.csv")
-    assert {"local_rank_eps=0.01", "local_rank_eps=0.1"} <= set(frame.columns)
+    assert {"robust_local_rank@0.01", "robust_local_rank@0.1"} <= set(frame.columns)
 
 
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--hidden=a,b", "Expected numbers in --hidden"),
+        ("--hidden=a,b", "Expected numbers in --hidden. Received: a,b"),
         ("--weight_decay=-2", "weight_decay=-2"),
         ("--seeds=1,1", "distinct seeds"),
         ("--k=30", "k=30"),
+        ("--epochs=0", "Expected `epochs` >= 1. Received: epochs=0"),
+        ("--workdir={file}", "Expected `workdir` to be a directory."),
     ],
 )
 def test_gaussian_script_flag_errors(tmp_path, flag, message):
-    done = _script("experiments.gaussian_mlp", f"--workdir={tmp_path}", flag, cwd=REPO)
-    assert done.returncode != 0
-    assert message in done.stderr
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    workdir = tmp_path / "run"
+    done = _script(
+        "experiments.gaussian_mlp", f"--workdir={workdir}", flag.format(file=a_file), cwd=REPO
+    )
+    assert done.returncode == 1
+    # One line, no traceback; nothing written.
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("gaussian_mlp.py: error: ") and message in last
+    assert not workdir.exists() and a_file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("Expected `epochs` >= 1.\nReceived: epochs=0"),
+        TypeError("Expected `seeds` to be a sequence."),
+        OSError(13, "Permission denied", "/x/flags.txt"),
+        RunDirectoryLocked("/x", "pid 42 on host"),
+    ],
+)
+def test_one_line_errors(capsys, error):
+    def main(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as info:
+        common.one_line_errors(main)(["script"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err
+    assert " ".join(str(error).split()) in err
+
+
+def test_one_line_errors_keeps_the_traceback_of_bugs():
+    def main(argv):
+        return {}["missing"]
+
+    with pytest.raises(KeyError):
+        common.one_line_errors(main)(["script"])

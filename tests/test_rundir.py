@@ -17,6 +17,7 @@ from keras_localrank.rundir import (
     SubRun,
     config_differences,
 )
+from tests.run_files import snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = {"epochs": 3, "lr": 0.1, "seeds": [0, 1], "model": {"units": 8, "depth": 2}}
@@ -43,19 +44,6 @@ def _python(code, *args, **kwargs):
     )
 
 
-def _snapshot(folder):
-    """Every file below `folder` (but the lock file) with its bytes and mtime."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if name == ".lock":
-                continue
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
-    return out
-
-
 def _mode(path):
     return os.stat(path).st_mode & 0o777
 
@@ -74,6 +62,11 @@ def test_open_writes_config_and_manifest_0644(tmp_path):
     with RunDirectory(root, CONFIG) as again:  # a later process sees the manifest
         assert again.is_complete("flags.txt")
         assert again.manifest["complete"]["flags.txt"]["rows"] == 1
+        manifest = (root / "manifest.json").read_bytes()
+        again.mark_complete("flags.txt", rows=1)  # already complete: not rewritten
+        assert (root / "manifest.json").read_bytes() == manifest
+        again.mark_complete("flags.txt", rows=2)
+        assert again.manifest["complete"]["flags.txt"]["rows"] == 2
         again.mark_incomplete("flags.txt")
         assert not again.is_complete("flags.txt")
     with pytest.raises(RunDirectoryError, match="not open"):
@@ -99,7 +92,7 @@ def test_second_process_is_refused_while_the_first_holds_the_lock(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "holding"
-        before = _snapshot(tmp_path)
+        before = snapshot(tmp_path)
         # Same config, a different config: the lock is checked first either way.
         for config in ({"epochs": 3}, {"epochs": 5}):
             with pytest.raises(RunDirectoryLocked, match=f"pid {holder.pid}") as info:
@@ -122,7 +115,7 @@ def test_second_process_is_refused_while_the_first_holds_the_lock(tmp_path):
         )
         out, _ = worker.communicate(timeout=120)
         assert worker.returncode == 3 and f"pid {holder.pid}" in out
-        assert _snapshot(tmp_path) == before  # nothing written, nothing deleted
+        assert snapshot(tmp_path) == before  # nothing written, nothing deleted
         holder.stdin.write("go\n")
         holder.stdin.flush()
         assert holder.wait(timeout=120) == 0
@@ -139,7 +132,7 @@ def test_refused_rerun_leaves_files_byte_identical(tmp_path):
         run.write_text("flags.txt", "--epochs=3 --lr=0.1\n")
         run.mark_complete("summary.json")
         run.subrun("seed=0", {"seed": 0, "epochs": 3}).mark_complete()
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     changed = {**CONFIG, "epochs": 4, "model": {"units": 16, "depth": 2}}
     with pytest.raises(ConfigMismatch, match="epochs") as info:
         with RunDirectory(tmp_path, changed) as run:
@@ -147,13 +140,13 @@ def test_refused_rerun_leaves_files_byte_identical(tmp_path):
     assert info.value.keys == ["epochs", "model.units"]
     assert isinstance(info.value, ValueError)
     assert "3 -> 4" in str(info.value)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     # The refusal released the lock: the original config opens again.
     with RunDirectory(tmp_path, CONFIG) as run:
         assert run.is_complete("summary.json")
         with pytest.raises(ConfigMismatch, match="seed"):
             run.subrun("seed=0", {"seed": 1, "epochs": 3})
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_mutable_keys_may_change_and_are_saved(tmp_path):
@@ -213,13 +206,13 @@ def test_killed_then_resumed_run_has_no_duplicate_rows(tmp_path):
         assert [run.is_complete(f"item={i}") for i in range(5)] == [True, True, False] + [False] * 2
         assert not run.subrun("item=2").is_complete()
     assert (tmp_path / "item=2" / "rows.csv").read_text() == "2,first\n"
-    done_before = _snapshot(tmp_path / "item=0")
+    done_before = snapshot(tmp_path / "item=0")
 
     resumed = _python(_DRIVER, str(tmp_path), "-1")
     assert resumed.wait(timeout=120) == 0
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert rows == [f"{i},{half}" for i in range(5) for half in ("first", "second")]
-    assert _snapshot(tmp_path / "item=0") == done_before  # finished items untouched
+    assert snapshot(tmp_path / "item=0") == done_before  # finished items untouched
     with RunDirectory(tmp_path, {"items": 5}) as run:
         assert all(run.is_complete(f"item={i}") for i in range(5))
         assert run.is_complete("results.csv")
@@ -256,8 +249,11 @@ def test_atomic_path_renames_on_success_only(tmp_path):
         assert os.listdir(tmp_path / "models") == ["m.bin"]
         with pytest.raises(ValueError, match="inside"):
             run.join("..", "elsewhere.txt")
-        with pytest.raises(ValueError, match="plain folder name"):
-            run.subrun("../x")
+        for bad in ("../x", ".", "/abs"):
+            with pytest.raises(ValueError, match="inside"):
+                run.subrun(bad)
+        nested = run.subrun("runs/a=1")
+        assert (nested.path, nested.name) == (str(tmp_path / "runs" / "a=1"), "runs/a=1")
 
 
 def test_bad_paths_and_corrupt_files(tmp_path):

@@ -3,12 +3,19 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from experiments import vib_sweep_lib as lib
+from keras_localrank import curves, validation
+from keras_localrank.rundir import ConfigMismatch, RunDirectory
+from keras_localrank.studies import vib_sweep as lib
+from tests.run_files import snapshot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_beta_grid_is_log_spaced_and_inclusive():
@@ -48,13 +55,14 @@ def test_bad_grids(args, error, match):
 )
 def test_bad_explicit_betas(betas, error, match):
     with pytest.raises(error, match=match):
-        lib.check_betas(betas)
+        validation.check_betas("betas", betas, minimum_count=2)
     with pytest.raises(error, match=match):
         lib.SweepConfig(betas=betas)
 
 
 def test_explicit_betas_are_sorted_and_zero_is_allowed():
-    assert lib.check_betas([1.0, 0.0, 1e-3]) == (0.0, 1e-3, 1.0)
+    assert validation.check_betas("betas", [1.0, 0.0, 1e-3], minimum_count=2) == (0.0, 1e-3, 1.0)
+    assert lib.SweepConfig(betas=[1.0, 0.0, 1e-3]).betas == (0.0, 1e-3, 1.0)
 
 
 def test_bad_sweep_settings():
@@ -72,7 +80,7 @@ def test_find_transitions_locates_a_step():
     for seed, jitter in enumerate((0.0, 0.2)):
         for b, v in zip(betas, (30, 29, 28, 8, 7)):
             rows.append({"beta": b, "seed": seed, "lr": v + jitter})
-    found = lib.find_transitions(pd.DataFrame(rows), ["lr"], top=2)["lr"]
+    found = curves.find_transitions(pd.DataFrame(rows), ["lr"], top=2)["lr"]
     assert (found[0]["beta_low"], found[0]["beta_high"]) == (1e-2, 1e-1)
     assert found[0]["beta_mid"] == pytest.approx(math.sqrt(1e-3))
     assert found[0]["delta"] == pytest.approx(-20.0)
@@ -95,9 +103,14 @@ def _tiny(**kwargs):
     )
 
 
+def _completed(folder):
+    runs = folder / "runs"
+    return sorted(p.name for p in runs.iterdir() if (p / "complete.json").exists())
+
+
 def test_sweep_resumes_after_interruption(tmp_path, monkeypatch):
     calls = []
-    real = lib._train_one
+    real = lib.train_one
 
     def interrupted(config, data, beta, seed):
         if len(calls) == 2:
@@ -105,43 +118,83 @@ def test_sweep_resumes_after_interruption(tmp_path, monkeypatch):
         calls.append(beta)
         return real(config, data, beta, seed)
 
-    monkeypatch.setattr(lib, "_train_one", interrupted)
+    monkeypatch.setattr(lib, "train_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        lib.run_sweep(_tiny(), tmp_path, plots=False)
-    finished = sorted(os.listdir(tmp_path / "runs"))
-    assert finished == ["beta=0.0001_seed=0.json", "beta=1_seed=0.json"]
+        lib.train_and_evaluate(_tiny(), tmp_path, plots=False)
+    assert _completed(tmp_path) == ["beta=0.0001_seed=0", "beta=1_seed=0"]
+    assert not (tmp_path / "runs" / "beta=100_seed=0" / "record.json").exists()
     assert not (tmp_path / "summary.json").exists()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())["complete"]
+    assert sorted(manifest) == ["runs/beta=0.0001_seed=0", "runs/beta=1_seed=0"]
 
     calls.clear()
-    monkeypatch.setattr(lib, "_train_one", lambda *a: calls.append(a[2]) or real(*a))
-    summary = lib.run_sweep(_tiny(), tmp_path)
+    monkeypatch.setattr(lib, "train_one", lambda *a: calls.append(a[2]) or real(*a))
+    summary = lib.train_and_evaluate(_tiny(), tmp_path, extra_files={"flags.txt": "--x\n"})
     assert calls == [100.0]  # only the unfinished beta was trained
     assert summary["num_runs"] == 3 and summary["trained_this_call"] == 1
+    assert (tmp_path / "flags.txt").read_text() == "--x\n"
 
     frame = pd.read_csv(tmp_path / "results.csv")
     assert list(frame["beta"]) == [1e-4, 1.0, 100.0]
+    assert not frame.duplicated(["beta", "seed"]).any()
     for column in ("accuracy", "rate", "izy_lower_bound", "active_dimensions",
-                   "lr_exact/encoder_1", "lr_exact/bottleneck_mean",
-                   "lr_robust/encoder_1", "lr_robust/bottleneck_mean"):
+                   "local_rank/encoder_1", "local_rank/bottleneck_mean",
+                   "robust_local_rank@0.1/encoder_1", "robust_local_rank@0.1/bottleneck_mean",
+                   "local_rank_std/encoder_1", "robust_local_rank@0.1_std/bottleneck_mean"):
         assert column in frame and frame[column].notna().all()
-    assert (frame["lr_exact/bottleneck_mean"] <= 3).all()
+    assert (frame["local_rank/bottleneck_mean"] <= 3).all()
+    assert (frame["robust_local_rank@0.1/encoder_1"] <= frame["local_rank/encoder_1"]).all()
     for name in summary["plots"]:
         assert (tmp_path / name).stat().st_size > 1000
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert set(saved["local_rank_transitions"]) == {
-        f"lr_{kind}/{layer}" for kind in ("exact", "robust")
+        f"{kind}/{layer}" for kind in ("local_rank", "robust_local_rank@0.1")
         for layer in ("encoder_1", "bottleneck_mean")
     }
     assert len(json.loads((tmp_path / "results.json").read_text())) == 3
+    manifest = json.loads((tmp_path / "manifest.json").read_text())["complete"]
+    assert {"results.csv", "summary.json", "runs/beta=100_seed=0", *summary["plots"]} <= set(
+        manifest
+    )
 
     # Nothing left to do: a third call trains nothing.
     calls.clear()
-    assert lib.run_sweep(_tiny(), tmp_path, plots=False)["trained_this_call"] == 0
+    assert lib.train_and_evaluate(_tiny(), tmp_path, plots=False)["trained_this_call"] == 0
     assert calls == []
 
+    # A different model setting is refused before anything is written.
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigMismatch, match="robust_atol"):
+        lib.train_and_evaluate(_tiny(robust_atol=0.5), tmp_path, extra_files={"flags.txt": "y"})
+    assert snapshot(tmp_path) == before and calls == []
 
-def test_sweep_refuses_a_directory_with_other_settings(tmp_path):
-    (tmp_path / "runs").mkdir()
-    lib._check_workdir_config(_tiny(), str(tmp_path))
-    with pytest.raises(ValueError, match="different settings"):
-        lib._check_workdir_config(_tiny(robust_atol=0.5), str(tmp_path))
+
+def test_sweep_refuses_a_directory_with_other_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(lib, "train_one", lambda *a: pytest.fail("must not train"))
+    with RunDirectory(tmp_path, _tiny().to_dict(), mutable_keys=lib.MUTABLE_KEYS) as run:
+        run.write_text("flags.txt", "--epochs=2\n")
+    before = snapshot(tmp_path)
+    changed = _tiny()
+    changed = lib.SweepConfig(
+        **{**changed.__dict__, "overrides": {**changed.overrides, "epochs": 3}}
+    )
+    with pytest.raises(ConfigMismatch, match="model.epochs") as info:
+        lib.train_and_evaluate(changed, tmp_path, extra_files={"flags.txt": "--epochs=3\n"})
+    assert info.value.keys == ["model.epochs"]
+    with pytest.raises(ValueError, match="robust_atol"):  # ConfigMismatch is a ValueError
+        lib.train_and_evaluate(_tiny(robust_atol=0.5), tmp_path)
+    assert snapshot(tmp_path) == before
+
+
+def test_script_bad_betas_end_in_one_line(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.vib_beta_sweep", "--betas=abc",
+         f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == "vib_beta_sweep.py: error: Expected numbers in --betas. Received: abc"
+    assert not (tmp_path / "run").exists()

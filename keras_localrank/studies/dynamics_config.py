@@ -1,0 +1,212 @@
+"""`DynamicsConfig`: the configuration of a training-dynamics study, and its presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import keras
+
+from keras_localrank import datasets, names
+from keras_localrank.validation import (
+    check_choice,
+    check_finite_float,
+    check_int,
+    check_sequence,
+)
+
+__all__ = ["DynamicsConfig", "PRESETS", "get_preset", "rank_columns", "METRIC_COLUMNS"]
+
+METRIC_COLUMNS = ["train_loss", "train_accuracy", "test_loss", "test_accuracy"]
+
+#: Settings that only change the summaries: a rerun may change them.
+SUMMARY_FIELDS = ("drop_tolerance", "min_relative_drop", "fit_accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicsConfig:
+    """One training-dynamics study (one MLP per seed).
+
+    Attributes:
+        dataset: a `keras_localrank.datasets.NAMES` entry. Default "gaussian".
+        data_path: an `.npz` with `x`, `y` read instead of downloading (mnist).
+            Default None.
+        n_train: training examples (None: all). Default 2000.
+        n_test: test examples (None: all). Default 1000.
+        dim: input dimension of the Gaussian task. Default 20.
+        k: directions the Gaussian labels depend on (`2**k` classes). Default 2.
+        data_seed: seed of the Gaussian task / of the npz split; fixed across
+            model seeds so every seed sees the same task. Default 0.
+        hidden: widths of the hidden ReLU layers. Default (100, 100, 100).
+        activation: hidden activation. Default "relu".
+        learning_rate: AdamW learning rate. Default 1e-3.
+        weight_decay: AdamW decoupled weight decay (Keras multiplies it by the
+            learning rate each step). Default 0.5.
+        decay_bias: also decay biases. Default False (kernels only).
+        batch_size: Default 64.
+        epochs: Default 1000 (32,000 steps at the defaults).
+        num_measurements: log-spaced measurement steps over the run (plus one
+            before training). Default 50.
+        atols: thresholds `eps` of the robust local rank. Default (1e-2,).
+        rank_samples: training inputs the local rank averages over. Default 256.
+        checkpoint_every: epochs between checkpoints. Default 50.
+        seeds: one run per seed (model init and data order). Default (0,).
+        drop_tolerance: see `keras_localrank.curves` ("When the drop starts").
+            Default 0.1.
+        min_relative_drop: smaller relative drops count as no drop. Default 0.05.
+        fit_accuracy: `fit_step` is the first step whose train accuracy
+            reaches this. Default 0.99.
+
+    Raises:
+        TypeError: a field of the wrong type (e.g. `epochs=2.5`, `seeds=0`).
+        ValueError: a field out of range (e.g. `epochs=0`, `k > dim`).
+    """
+
+    dataset: str = "gaussian"
+    data_path: str | None = None
+    n_train: int | None = 2000
+    n_test: int | None = 1000
+    dim: int = 20
+    k: int = 2
+    data_seed: int = 0
+    hidden: tuple[int, ...] = (100, 100, 100)
+    activation: str = "relu"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.5
+    decay_bias: bool = False
+    batch_size: int = 64
+    epochs: int = 1000
+    num_measurements: int = 50
+    atols: tuple[float, ...] = (1e-2,)
+    rank_samples: int = 256
+    checkpoint_every: int = 50
+    seeds: tuple[int, ...] = (0,)
+    drop_tolerance: float = 0.1
+    min_relative_drop: float = 0.05
+    fit_accuracy: float = 0.99
+
+    def __post_init__(self):
+        check_choice("dataset", self.dataset, datasets.NAMES)
+        for name in ("n_train", "n_test"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
+        for name in (
+            "dim",
+            "k",
+            "batch_size",
+            "epochs",
+            "num_measurements",
+            "rank_samples",
+            "checkpoint_every",
+        ):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("data_seed", self.data_seed, minimum=0)
+        hidden = check_sequence("hidden", self.hidden)
+        if not hidden:
+            raise ValueError(
+                f"Expected at least one hidden layer. Received: hidden={self.hidden!r}"
+            )
+        hidden = tuple(check_int(f"hidden[{i}]", w, minimum=1) for i, w in enumerate(hidden))
+        object.__setattr__(self, "hidden", hidden)
+        seeds = check_sequence("seeds", self.seeds)
+        seeds = tuple(check_int(f"seeds[{i}]", s, minimum=0) for i, s in enumerate(seeds))
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"Expected one or more distinct seeds. Received: seeds={self.seeds!r}")
+        object.__setattr__(self, "seeds", seeds)
+        atols = check_sequence("atols", self.atols)
+        atols = tuple(
+            check_finite_float(f"atols[{i}]", a, low=0.0, low_open=True)
+            for i, a in enumerate(atols)
+        )
+        object.__setattr__(self, "atols", atols)
+        check_finite_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        check_finite_float("weight_decay", self.weight_decay, low=0.0)
+        for name in SUMMARY_FIELDS:
+            check_finite_float(name, getattr(self, name), low=0.0, high=1.0)
+        if self.dataset == "gaussian":
+            if not 1 <= self.k <= min(self.dim, 8):
+                raise ValueError(
+                    f"Expected 1 <= k <= min(dim, 8). Received: k={self.k}, dim={self.dim}"
+                )
+            if self.data_path is not None:
+                raise ValueError(
+                    "The Gaussian task is generated, not read: expected no `data_path`. "
+                    f"Received: data_path={self.data_path!r}"
+                )
+            if self.n_train is None or self.n_test is None:
+                raise ValueError(
+                    "Expected `n_train` and `n_test` for the Gaussian task. "
+                    f"Received: n_train={self.n_train}, n_test={self.n_test}"
+                )
+        if not isinstance(self.activation, str):
+            raise TypeError(
+                f"Expected `activation` to be a string. Received: activation={self.activation!r}"
+            )
+        keras.activations.get(self.activation)  # ValueError for unknown names
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch (the last one may be smaller)."""
+        if self.n_train is None:
+            raise ValueError("steps_per_epoch needs `n_train`; resolve it from the data.")
+        return math.ceil(self.n_train / self.batch_size)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for key in ("hidden", "atols", "seeds"):
+            out[key] = list(out[key])
+        return out
+
+    def run_fingerprint(self) -> dict:
+        """The settings one seed's run depends on (everything but the seed list
+        and the summary-only settings)."""
+        out = self.to_dict()
+        for key in ("seeds", *SUMMARY_FIELDS):
+            out.pop(key)
+        return out
+
+
+#: Named configurations. `gaussian`: a d=20, k=2 study. `mnist`: a 4x200 MLP
+#: on 1,000 MNIST digits with 10x the paper's learning rate and 100x its
+#: weight decay, so the compression phase arrives within minutes.
+#: `mnist_paper`: the paper's setting (1,000 images, lr 1e-4, weight decay 0.01
+#: on kernels, batch 64, 10^6 steps, ~50 log-spaced measurements).
+_MNIST = dict(dataset="mnist", n_train=1000, n_test=2000, hidden=(200, 200, 200, 200))
+PRESETS: dict[str, dict] = {
+    "gaussian": dict(dataset="gaussian"),
+    "mnist": dict(**_MNIST, learning_rate=1e-3, weight_decay=1.0, epochs=600, checkpoint_every=50),
+    "mnist_paper": dict(
+        **_MNIST, learning_rate=1e-4, weight_decay=0.01, epochs=62_500, checkpoint_every=500
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> DynamicsConfig:
+    """A `DynamicsConfig` from a `PRESETS` name, with fields replaced by `overrides`.
+
+    Raises:
+        ValueError: an unknown preset or field, or an invalid value.
+        TypeError: a field of the wrong type.
+    """
+    check_choice("preset", name, sorted(PRESETS))
+    fields = {f.name for f in dataclasses.fields(DynamicsConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"Unknown DynamicsConfig fields: {unknown}. Expected some of {sorted(fields)}"
+        )
+    return DynamicsConfig(**{**PRESETS[name], **overrides})
+
+
+def rank_columns(atols: Sequence[float]) -> list[str]:
+    """The rank columns of `measurements.csv`: `local_rank`, then
+    `robust_local_rank@<atol>` per threshold (`keras_localrank.names`)."""
+    return [names.rank_column(names.EXACT)] + [
+        names.rank_column(names.ROBUST, a) for a in atols
+    ]
