@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from collections.abc import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (resumable).")
@@ -263,6 +264,22 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
     from keras_localrank import datasets
     from keras_localrank.rundir import RunDirectory
 
+    from keras_localrank.validation import (
+        check_choice,
+        check_fraction,
+        check_int,
+        check_positive_int,
+    )
+
+    for name in ("epochs", "blocks", "calibration_samples", "latency_runs", "batch_size"):
+        check_positive_int(name, getattr(config, name))
+    for name in ("n_train", "n_test"):
+        if getattr(config, name) is not None:
+            check_positive_int(name, getattr(config, name))
+    check_int("finetune_epochs", config.finetune_epochs, minimum=0)
+    for budget in (*config.conv_budgets, *config.vit_budgets):
+        check_fraction("budget", budget)
+    check_choice("allocation", config.allocation, ("greedy", "energy"))
     if not 0 < config.validation_fraction <= TRAIN_HOLDOUT:
         raise ValueError(
             f"Expected `validation_fraction` in (0, {TRAIN_HOLDOUT}] (samples the original "
@@ -326,11 +343,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    from keras_localrank.rundir import RunDirectoryError
-
     if not FLAGS.workdir:
-        print("error: Expected `--workdir`. Received: workdir=None", file=sys.stderr)
-        return 1
+        raise ValueError("Expected `--workdir`. Received: workdir=None")
     config = ExperimentConfig(
         archs=tuple(FLAGS.arch),
         epochs=FLAGS.epochs,
@@ -347,13 +361,8 @@ def main(argv):
         latency_runs=FLAGS.latency_runs,
         seed=FLAGS.seed,
     )
-    try:
-        train_and_evaluate(config, FLAGS.workdir)
-    except (ValueError, TypeError, RunDirectoryError, OSError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 1
-    return 0
+    train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)
