@@ -42,7 +42,8 @@ from compress.policies import (
     RankPolicy,
     get_policy,
 )
-from compress.registry import count_macs, count_params
+from compress.macs import count_macs
+from compress.registry import count_params
 from compress.surgery import factorize, prune_units
 from compress.weight_only import weight_factorize
 

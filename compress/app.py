@@ -28,9 +28,8 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from compress import macs as macs_lib
 from compress.baselines import select_layers
-from compress.costs import PARAMS, CostModel, mac_cost
+from compress.costs import MACS, PARAMS, CostModel
 from compress.data_aware import local_rank_compress
 from compress.evaluate import (
     LATENCY_BATCHES,
@@ -289,8 +288,6 @@ def _validation_loss(kind: OutputKind, x_val, y_val, batch_size):
     return score
 
 
-#: MACs as the report counts them (`compress.macs`), as a budget unit.
-MACS = CostModel("macs", mac_cost, lambda model: float(macs_lib.count_macs(model)))
 
 
 def _cost(config) -> CostModel:

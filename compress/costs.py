@@ -12,7 +12,7 @@ two functions that must agree with each other:
 
 `PARAMS` counts weights (kernel and bias); `MACS` counts
 `positions * prod(kernel_shape)` multiply-accumulates per sample, the rule
-of `compress.registry.count_macs`. Another counter (say one that also counts
+of `compress.macs.count_macs`. Another counter (say one that also counts
 pooling or normalization) plugs in as `CostModel("macs", layer=..., model=...)`.
 """
 
@@ -74,7 +74,7 @@ def _count_params(model) -> float:
 
 
 def _count_macs(model) -> float:
-    from compress.registry import count_macs
+    from compress.macs import count_macs
 
     return float(count_macs(model))
 

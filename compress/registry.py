@@ -7,8 +7,8 @@ layer the matching inputs); `PASS_THROUGH_LAYERS` may sit between a pruned
 layer and its consumer. `rewritable_layers` splits a model's weight layers
 into those the local-rank method rewrites and the others, each with the
 reason it is left alone.
-`count_params` and `count_macs` use one rule per layer type, looked up with
-`isinstance`, never by class name.
+`count_params` counts weights (MAC counts live in `compress.macs`). Layer
+types are looked up with `isinstance`, never by class name.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ __all__ = [
     "PASS_THROUGH_LAYERS",
     "PRUNABLE_LAYERS",
     "compressible_layers",
-    "count_macs",
     "count_params",
     "conv_rewrite_reason",
     "is_factorizable",
@@ -157,53 +156,3 @@ def count_params(model, *, nonzero: bool = False) -> int:
     if not nonzero:
         return int(sum(math.prod(w.shape) for w in model.weights))
     return int(sum(np.count_nonzero(keras.ops.convert_to_numpy(w)) for w in model.weights))
-
-
-def _positions(layer) -> int:
-    """Output positions that share the layer's kernel (1 for a vector output)."""
-    shape = layer.output.shape
-    return int(math.prod(d for d in shape[1:-1] if d is not None))
-
-
-def _dense_macs(layer) -> int:
-    return _positions(layer) * math.prod(layer.kernel.shape)
-
-
-def _low_rank_macs(layer) -> int:
-    return _positions(layer) * (math.prod(layer.kernel_a.shape) + math.prod(layer.kernel_b.shape))
-
-
-def _conv_macs(layer) -> int:
-    out_positions = math.prod(d for d in layer.output.shape[1:-1])
-    return int(out_positions * math.prod(layer.kernel.shape))
-
-
-#: Multiply-accumulates per sample, by layer type (checked in order).
-MAC_RULES: tuple[tuple[type, object], ...] = (
-    (LowRankDense, _low_rank_macs),
-    (keras.layers.Dense, _dense_macs),
-    (keras.layers.Conv1D, _conv_macs),
-    (keras.layers.Conv2D, _conv_macs),
-    (keras.layers.Conv3D, _conv_macs),
-)
-
-
-def count_macs(model) -> int:
-    """Multiply-accumulates per sample of the layers in `MAC_RULES`.
-
-    Dense and convolution layers are counted as executed (a zero weight still
-    costs a MAC in a dense kernel); other layers count 0.
-
-    Args:
-        model: a built functional or Sequential Keras model.
-
-    Returns:
-        The count, an int.
-    """
-    total = 0
-    for layer in model.layers:
-        for cls, rule in MAC_RULES:
-            if isinstance(layer, cls):
-                total += rule(layer)
-                break
-    return int(total)
