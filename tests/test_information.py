@@ -12,15 +12,18 @@ References used:
 
 from __future__ import annotations
 
+import glob
 import math
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from scipy.special import logsumexp
 
 from keras_localrank import information as info
+from keras_localrank.names import information_key
 from keras_localrank.jacobians import preactivation_jacobians
 from keras_localrank.spectra import singular_values
 from keras_localrank.taps import select_taps, tap_inputs_model
@@ -267,3 +270,106 @@ def test_bad_inputs():
         info.binned_information(h, num_bins=3, value_range=(1.0, -1.0))
     with pytest.raises(ValueError, match="per_sample"):
         info.gaussian_channel_estimate([1.0, np.nan], 0.1)
+
+
+# -- the callback ------------------------------------------------------------------------
+
+
+def _events(log_dir):
+    tags = {}
+    for path in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def _tiny_classifier(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(6, activation="relu", name="hidden"),
+         keras.layers.Dense(3, name="logits")]
+    )
+    model.compile(keras.optimizers.Adam(1e-2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.fixture(scope="module")
+def toy():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(96, 5)).astype("float32")
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5)
+    return x, y
+
+
+def test_callback_keys_reach_history_csvlogger_trace_and_tensorboard(toy, tmp_path):
+    from keras_localrank.information_callback import InformationCallback
+
+    x, y = toy
+    model = _tiny_classifier()
+    cb = InformationCallback(
+        x[:40], y[:40], sigma=[0.1, 1.0], num_bins=10, gaussian_channel=True,
+        log_dir=tmp_path / "tb", trace_path=tmp_path / "trace.csv",
+    )
+    csv = tmp_path / "log.csv"
+    history = model.fit(x, y, epochs=2, batch_size=32, verbose=0,
+                        callbacks=[cb, keras.callbacks.CSVLogger(str(csv))])
+    assert "information/kl_upper@sigma=0.1/hidden" in cb.keys
+    assert "label_information/kl@sigma=1/logits" in cb.keys
+    assert "information/binning@num_bins=10/hidden" in cb.keys
+    assert "information/gaussian_channel@sigma=0.1/logits" in cb.keys
+    # 2 layers x (2 sigmas x (2 + 4 with labels) + 2 binning + 2 Gaussian channel)
+    assert len(cb.keys) == 2 * (2 * 6 + 2 + 2)
+    logged = pd.read_csv(csv)
+    for key in cb.keys:
+        assert len(history.history[key]) == 2 and all(
+            isinstance(v, float) and math.isfinite(v) for v in history.history[key]
+        )
+        np.testing.assert_allclose(logged[key], history.history[key])
+    # The last values are the estimators applied by hand to the final weights:
+    # pre-activations x W + b, and the Jacobian spectrum of each layer.
+    w1, b1, w2, b2 = (np.asarray(v, np.float64) for v in model.get_weights())
+    xs = x[:40].astype(np.float64)
+    pre_hidden = xs @ w1 + b1
+    pre_logits = np.maximum(pre_hidden, 0) @ w2 + b2
+    for name, h in (("hidden", pre_hidden), ("logits", pre_logits)):
+        expected = info.pairwise_information(h, [0.1, 1.0], labels=y[:40])
+        expected += info.binned_information(h, labels=y[:40], num_bins=10)
+        for e in expected:
+            key = information_key(name, e.quantity, e.label)
+            assert history.history[key][-1] == pytest.approx(e.nats, rel=1e-5, abs=1e-6), key
+    jac_logits = np.einsum("oh,nh,hi->noi", w2.T, (pre_hidden > 0).astype(float), w1.T)
+    s = np.linalg.svd(jac_logits, compute_uv=False)
+    expected = info.gaussian_channel_information(s, 0.1).numpy().mean()
+    assert history.history["information/gaussian_channel@sigma=0.1/logits"][-1] == pytest.approx(
+        expected, rel=1e-5
+    )
+    trace = pd.read_csv(tmp_path / "trace.csv")
+    assert len(trace) == 2 * len(cb.keys)
+    assert set(trace["quantity"]) == {info.IXT, info.ITY}
+    tags = _events(tmp_path / "tb")
+    assert len(tags["information/kl_upper@sigma=0.1/hidden"]) == 2
+
+
+def test_callback_output_representation_and_bad_arguments(toy):
+    from keras_localrank.information_callback import InformationCallback, LayerRepresentations
+
+    x, y = toy
+    model = _tiny_classifier()
+    reps = LayerRepresentations(model, ["hidden"], representation="output")
+    got = reps(reps.check_samples(x))["hidden"]
+    w1, b1 = (np.asarray(v, np.float64) for v in model.layers[0].get_weights())
+    np.testing.assert_allclose(got, np.maximum(x @ w1 + b1, 0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="Nothing to log"):
+        InformationCallback(x, bounds=False)
+    with pytest.raises(ValueError, match="at most one"):
+        InformationCallback(x, num_bins=3, bin_width=0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        InformationCallback(x, sigma=[0.1, 0.0])
+    with pytest.raises(ValueError, match="one entry per sample"):
+        InformationCallback(x, y[:10])
+    with pytest.raises(ValueError, match="representation"):
+        InformationCallback(x, representation="post")
+    with pytest.raises(ValueError, match="finite `x`"):
+        InformationCallback(np.full((4, 5), np.nan, "float32"))
