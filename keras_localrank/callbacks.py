@@ -18,11 +18,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from keras_localrank import schedules as schedules_lib
+from keras_localrank import names
 from keras_localrank.estimate import LocalRankEstimator
 from keras_localrank.inputs import as_samples
 from keras_localrank.io import atomic_write_json, atomic_write_text
+from keras_localrank.scheduled import ScheduledCallback
 from keras_localrank.spectra import Tolerance
+from keras_localrank.validation import check_finite_float
 
 __all__ = ["LocalRankCallback", "DEFAULT_MAX_SAMPLES"]
 
@@ -32,7 +34,7 @@ __all__ = ["LocalRankCallback", "DEFAULT_MAX_SAMPLES"]
 DEFAULT_MAX_SAMPLES = 256
 
 TRACE_COLUMNS = [
-    "step", "epoch", "layer", "rank", "atol", "mean", "std", "stderr", "min", "max",
+    "step", "epoch", "layer", "kind", "atol", "mean", "std", "stderr", "min", "max",
     "effective_rank", "stable_rank", "seconds",
 ]
 
@@ -41,17 +43,16 @@ def _atols(atol) -> tuple[float, ...]:
     if atol is None:
         return ()
     values = list(atol) if isinstance(atol, (list, tuple)) else [atol]
-    for v in values:
-        Tolerance(atol=v)  # validates
-    return tuple(float(v) for v in values)
+    return tuple(check_finite_float("atol", v, low=0.0) for v in values)
 
 
-class LocalRankCallback(keras.callbacks.Callback):
+class LocalRankCallback(ScheduledCallback):
     """Measures local rank of chosen layers on a fixed probe set during `fit`.
 
     Results go into the Keras `logs` as Python floats under
-    `local_rank/<layer>` (exact rank) and `local_rank_eps/<layer>` (robust rank
-    at `atol`; with several `atol` values, `local_rank_eps=<atol>/<layer>`), so
+    `local_rank/<layer>` (exact rank) and `robust_local_rank/<layer>` (robust
+    rank at `atol`; with several `atol` values,
+    `robust_local_rank@<atol>/<layer>`; see `keras_localrank.names`), so
     `History`, the progress bar, `CSVLogger` and `TensorBoard` show them with
     no extra code. **Order:** put this callback *before* `CSVLogger` and
     `TensorBoard` in `callbacks=[...]` (Keras calls callbacks in list order;
@@ -61,6 +62,14 @@ class LocalRankCallback(keras.callbacks.Callback):
     first), since `CSVLogger` needs the same keys in every row; the exact
     history of measurements, with their steps, is in `trace` / `trace_path`
     and the callback's own TensorBoard output.
+
+    Steps are the optimizer's global step (`model.optimizer.iterations`; see
+    `keras_localrank.scheduled`): they continue across `fit` calls, a step
+    schedule fires when a scheduled step is crossed (with
+    `steps_per_execution=k` Keras checks only every `k` steps, and the
+    measurement is taken, and recorded, at the first check at or after the
+    scheduled step), and a run resumed by `keras.callbacks.BackupAndRestore`
+    drops trace rows past the step it resumes from.
 
     Args:
         x: probe inputs: NumPy array, tensor or `tf.data.Dataset` of `x` or
@@ -82,10 +91,14 @@ class LocalRankCallback(keras.callbacks.Callback):
         histograms: with `log_dir`, also write histograms. Default True.
         trace_path: `.csv` or `.json` file rewritten atomically after every
             measurement with every measurement so far (step, epoch, layer,
-            rank kind, mean, std, stderr, min, max, effective and stable rank).
-            An existing trace is continued (resumed runs). Default None.
-        measure_on_train_begin: also measure once before training (trace and
-            TensorBoard only; it is not an epoch). Default False.
+            rank `kind` "exact"/"robust", atol, mean, std, stderr, min, max,
+            effective and stable rank). An existing trace is continued
+            (resumed runs); its rows past the current optimizer step are
+            dropped. Default None.
+        measure_on_train_begin: also measure once before the first step of
+            each `fit` (trace and TensorBoard only; it is not an epoch), at
+            the current optimizer step, unless that step is already in the
+            trace. Default False.
         batch_size, method, dtype, jit_compile: passed to `LocalRankEstimator`.
         verbose: 0 (silent, default) or 1 (one line per measurement or skip).
 
@@ -122,7 +135,7 @@ class LocalRankCallback(keras.callbacks.Callback):
         jit_compile: bool = False,
         verbose: int = 0,
     ):
-        super().__init__()
+        super().__init__(schedule, measure_on_train_begin=measure_on_train_begin)
         self._x = as_samples(x, input_shape=None, max_samples=max_samples)
         self.layers = None if layers is None else list(
             [layers] if isinstance(layers, (str, keras.layers.Layer)) else layers
@@ -131,14 +144,9 @@ class LocalRankCallback(keras.callbacks.Callback):
         self.exact = bool(exact)
         if not self.exact and not self.atols:
             raise ValueError("Nothing to log: exact=False and no `atol` given.")
-        self.schedule = schedules_lib.get(schedule)
-        if max_overhead is not None and not (
-            isinstance(max_overhead, (int, float)) and 0 < max_overhead < math.inf
-        ):
-            raise ValueError(
-                f"Expected `max_overhead` > 0 or None. Received: max_overhead={max_overhead!r}"
-            )
-        self.max_overhead = max_overhead
+        self.max_overhead = None if max_overhead is None else check_finite_float(
+            "max_overhead", max_overhead, low=0.0, low_open=True
+        )
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.histograms = histograms
         self.trace_path = None if trace_path is None else os.fspath(trace_path)
@@ -146,7 +154,6 @@ class LocalRankCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"Expected `trace_path` ending in .csv or .json. Received: {self.trace_path!r}"
             )
-        self.measure_on_train_begin = measure_on_train_begin
         self._estimator_kwargs = dict(
             batch_size=batch_size, method=method, dtype=dtype, jit_compile=jit_compile
         )
@@ -155,24 +162,25 @@ class LocalRankCallback(keras.callbacks.Callback):
         self._estimator_model = None
         self._writer = None
         self.trace: list[dict] = []
-        if not self.schedule.per_step:
-            # No per-batch hook: Keras keeps asynchronous dispatch.
-            self.on_train_batch_end = super().on_train_batch_end
 
     # -- keys -------------------------------------------------------------------
 
-    def _tolerances(self) -> list[tuple[str, Tolerance]]:
-        kinds = [("local_rank", Tolerance())] if self.exact else []
+    def _tolerances(self) -> list[tuple[str, str, Tolerance]]:
+        """(kind, key prefix, tolerance) for every rank kind logged."""
+        kinds = [(names.EXACT, names.rank_column(names.EXACT), Tolerance())] if self.exact else []
+        qualify = len(self.atols) > 1
         for a in self.atols:
-            prefix = "local_rank_eps" if len(self.atols) == 1 else f"local_rank_eps={a:g}"
-            kinds.append((prefix, Tolerance(atol=a)))
+            prefix = names.rank_column(names.ROBUST, a, qualify=qualify)
+            kinds.append((names.ROBUST, prefix, Tolerance(atol=a)))
         return kinds
 
     @property
     def keys(self) -> list[str]:
         """The `logs` keys this callback writes."""
-        names = [info.name for info in self._estimator.layer_infos] if self._estimator else []
-        keys = [f"{p}/{n}" for p, _ in self._tolerances() for n in names]
+        layer_names = (
+            [info.name for info in self._estimator.layer_infos] if self._estimator else []
+        )
+        keys = [f"{p}/{n}" for _, p, _ in self._tolerances() for n in layer_names]
         return keys + (["local_rank/skipped"] if self.max_overhead is not None else [])
 
     # -- Keras hooks ------------------------------------------------------------
@@ -182,44 +190,24 @@ class LocalRankCallback(keras.callbacks.Callback):
             self._estimator = LocalRankEstimator(
                 self.model,
                 self.layers,
-                tolerances=[t for _, t in self._tolerances()],
+                tolerances=[t for _, _, t in self._tolerances()],
                 **self._estimator_kwargs,
             )
             self._estimator_model = self.model
             self._probe = self._estimator.check_samples(self._x)
-        steps = self.params.get("steps") if self.params else None
-        epochs = self.params.get("epochs", 1) if self.params else 1
-        self.schedule.resolve(epochs=epochs, steps_per_epoch=steps)
-        self._steps_per_epoch = steps
         self._latest = {key: math.nan for key in self.keys}
         self._measured_seconds = 0.0
         self._last_cost = 0.0
         self._train_start = time.perf_counter()
         self.skipped = 0
         self.trace = self._load_trace()
-        self._epoch = 0
-        self._step = 0
         if self.log_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         self.measurements = 0
-        if self.measure_on_train_begin:
-            self._measure(step=0, epoch=-1)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-        if self._steps_per_epoch:
-            self._step = epoch * self._steps_per_epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
-        if self.schedule.fires(self._step):
-            self._maybe_measure()
+        super().on_train_begin(logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.schedule.per_step:
-            self._step = (epoch + 1) * (self._steps_per_epoch or 1)
-            if self.schedule.fires(epoch):
-                self._maybe_measure()
+        super().on_epoch_end(epoch, logs)
         if logs is not None:
             logs.update(self._latest)
             if self.max_overhead is not None:
@@ -229,22 +217,34 @@ class LocalRankCallback(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.flush()
 
-    # -- measuring ------------------------------------------------------------------
+    # -- ScheduledCallback hooks ----------------------------------------------------
 
-    def _maybe_measure(self):
-        if self.max_overhead is not None:
+    def on_scheduled_step(self, step, epoch, *, initial=False):
+        if not initial and self.max_overhead is not None:
             elapsed = time.perf_counter() - self._train_start
             training = elapsed - self._measured_seconds
             if self._measured_seconds + self._last_cost > self.max_overhead * training:
                 self.skipped += 1
                 if self.verbose:
                     print(
-                        f"\nLocalRankCallback: skipped the measurement at step {self._step} "
+                        f"\nLocalRankCallback: skipped the measurement at step {step} "
                         f"(measuring has cost {self._measured_seconds:.1f} s of "
                         f"{training:.1f} s training; max_overhead={self.max_overhead})"
                     )
                 return
-        self._measure(step=self._step, epoch=self._epoch)
+        self._measure(step=step, epoch=epoch)
+
+    def recorded_steps(self):
+        return [row["step"] for row in self.trace]
+
+    def discard_after(self, step):
+        kept = [row for row in self.trace if row["step"] <= step]
+        if len(kept) != len(self.trace):
+            self.trace = kept
+            if self.trace_path:
+                self._save_trace()
+
+    # -- measuring ------------------------------------------------------------------
 
     def _measure(self, *, step: int, epoch: int):
         start = time.perf_counter()
@@ -253,7 +253,7 @@ class LocalRankCallback(keras.callbacks.Callback):
         self._measured_seconds += seconds
         self._last_cost = seconds
         self.measurements += 1
-        for (prefix, tol), result in zip(self._tolerances(), results):
+        for (kind, prefix, tol), result in zip(self._tolerances(), results):
             stats = result.to_frame().set_index("layer")
             for name in result.layer_names:
                 row = stats.loc[name]
@@ -261,7 +261,7 @@ class LocalRankCallback(keras.callbacks.Callback):
                 self.trace.append(
                     {
                         "step": step, "epoch": epoch, "layer": name,
-                        "rank": "exact" if tol.is_default else "eps", "atol": tol.atol,
+                        "kind": kind, "atol": tol.atol,
                         **{c: float(row[c]) for c in TRACE_COLUMNS[5:-1]},
                         "seconds": seconds,
                     }

@@ -628,7 +628,7 @@ def _measurements(run_dir: str, config: DynamicsConfig) -> pd.DataFrame:
     trace = pd.read_csv(os.path.join(run_dir, "trace.csv"))
     trace["column"] = [
         "local_rank" if kind == "exact" else f"local_rank_eps={atol:g}"
-        for kind, atol in zip(trace["rank"], trace["atol"])
+        for kind, atol in zip(trace["kind"], trace["atol"])
     ]
     wide = trace.pivot_table(
         index=["step", "epoch", "layer"], columns="column", values="mean", sort=False

@@ -53,7 +53,7 @@ def test_keys_reach_history_csvlogger_and_tensorboard(data, tmp_path):
                    keras.callbacks.TensorBoard(str(tmp_path / "tb"))],
     )
     keys = ["local_rank/h0", "local_rank/h1", "local_rank/h_out",
-            "local_rank_eps/h0", "local_rank_eps/h1", "local_rank_eps/h_out"]
+            "robust_local_rank/h0", "robust_local_rank/h1", "robust_local_rank/h_out"]
     assert cb.keys == keys
     for key in keys:
         assert len(history.history[key]) == 3
@@ -61,13 +61,13 @@ def test_keys_reach_history_csvlogger_and_tensorboard(data, tmp_path):
     logged = pd.read_csv(csv)
     np.testing.assert_allclose(logged["local_rank/h1"], history.history["local_rank/h1"])
     tags = events(tmp_path / "tb")
-    assert "epoch_local_rank/h1" in tags and len(tags["epoch_local_rank_eps/h0"]) == 3
+    assert "epoch_local_rank/h1" in tags and len(tags["epoch_robust_local_rank/h0"]) == 3
     # The last logged value is local_rank on the final weights.
     exact = klr.local_rank(model, data.x_test)
     robust = klr.local_rank(model, data.x_test, atol=0.05)
     for name in ("h0", "h1", "h_out"):
         assert history.history[f"local_rank/{name}"][-1] == exact.mean[name]
-        assert history.history[f"local_rank_eps/{name}"][-1] == robust.mean[name]
+        assert history.history[f"robust_local_rank/{name}"][-1] == robust.mean[name]
     assert cb._estimator.trace_count == 1  # traced once, reused at every epoch
     assert python_utils.is_default(cb.on_train_batch_end)  # async dispatch kept
 
@@ -83,11 +83,11 @@ def test_own_tensorboard_output_and_trace(data, tmp_path):
     tags = events(tmp_path / "own")
     steps = [0, 5, 10, 15, 20]
     assert tags["local_rank/h0"] == steps
-    assert tags["local_rank_eps=0.01/h1"] == steps
-    assert tags["local_rank_eps=0.1_per_sample/h_out"] == steps
+    assert tags["robust_local_rank@0.01/h1"] == steps
+    assert tags["robust_local_rank@0.1_per_sample/h_out"] == steps
     frame = pd.read_json(tmp_path / "trace.json")
     assert sorted(frame["step"].unique()) == steps
-    assert set(frame["rank"]) == {"exact", "eps"}
+    assert set(frame["kind"]) == {"exact", "robust"}
     assert len(frame) == len(steps) * 3 * 3
     assert {"mean", "std", "stderr", "effective_rank", "stable_rank"} <= set(frame)
 
