@@ -259,7 +259,7 @@ class InformationCallback(ScheduledCallback):
         self.verbose = verbose
         self._representations: LayerRepresentations | None = None
         self._spectra: _JacobianSpectra | None = None
-        self._model = None
+        self._built_for = None
         self._writer = None
         self.trace: list[dict] = self._load_trace()
         self.measurements = 0
@@ -294,7 +294,7 @@ class InformationCallback(ScheduledCallback):
     # -- Keras hooks ------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        if self._model is not self.model:
+        if self._built_for is not self.model:
             self._representations = LayerRepresentations(
                 self.model, self.layers, representation=self.representation,
                 batch_size=self.chunk_size,
@@ -304,7 +304,7 @@ class InformationCallback(ScheduledCallback):
                 self._spectra = _JacobianSpectra(
                     self.model, self._representations.taps, batch_size=min(64, self.chunk_size)
                 )
-            self._model = self.model
+            self._built_for = self.model
             self._latest = {key: math.nan for key in self.keys}
         if self.log_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
