@@ -22,6 +22,7 @@ import pandas as pd
 import tensorflow as tf
 
 from keras_localrank import information as info
+from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
 from keras_localrank.inputs import as_samples
 from keras_localrank.io import atomic_write_json, atomic_write_text
 from keras_localrank.jacobians import choose_mode, preactivation_jacobians
@@ -102,18 +103,35 @@ class LayerRepresentations:
 
 
 class _JacobianSpectra:
-    """Per-sample singular values of each tap's pre-activation Jacobian (autodiff)."""
+    """Per-sample singular values of each tap's pre-activation Jacobian.
+
+    The same paths as `LocalRankEstimator`: the analytic Dense-chain path
+    where it applies (reduced factors, same singular values), autodiff
+    Jacobians for the other layers.
+    """
 
     def __init__(self, model, taps, batch_size):
         self._taps = taps
-        self._inputs_model = tap_inputs_model(model, taps)
-        self._mode = choose_mode(taps)
+        self._forest = find_dense_forest(model, taps)
+        self._general = [t for t in taps if t.name not in self._forest]
+        if self._general:
+            self._inputs_model = tap_inputs_model(model, self._general)
+            self._mode = choose_mode(self._general)
         self.batch_size = batch_size
         self._fn = tf.function(self._spectra, autograph=False)
 
     def _spectra(self, x):
-        jacs = preactivation_jacobians(self._inputs_model, self._taps, x, mode=self._mode)
-        return [singular_values(j, via_gram=True) for j in jacs]
+        out = {}
+        if self._forest:
+            flat = tf.reshape(x, [tf.shape(x)[0], self._taps[0].input_dim])
+            out.update(
+                dense_forest_singular_values(flat, self._forest, dtype=x.dtype, via_gram=True)
+            )
+        if self._general:
+            jacs = preactivation_jacobians(self._inputs_model, self._general, x, mode=self._mode)
+            for t, j in zip(self._general, jacs):
+                out[t.name] = singular_values(j, via_gram=True)
+        return [out[t.name] for t in self._taps]
 
     def __call__(self, samples, dtype) -> dict[str, np.ndarray]:
         parts = [[] for _ in self._taps]
@@ -144,7 +162,8 @@ class InformationCallback(ScheduledCallback):
     - with `num_bins` or `bin_width`: binned `I(X;T)` (and `I(T;Y)` with `y`);
     - with `gaussian_channel=True`: the local Gaussian-channel information
       `E_x[1/2 sum_i log(1 + s_i(x)^2 / sigma^2)]` from the pre-activation
-      Jacobians (costs about one local-rank measurement by autodiff).
+      Jacobians (costs about one local-rank measurement: the same analytic
+      Dense-chain path, autodiff for other layers).
 
     Keys (Python floats in `logs`, so `History`, `CSVLogger` and `TensorBoard`
     pick them up): `information/<estimator>@<parameter>=<value>/<layer>` for
@@ -302,7 +321,7 @@ class InformationCallback(ScheduledCallback):
             self._probe = self._representations.check_samples(self._x)
             if self.gaussian_channel:
                 self._spectra = _JacobianSpectra(
-                    self.model, self._representations.taps, batch_size=min(64, self.chunk_size)
+                    self.model, self._representations.taps, batch_size=min(128, self.chunk_size)
                 )
             self._built_for = self.model
             self._latest = {key: math.nan for key in self.keys}
