@@ -102,44 +102,52 @@ class LayerRepresentations:
         return {t.name: np.concatenate(p) for t, p in zip(self.taps, parts)}
 
 
-class _JacobianSpectra:
-    """Per-sample singular values of each tap's pre-activation Jacobian.
+class _GaussianChannel:
+    """Per-sample local Gaussian-channel information of each tap, at each sigma.
 
-    The same paths as `LocalRankEstimator`: the analytic Dense-chain path
-    where it applies (reduced factors, same singular values), autodiff
-    Jacobians for the other layers.
+    Singular values come from the same paths as `LocalRankEstimator`: the
+    analytic Dense-chain path where it applies (reduced factors whose width
+    varies with the active units: the same singular values up to zeros, which
+    add nothing), autodiff Jacobians for the other layers. Chunks are padded
+    to one shape, so the function is traced once.
     """
 
-    def __init__(self, model, taps, batch_size):
+    def __init__(self, model, taps, sigmas, batch_size):
         self._taps = taps
+        self._stats = [info.gaussian_channel_stat(s) for s in sigmas]
         self._forest = find_dense_forest(model, taps)
         self._general = [t for t in taps if t.name not in self._forest]
         if self._general:
             self._inputs_model = tap_inputs_model(model, self._general)
             self._mode = choose_mode(self._general)
         self.batch_size = batch_size
-        self._fn = tf.function(self._spectra, autograph=False)
+        self._fn = tf.function(self._chunk, autograph=False)
 
-    def _spectra(self, x):
-        out = {}
+    def _chunk(self, x):
+        spectra = {}
         if self._forest:
             flat = tf.reshape(x, [tf.shape(x)[0], self._taps[0].input_dim])
-            out.update(
+            spectra.update(
                 dense_forest_singular_values(flat, self._forest, dtype=x.dtype, via_gram=True)
             )
         if self._general:
             jacs = preactivation_jacobians(self._inputs_model, self._general, x, mode=self._mode)
             for t, j in zip(self._general, jacs):
-                out[t.name] = singular_values(j, via_gram=True)
-        return [out[t.name] for t in self._taps]
+                spectra[t.name] = singular_values(j, via_gram=True)
+        return [tf.stack([stat(spectra[t.name]) for stat in self._stats]) for t in self._taps]
 
     def __call__(self, samples, dtype) -> dict[str, np.ndarray]:
+        """`{layer: [num_sigmas, N]}` nats."""
         parts = [[] for _ in self._taps]
-        for start in range(0, len(samples), self.batch_size):
-            chunk = tf.constant(samples[start : start + self.batch_size], dtype=dtype)
-            for i, s in enumerate(self._fn(chunk)):
-                parts[i].append(s.numpy())
-        return {t.name: np.concatenate(p) for t, p in zip(self._taps, parts)}
+        size = min(self.batch_size, len(samples))
+        for start in range(0, len(samples), size):
+            chunk = samples[start : start + size]
+            valid = len(chunk)
+            if valid < size:  # pad to one shape: one trace
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - valid, axis=0)])
+            for i, values in enumerate(self._fn(tf.constant(chunk, dtype=dtype))):
+                parts[i].append(values.numpy()[:, :valid])
+        return {t.name: np.concatenate(p, axis=1) for t, p in zip(self._taps, parts)}
 
 
 def _sigmas(sigma) -> tuple[float, ...]:
@@ -277,7 +285,7 @@ class InformationCallback(ScheduledCallback):
             )
         self.verbose = verbose
         self._representations: LayerRepresentations | None = None
-        self._spectra: _JacobianSpectra | None = None
+        self._channel: _GaussianChannel | None = None
         self._built_for = None
         self._writer = None
         self.trace: list[dict] = self._load_trace()
@@ -320,8 +328,9 @@ class InformationCallback(ScheduledCallback):
             )
             self._probe = self._representations.check_samples(self._x)
             if self.gaussian_channel:
-                self._spectra = _JacobianSpectra(
-                    self.model, self._representations.taps, batch_size=min(128, self.chunk_size)
+                self._channel = _GaussianChannel(
+                    self.model, self._representations.taps, self.sigmas,
+                    batch_size=min(128, self.chunk_size),
                 )
             self._built_for = self.model
             self._latest = {key: math.nan for key in self.keys}
@@ -379,10 +388,10 @@ class InformationCallback(ScheduledCallback):
     def measure(self) -> dict[str, list[info.InformationEstimate]]:
         """Every configured estimate of every layer on the current weights."""
         reps = self._representations(self._probe)
-        spectra = None
-        if self._spectra is not None:
+        channel = None
+        if self._channel is not None:
             dtype = self.model.inputs[0].dtype if self.model.inputs else "float32"
-            spectra = self._spectra(self._probe, dtype)
+            channel = self._channel(self._probe, dtype)
         out = {}
         for name, h in reps.items():
             values = []
@@ -392,12 +401,10 @@ class InformationCallback(ScheduledCallback):
                 )
             if self.binning:
                 values += info.binned_information(h, labels=self._y, **self.binning)
-            if spectra is not None:
+            if channel is not None:
                 values += [
-                    info.gaussian_channel_estimate(
-                        info.gaussian_channel_information(spectra[name], s).numpy(), s
-                    )
-                    for s in self.sigmas
+                    info.gaussian_channel_estimate(per_sample, s)
+                    for per_sample, s in zip(channel[name], self.sigmas)
                 ]
             out[name] = values
         return out

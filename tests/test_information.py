@@ -373,3 +373,34 @@ def test_callback_output_representation_and_bad_arguments(toy):
         InformationCallback(x, representation="post")
     with pytest.raises(ValueError, match="finite `x`"):
         InformationCallback(np.full((4, 5), np.nan, "float32"))
+
+
+def test_callback_gaussian_channel_over_chunks_with_different_active_units():
+    # Regression: the Dense-chain path shrinks each chunk's factors to its
+    # active ReLU units, so chunks carry spectra of different widths; the
+    # per-sample values must still match the explicit Jacobians.
+    from keras_localrank.information_callback import InformationCallback
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4, activation="relu", name="gate"),
+         keras.layers.Dense(3, name="out")]
+    )
+    model.compile("sgd", "mse")
+    model.layers[0].set_weights([np.eye(4, dtype="float32"), np.zeros(4, "float32")])
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(size=(20, 4))).astype("float32") + 0.1
+    x[:8, 2:] *= -1  # first chunk of 8: two active units; later chunks: four
+    cb = InformationCallback(x, sigma=[0.05, 2.0], bounds=False, gaussian_channel=True,
+                             chunk_size=8)
+    cb.set_model(model)
+    cb.on_train_begin()
+    got = {(e.parameter_value, layer): e.nats for layer, es in cb.measure().items() for e in es}
+    w2 = np.asarray(model.layers[1].get_weights()[0], np.float64)
+    jac = np.einsum("oh,nh->noh", w2.T, (x > 0).astype(np.float64))
+    s = np.linalg.svd(jac, compute_uv=False)
+    for sigma in (0.05, 2.0):
+        expected = info.gaussian_channel_information(s, sigma).numpy().mean()
+        assert got[(sigma, "out")] == pytest.approx(expected, rel=1e-6)
+        gate = info.gaussian_channel_information(np.ones((20, 4)), sigma).numpy().mean()
+        assert got[(sigma, "gate")] == pytest.approx(gate, rel=1e-6)
