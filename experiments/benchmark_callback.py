@@ -96,7 +96,7 @@ def information_cost(model, probe, labels, saved_weights, engine_s) -> None:
     configs = (
         (f"bounds, sigma={sigmas}, with labels", dict(sigma=sigmas)),
         (f"+ binning ({bins} bins)", dict(sigma=sigmas, num_bins=bins)),
-        ("Gaussian channel only (own Jacobians)",
+        ("Gaussian channel only (its own spectra)",
          dict(sigma=sigmas, bounds=False, gaussian_channel=True)),
     )
     print(f"\ninformation next to local rank ({len(probe)} probe samples, "

@@ -22,13 +22,11 @@ import pandas as pd
 import tensorflow as tf
 
 from keras_localrank import information as info
-from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
+from keras_localrank.estimate import LocalRankEstimator
 from keras_localrank.inputs import as_samples
 from keras_localrank.io import atomic_write_json, atomic_write_text
-from keras_localrank.jacobians import choose_mode, preactivation_jacobians
 from keras_localrank.names import information_key
 from keras_localrank.scheduled import ScheduledCallback
-from keras_localrank.spectra import singular_values
 from keras_localrank.taps import model_graph, preactivation, select_taps, tap_inputs_model
 from keras_localrank.validation import check_choice, check_finite_float, check_positive_int
 
@@ -103,51 +101,29 @@ class LayerRepresentations:
 
 
 class _GaussianChannel:
-    """Per-sample local Gaussian-channel information of each tap, at each sigma.
+    """Per-sample local Gaussian-channel information of each layer, at each sigma.
 
-    Singular values come from the same paths as `LocalRankEstimator`: the
-    analytic Dense-chain path where it applies (reduced factors whose width
-    varies with the active units: the same singular values up to zeros, which
-    add nothing), autodiff Jacobians for the other layers. Chunks are padded
-    to one shape, so the function is traced once.
+    A `LocalRankEstimator` with the Gaussian-channel statistics as its
+    `spectral_stats`: the singular values are exactly those local rank is
+    counted from (same paths, chunking and precision).
     """
 
-    def __init__(self, model, taps, sigmas, batch_size):
-        self._taps = taps
+    def __init__(self, model, layers, sigmas):
         self._stats = [info.gaussian_channel_stat(s) for s in sigmas]
-        self._forest = find_dense_forest(model, taps)
-        self._general = [t for t in taps if t.name not in self._forest]
-        if self._general:
-            self._inputs_model = tap_inputs_model(model, self._general)
-            self._mode = choose_mode(self._general)
-        self.batch_size = batch_size
-        self._fn = tf.function(self._chunk, autograph=False)
+        self._estimator = LocalRankEstimator(
+            model, layers, spectral_stats={stat.__name__: stat for stat in self._stats}
+        )
 
-    def _chunk(self, x):
-        spectra = {}
-        if self._forest:
-            flat = tf.reshape(x, [tf.shape(x)[0], self._taps[0].input_dim])
-            spectra.update(
-                dense_forest_singular_values(flat, self._forest, dtype=x.dtype, via_gram=True)
-            )
-        if self._general:
-            jacs = preactivation_jacobians(self._inputs_model, self._general, x, mode=self._mode)
-            for t, j in zip(self._general, jacs):
-                spectra[t.name] = singular_values(j, via_gram=True)
-        return [tf.stack([stat(spectra[t.name]) for stat in self._stats]) for t in self._taps]
+    def check_samples(self, x) -> np.ndarray:
+        return self._estimator.check_samples(x)
 
-    def __call__(self, samples, dtype) -> dict[str, np.ndarray]:
+    def __call__(self, samples) -> dict[str, np.ndarray]:
         """`{layer: [num_sigmas, N]}` nats."""
-        parts = [[] for _ in self._taps]
-        size = min(self.batch_size, len(samples))
-        for start in range(0, len(samples), size):
-            chunk = samples[start : start + size]
-            valid = len(chunk)
-            if valid < size:  # pad to one shape: one trace
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - valid, axis=0)])
-            for i, values in enumerate(self._fn(tf.constant(chunk, dtype=dtype))):
-                parts[i].append(values.numpy()[:, :valid])
-        return {t.name: np.concatenate(p, axis=1) for t, p in zip(self._taps, parts)}
+        (result,) = self._estimator.measure(samples)
+        return {
+            name: np.stack([result.stats[stat.__name__][name] for stat in self._stats])
+            for name in result.layer_names
+        }
 
 
 def _sigmas(sigma) -> tuple[float, ...]:
@@ -170,8 +146,10 @@ class InformationCallback(ScheduledCallback):
     - with `num_bins` or `bin_width`: binned `I(X;T)` (and `I(T;Y)` with `y`);
     - with `gaussian_channel=True`: the local Gaussian-channel information
       `E_x[1/2 sum_i log(1 + s_i(x)^2 / sigma^2)]` from the pre-activation
-      Jacobians (costs about one local-rank measurement: the same analytic
-      Dense-chain path, autodiff for other layers).
+      Jacobians, through `LocalRankEstimator(spectral_stats=...)`: the
+      same singular values local rank counts, at the cost of one local-rank
+      measurement (NaN on layers the estimator measures by its randomized
+      method, which computes no full spectrum).
 
     Keys (Python floats in `logs`, so `History`, `CSVLogger` and `TensorBoard`
     pick them up): `information/<estimator>@<parameter>=<value>/<layer>` for
@@ -329,9 +307,9 @@ class InformationCallback(ScheduledCallback):
             self._probe = self._representations.check_samples(self._x)
             if self.gaussian_channel:
                 self._channel = _GaussianChannel(
-                    self.model, self._representations.taps, self.sigmas,
-                    batch_size=min(128, self.chunk_size),
+                    self.model, self._representations.names, self.sigmas
                 )
+                self._channel_probe = self._channel.check_samples(self._x)
             self._built_for = self.model
             self._latest = {key: math.nan for key in self.keys}
         if self.log_dir and self._writer is None:
@@ -390,8 +368,7 @@ class InformationCallback(ScheduledCallback):
         reps = self._representations(self._probe)
         channel = None
         if self._channel is not None:
-            dtype = self.model.inputs[0].dtype if self.model.inputs else "float32"
-            channel = self._channel(self._probe, dtype)
+            channel = self._channel(self._channel_probe)
         out = {}
         for name, h in reps.items():
             values = []

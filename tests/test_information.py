@@ -376,9 +376,9 @@ def test_callback_output_representation_and_bad_arguments(toy):
 
 
 def test_callback_gaussian_channel_over_chunks_with_different_active_units():
-    # Regression: the Dense-chain path shrinks each chunk's factors to its
-    # active ReLU units, so chunks carry spectra of different widths; the
-    # per-sample values must still match the explicit Jacobians.
+    # Regression: the Dense-chain path shrinks factors to the active ReLU
+    # units, so samples carry spectra of different widths; the per-sample
+    # values must still match the explicit Jacobians.
     from keras_localrank.information_callback import InformationCallback
 
     keras.utils.set_random_seed(0)
