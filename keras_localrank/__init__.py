@@ -5,9 +5,19 @@ Jacobian with respect to the input (Patel & Shwartz-Ziv,
 https://arxiv.org/abs/2410.07687).
 """
 
-from keras_localrank import datasets, dynamics, layers, metrics, plotting, schedules, vib
+from keras_localrank import (
+    datasets,
+    dynamics,
+    information,
+    layers,
+    metrics,
+    plotting,
+    schedules,
+    vib,
+)
 from keras_localrank.callbacks import LocalRankCallback
 from keras_localrank.estimate import LocalRankEstimator, local_rank
+from keras_localrank.information_callback import InformationCallback
 from keras_localrank.layers import GaussianBottleneck, RankProbe, SampleAverage
 from keras_localrank.result import LayerInfo, LocalRankResult
 from keras_localrank.spectra import (
@@ -22,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GaussianBottleneck",
+    "InformationCallback",
     "LayerInfo",
     "LocalRankCallback",
     "LocalRankEstimator",
@@ -33,6 +44,7 @@ __all__ = [
     "effective_rank",
     "datasets",
     "dynamics",
+    "information",
     "layers",
     "local_rank",
     "metrics",

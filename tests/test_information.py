@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 from scipy.special import logsumexp
 
+from keras_localrank import LocalRankCallback, plotting
 from keras_localrank import information as info
 from keras_localrank.names import information_key
 from keras_localrank.jacobians import preactivation_jacobians
@@ -313,8 +314,9 @@ def test_callback_keys_reach_history_csvlogger_trace_and_tensorboard(toy, tmp_pa
         log_dir=tmp_path / "tb", trace_path=tmp_path / "trace.csv",
     )
     csv = tmp_path / "log.csv"
+    rank_cb = LocalRankCallback(x[:40])
     history = model.fit(x, y, epochs=2, batch_size=32, verbose=0,
-                        callbacks=[cb, keras.callbacks.CSVLogger(str(csv))])
+                        callbacks=[rank_cb, cb, keras.callbacks.CSVLogger(str(csv))])
     assert "information/kl_upper@sigma=0.1/hidden" in cb.keys
     assert "label_information/kl@sigma=1/logits" in cb.keys
     assert "information/binning@num_bins=10/hidden" in cb.keys
@@ -350,6 +352,17 @@ def test_callback_keys_reach_history_csvlogger_trace_and_tensorboard(toy, tmp_pa
     assert set(trace["quantity"]) == {info.IXT, info.ITY}
     tags = _events(tmp_path / "tb")
     assert len(tags["information/kl_upper@sigma=0.1/hidden"]) == 2
+    # The information plane reads the trace (from memory or its CSV).
+    curves = plotting.information_curves(trace, ixt="bd_lower@sigma=1", ity="kl@sigma=0.1")
+    assert list(curves.columns) == ["step", "layer", "ixt", "ity"] and len(curves) == 4
+    last = curves[curves["step"] == curves["step"].max()].set_index("layer")
+    assert last.loc["logits", "ixt"] == history.history["information/bd_lower@sigma=1/logits"][-1]
+    assert last.loc["hidden", "ity"] == history.history["label_information/kl@sigma=0.1/hidden"][-1]
+    png = tmp_path / "plane.png"
+    plotting.plot_information_plane(cb.trace_frame(), png, ranks=rank_cb.trace_frame())
+    assert png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="Present"):
+        plotting.information_curves(trace, ixt="kl_upper@sigma=0.3")
 
 
 def test_callback_output_representation_and_bad_arguments(toy):
