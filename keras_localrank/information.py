@@ -54,6 +54,7 @@ __all__ = [
     "IXT",
     "ITY",
     "InformationEstimate",
+    "check_labels",
     "pairwise_information",
     "kl_upper_bound",
     "bhattacharyya_lower_bound",
@@ -122,8 +123,14 @@ def _check_representation(h, name: str = "h", *, minimum: int = 2) -> np.ndarray
     return arr.reshape(len(arr), -1).astype(np.float64, copy=False)
 
 
-def _check_labels(labels, num_samples: int) -> np.ndarray:
-    """Labels as class indices `[N]` (int64, 0..C-1)."""
+def check_labels(labels, num_samples: int) -> np.ndarray:
+    """Class labels (integers or strings, `[N]` or `[N, 1]`) as indices `[N]` in 0..C-1.
+
+    Raises:
+        ValueError: a shape other than `[N]`/`[N, 1]`, a length other than
+            `num_samples`, NaN/Inf labels.
+        TypeError: labels that are neither numbers nor strings.
+    """
     arr = np.asarray(labels)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
@@ -247,7 +254,7 @@ def pairwise_information(
     h = _check_representation(h)
     sigmas = _check_sigmas(sigma)
     chunk_size = check_positive_int("chunk_size", chunk_size)
-    y = None if labels is None else _check_labels(labels, len(h))
+    y = None if labels is None else check_labels(labels, len(h))
     scales = [c * s * s for s in sigmas for c in (2.0, 8.0)]
     log_all, log_within = _log_kernel_means(h, y, scales, chunk_size)
     n = len(h)
@@ -373,7 +380,7 @@ def binned_information(
     h_t = _entropy_of_ids(patterns)
     out = [InformationEstimate(IXT, "binning", "estimate", parameter, value, h_t, n)]
     if labels is not None:
-        y = _check_labels(labels, n)
+        y = check_labels(labels, n)
         joint = patterns * (int(y.max()) + 1) + y
         _, joint = np.unique(joint, return_inverse=True)
         ity = h_t + _entropy_of_ids(y) - _entropy_of_ids(joint.reshape(-1))

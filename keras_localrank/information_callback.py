@@ -228,7 +228,7 @@ class InformationCallback(ScheduledCallback):
             y = np.asarray(y)
             if y.ndim == 2 and y.shape[1] > 1:
                 y = y.argmax(axis=-1)
-            self._y = info._check_labels(y[: len(self._x)], len(self._x))
+            self._y = info.check_labels(y[: len(self._x)], len(self._x))
         self.layers = None if layers is None else list(
             [layers] if isinstance(layers, (str, keras.layers.Layer)) else layers
         )
