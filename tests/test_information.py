@@ -417,3 +417,20 @@ def test_callback_gaussian_channel_over_chunks_with_different_active_units():
         assert got[(sigma, "out")] == pytest.approx(expected, rel=1e-6)
         gate = info.gaussian_channel_information(np.ones((20, 4)), sigma).numpy().mean()
         assert got[(sigma, "gate")] == pytest.approx(gate, rel=1e-6)
+
+
+def test_information_mlp_study_runs_on_a_tiny_config(tmp_path):
+    from experiments.information_mlp import Config, train_and_evaluate
+
+    config = Config(widths=(8, 8), n_train=64, epochs=2, probe_samples=32, measurements=4,
+                    sigmas=(1.0,), num_bins=5)
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert sorted(summary["layers"]) == ["hidden0", "hidden1", "logits"]
+    entry = summary["layers"]["hidden1"]
+    assert {"robust_local_rank@0.01", "kl_upper@sigma=1", "gaussian_channel@sigma=1"} <= set(entry)
+    information = pd.read_csv(tmp_path / "information.csv")
+    ranks = pd.read_csv(tmp_path / "rank.csv")
+    # Both callbacks measured at the same steps, the first before training.
+    assert sorted(set(information["step"])) == sorted(set(ranks["step"]))
+    assert information["step"].min() == 0
+    assert (tmp_path / "information_plane_sigma=1.png").stat().st_size > 1000
