@@ -23,9 +23,12 @@ in its result (`InformationEstimate`):
   `1/2 sum_i log(1 + s_i(x)^2 / sigma^2)` per sample: exactly `I(X; T_s)`
   for a linear layer and white Gaussian input, a soft local rank otherwise.
 
-All values are in **nats** (`InformationEstimate.bits` converts). Pairwise
-sums are accumulated in float64 over chunks of rows, so memory grows as
-`chunk_size * N`, never `N^2`.
+All values are in **nats** (`InformationEstimate.bits` converts). The
+pairwise and binning estimators run in NumPy float64 on the host (probe sets
+are small; one `N x N` distance pass per measurement). Pairwise sums are
+accumulated over chunks of rows, so memory grows as `chunk_size * N`, never
+`N^2`. The Gaussian-channel statistic is a TensorFlow function, usable inside
+the traced local-rank measurement.
 
 References:
     Kolchinsky & Tracey, "Estimating mixture entropy with pairwise
@@ -224,8 +227,8 @@ def pairwise_information(
       same bound on both entropies. Their errors partly cancel; neither is a
       bound.
 
-    Every value lies in `[0, log N]` for `I(X;T)` and `[0, H(Y)]` in the
-    limit; a finite `N` caps the estimate of a continuous `X` at `log N`.
+    Both `I(X;T)` bounds lie in `[0, log N]`: as an estimate for a
+    continuous input distribution, a finite probe set caps them at `log N`.
 
     Args:
         h: `[N, ...]` float representations (flattened per sample), `N >= 2`.
