@@ -13,7 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["keras_localrank", "keras_localrank.*", "compress", "compress.*"]),
+    packages=find_packages(
+        include=["keras_localrank", "keras_localrank.*", "compress", "compress.*"]
+    ),
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.0",

@@ -5,8 +5,12 @@ seconds and prints the per-layer local-rank table before and after training.
 
     python -m keras_localrank
     python -m keras_localrank --model=model.keras --data=digits --atol=1e-2
+    python -m keras_localrank --model=model.keras --data=mnist --output=table.csv
     python -m keras_localrank --model=model.keras --data=mnist \
-        --data_path=../shared/data/mnist10k.npz --output=table.csv
+        --data_path=mnist.npz --output=table.csv   # offline: an .npz with x, y
+
+Bad input (flags, a missing, truncated or corrupt file, an output path that
+cannot be written) ends with one line on stderr and exit status 2.
 """
 
 import os
@@ -41,9 +45,9 @@ flags.DEFINE_bool("jit_compile", False, "Run the measurement under XLA.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from keras_localrank.cli import Config, run
-
     try:
+        from keras_localrank.cli import Config, run
+
         run(
             Config(
                 model=FLAGS.model, data=FLAGS.data, data_path=FLAGS.data_path,
@@ -53,8 +57,9 @@ def main(argv):
                 batch_size=FLAGS.batch_size, jit_compile=FLAGS.jit_compile,
             )
         )
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

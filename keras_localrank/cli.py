@@ -18,9 +18,11 @@ import pandas as pd
 
 from keras_localrank import datasets
 from keras_localrank.estimate import local_rank
+from keras_localrank.io import UnreadableFileError, read_npz
 from keras_localrank.result import LocalRankResult
+from keras_localrank.validation import check_int, check_positive_int, check_writable_dir
 
-__all__ = ["Config", "run", "load_samples", "TABLE_COLUMNS"]
+__all__ = ["Config", "run", "load_model", "load_samples", "check_output", "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = ["layer", "class", "units", "bound", "mean", "std", "stderr", "min", "max",
                  "effective_rank", "stable_rank"]
@@ -61,14 +63,46 @@ class Config:
     jit_compile: bool = False
 
     def __post_init__(self):
-        if self.samples < 1:
-            raise ValueError(f"Expected `samples` >= 1. Received: samples={self.samples}")
-        if self.epochs < 0:
-            raise ValueError(f"Expected `epochs` >= 0. Received: epochs={self.epochs}")
+        self.samples = check_positive_int("samples", self.samples)
+        self.epochs = check_int("epochs", self.epochs, minimum=0)
+        self.seed = check_int("seed", self.seed, minimum=0)
         if self.output and not self.output.endswith((".csv", ".json")):
             raise ValueError(
                 f"Expected `output` ending in .csv or .json. Received: output={self.output!r}"
             )
+
+
+def check_output(output: str) -> None:
+    """Check, before any work, that the table can be written to `output`.
+
+    Raises:
+        ValueError: `output` is a directory, or its folder is a file, cannot
+            be created or is not writable.
+    """
+    if os.path.isdir(output):
+        raise ValueError(
+            f"Expected `output` to be a file path. Received: output={output!r} (a directory)"
+        )
+    try:
+        check_writable_dir("output folder", os.path.dirname(os.path.abspath(output)))
+    except ValueError as e:
+        raise ValueError(f"Cannot write output={output!r}: {e}") from None
+
+
+def load_model(path: str) -> keras.Model:
+    """A saved `.keras` model, or a one-line error naming the file.
+
+    Raises:
+        UnreadableFileError (a `ValueError`): a missing, truncated or corrupt file.
+    """
+    if not os.path.isfile(path):
+        raise UnreadableFileError(f"Expected an existing .keras file. Received: model={path!r}")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:  # Keras raises many types for unreadable files
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise UnreadableFileError(f"Could not load model {path!r} ({reason})") from None
 
 
 def load_samples(data: str, input_shape, *, samples: int, seed: int, data_path=None):
@@ -77,16 +111,12 @@ def load_samples(data: str, input_shape, *, samples: int, seed: int, data_path=N
     Images whose size matches the model input are reshaped to it.
 
     Raises:
-        ValueError: unknown source, or data whose size does not fit the model.
+        ValueError: unknown source, data whose size does not fit the model, a
+            missing, truncated or corrupt `.npz` (`io.UnreadableFileError`).
     """
     input_shape = tuple(input_shape)
     if data.endswith(".npz"):
-        if not os.path.isfile(data):
-            raise ValueError(f"Expected an existing .npz file. Received: data={data!r}")
-        with np.load(data) as arrays:
-            if "x" not in arrays:
-                raise ValueError(f"Expected an array 'x' in {data!r}. Found: {arrays.files}")
-            x = arrays["x"][:samples]
+        x = read_npz(data, ("x",), argument="data")["x"][:samples]
         x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
     elif data == "gaussian":
         if any(d is None for d in input_shape):
@@ -147,9 +177,15 @@ def format_table(result: LocalRankResult) -> str:
 def run(config: Config, *, echo=print) -> pd.DataFrame:
     """Run the main job; returns the final table (also written to `output`).
 
+    The output path is checked before any work.
+
     Raises:
-        ValueError: a missing or unreadable model file, bad data, bad options.
+        ValueError: a missing or unreadable model or data file
+            (`io.UnreadableFileError`, naming the file), bad data, bad
+            options, an output path that cannot be written.
     """
+    if config.output:
+        check_output(config.output)
     label = config.layers and f" layers {config.layers}" or ""
     tol = "exact" if config.atol is None and config.rtol is None else (
         f"atol={config.atol}, rtol={config.rtol}")
@@ -171,12 +207,7 @@ def run(config: Config, *, echo=print) -> pd.DataFrame:
         result = _measure(model, x, config)
         echo("\nLocal rank after training:\n" + format_table(result))
     else:
-        if not os.path.isfile(config.model):
-            raise ValueError(f"Expected an existing .keras file. Received: model={config.model!r}")
-        try:
-            model = keras.models.load_model(config.model, compile=False)
-        except Exception as e:  # Keras raises many types for unreadable files
-            raise ValueError(f"Could not load model {config.model!r}: {e}") from None
+        model = load_model(config.model)
         x = load_samples(config.data, model.input_shape[1:], samples=config.samples,
                          seed=config.seed, data_path=config.data_path)
         echo(f"Model {config.model} on {len(x)} samples of {config.data}, {tol} rank{label}.")

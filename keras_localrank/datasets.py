@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from keras_localrank.io import read_npz
+
 __all__ = ["Dataset", "gaussian", "gaussian_task", "digits", "load_npz", "load", "NAMES"]
 
 NAMES = ("gaussian", "digits", "mnist", "fashion_mnist")
@@ -109,17 +111,12 @@ def load_npz(
     uint8 images are divided by 255. The split is seeded and fixed.
 
     Raises:
-        ValueError: a missing file or missing arrays.
+        ValueError: a missing, truncated or corrupt file, or missing arrays
+            (`io.UnreadableFileError`, naming the file).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"Expected an existing .npz file. Received: data_path={path!r}")
-    with np.load(path) as data:
-        if "x" not in data or "y" not in data:
-            raise ValueError(
-                f"Expected arrays 'x' and 'y' in {path!r}. Found: {sorted(data.files)}"
-            )
-        x, y = data["x"], data["y"]
+    arrays = read_npz(path, ("x", "y"), argument="data_path")
+    x, y = arrays["x"], arrays["y"]
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     x = x.reshape(len(x), -1) if flatten else x
     y = y.astype(np.int64)

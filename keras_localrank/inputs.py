@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from keras_localrank.validation import check_positive_int
 
+# `check_positive_int` is re-exported for older imports; it lives in `validation`.
 __all__ = ["as_samples", "check_positive_int"]
+
+
+def _check_batched(dataset: tf.data.Dataset, input_shape, name: str) -> None:
+    """Raise if `dataset` yields single samples rather than batches."""
+    spec = dataset.element_spec
+    if isinstance(spec, (tuple, list)) and spec:
+        spec = spec[0]
+    shape = getattr(spec, "shape", None)
+    if shape is None or shape.rank is None:
+        return
+    if shape.rank == 0:
+        unbatched = True
+    elif shape[0] is None:
+        return  # a batch axis of unknown size: batched
+    elif input_shape is not None:
+        unbatched = shape.rank == len(input_shape)
+    else:
+        unbatched = shape.rank == 1
+    if unbatched:
+        raise ValueError(
+            f"Expected `{name}` to be a batched tf.data.Dataset (elements shaped "
+            "(batch, *input_shape)). Received: a dataset of single samples, element "
+            f"shape {tuple(shape)}; call `{name}.batch(batch_size)` first."
+        )
 
 
 def _from_dataset(dataset: tf.data.Dataset, max_samples: int | None) -> np.ndarray:
@@ -43,21 +69,38 @@ def as_samples(
 
     Args:
         x: a NumPy array, tensor, or batched `tf.data.Dataset` of `x` or
-            `(x, y)` elements, shaped `[N, *input_shape]`.
+            `(x, y)` elements, shaped `[N, *input_shape]`. Not a generator or
+            other iterator: the samples are reused, so materialise them first.
         input_shape: the model's per-sample input shape (a None entry: any
             size; None: not checked).
-        max_samples: keep at most this many samples (the first ones).
+        max_samples: keep at most this many samples (the first ones); an
+            int >= 1 or None (all). Default None.
         name: the argument name used in error messages.
 
     Returns:
         `[N, *input_shape]` float array.
 
     Raises:
-        TypeError: non-numeric or integer/boolean `x`.
-        ValueError: empty `x`, a shape that does not fit the model, NaN or Inf.
+        TypeError: non-numeric or integer/boolean `x`, a generator or iterator,
+            a non-integer `max_samples`.
+        ValueError: empty `x`, an unbatched dataset, a shape that does not fit
+            the model, NaN or Inf, `max_samples` < 1.
     """
+    if max_samples is not None:
+        max_samples = check_positive_int("max_samples", max_samples)
     if isinstance(x, tf.data.Dataset):
+        _check_batched(x, input_shape, name)
         arr = _from_dataset(x, max_samples)
+    elif inspect.isgenerator(x) or isinstance(x, Iterator) or (
+        not hasattr(x, "__array__") and not hasattr(x, "__len__")
+        and hasattr(x, "__iter__")
+    ):
+        raise TypeError(
+            f"Expected `{name}` to be an array, tensor or batched tf.data.Dataset. "
+            f"Received: {name} of type {type(x).__name__} (a generator or iterator, "
+            "which can be read only once); pass the samples as an array, e.g. "
+            f"`np.concatenate(list({name}))`, or as a batched tf.data.Dataset."
+        )
     else:
         try:
             arr = np.asarray(x)
@@ -66,6 +109,12 @@ def as_samples(
                 f"Expected `{name}` to be an array, tensor or tf.data.Dataset. "
                 f"Received: {name} of type {type(x).__name__} ({e})"
             ) from None
+        if arr.dtype == object:
+            raise TypeError(
+                f"Expected `{name}` to be an array, tensor or batched tf.data.Dataset "
+                f"of floats. Received: {name} of type {type(x).__name__}, which NumPy "
+                "reads as an array of Python objects; pass a float array."
+            )
     if arr.dtype.kind != "f":
         raise TypeError(
             f"Expected floating-point `{name}`. Received: {name} with dtype "
@@ -77,9 +126,7 @@ def as_samples(
             f"Received: {name} with shape {arr.shape}."
         )
     if max_samples is not None:
-        if int(max_samples) < 1:
-            raise ValueError(f"Expected `max_samples` >= 1. Received: {max_samples}")
-        arr = arr[: int(max_samples)]
+        arr = arr[:max_samples]
     expected = tuple(input_shape) if input_shape is not None else arr.shape[1:]
     got = arr.shape[1:]
     if len(got) != len(expected) or any(

@@ -1,11 +1,72 @@
-"""Atomic file writes: results are never left half-written."""
+"""Files: atomic writes (results are never left half-written) and safe `.npz` reads.
+
+Writes go to a temporary file in the destination folder, are synced, given
+mode 0644 (an ordinary result file, not `mkstemp`'s 0600) and renamed over
+the destination. Reads of user-supplied `.npz` files turn every way a file
+can be missing, truncated or corrupt into one `UnreadableFileError` that
+names the file.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+
+__all__ = ["UnreadableFileError", "atomic_write_json", "atomic_write_text", "read_npz"]
+
+
+class UnreadableFileError(ValueError):
+    """A user-supplied file is missing, truncated, corrupt or lacks expected content."""
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def read_npz(
+    path: str | os.PathLike, keys: Sequence[str], *, argument: str = "data_path"
+) -> dict[str, np.ndarray]:
+    """The arrays `keys` of the `.npz` file `path`, fully read into memory.
+
+    Args:
+        path: the `.npz` file.
+        keys: names of the arrays that must be present.
+        argument: the argument/flag name quoted in messages. Default "data_path".
+
+    Returns:
+        `{key: array}` for every key.
+
+    Raises:
+        UnreadableFileError (a `ValueError`): a missing file, a file that is
+            not a valid `.npz` (truncated, corrupt, pickled objects) or lacks
+            one of `keys`; the message names the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UnreadableFileError(
+            f"Expected an existing .npz file. Received: {argument}={path!r}"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = list(data.files)
+            missing = [k for k in keys if k not in files]
+            arrays = {} if missing else {k: np.asarray(data[k]) for k in keys}
+    except Exception as e:  # truncated/corrupt archives raise many types
+        raise UnreadableFileError(
+            f"Could not read {path!r} as an .npz file ({_one_line(e)}). "
+            f"Received: {argument}={path!r}"
+        ) from None
+    if missing:
+        raise UnreadableFileError(
+            f"Expected arrays {list(keys)} in {path!r}. Found: {sorted(files)}"
+        )
+    return arrays
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_localrank import names
 from keras_localrank.estimate import LocalRankEstimator
 from keras_localrank.spectra import Tolerance
 
@@ -26,7 +27,8 @@ class LocalRank(keras.metrics.Metric):
         atol: None (exact rank, default) or the robust-rank threshold.
         rtol: relative threshold. Default None (numpy's rule).
         method, dtype, jit_compile: passed to `LocalRankEstimator`.
-        name: metric name. Default `"local_rank/<layer>"`.
+        name: metric name. Default `"local_rank/<layer>"`, or
+            `"robust_local_rank/<layer>"` with `atol` (see `keras_localrank.names`).
 
     Note:
         The metric holds a reference to the model, so it is meant for custom
@@ -57,7 +59,9 @@ class LocalRank(keras.metrics.Metric):
             raise TypeError(
                 f"Expected `layer` to be a layer name or layer. Received: layer={layer!r}"
             )
-        super().__init__(name=name or f"local_rank/{layer_name}", dtype="float32")
+        kind = names.EXACT if atol is None else names.ROBUST
+        default_name = names.rank_key(layer_name, kind, atol, qualify=False)
+        super().__init__(name=name or default_name, dtype="float32")
         self._estimator = LocalRankEstimator(
             model,
             [layer],

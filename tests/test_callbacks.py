@@ -177,6 +177,9 @@ def test_jit_compile_and_mirrored_strategy_give_the_same_numbers(data):
         ({"schedule": 3}, TypeError, "schedule=3"),
         ({"exact": False}, ValueError, "Nothing to log"),
         ({"trace_path": "trace.txt"}, ValueError, "trace.txt"),
+        ({"max_samples": 2.5}, TypeError, "max_samples=2.5"),
+        ({"max_samples": "3"}, TypeError, "max_samples='3'"),
+        ({"max_overhead": "0.1"}, TypeError, "max_overhead='0.1'"),
     ],
 )
 def test_construction_errors(data, kwargs, error, match):
@@ -230,6 +233,7 @@ def test_metric_in_a_gradient_tape_loop(data):
     expected = klr.local_rank(model, data.x_test, layers=["h1"]).mean["h1"]
     assert float(metric.result()) == pytest.approx(expected, rel=1e-6)
     assert metric.name == "local_rank/h1"
+    assert klr.metrics.LocalRank(model, "h1", atol=0.1).name == "robust_local_rank/h1"
 
 
 def test_rank_probe_measures_any_tensor_and_round_trips(tmp_path):

@@ -98,8 +98,78 @@ def test_command_line_end_to_end(saved_model, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "probe" in proc.stdout and out.exists()
+
+
+def truncated(path, out):
+    data = path.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def test_truncated_or_corrupt_files_name_the_file(saved_model, tmp_path):
+    _, path = saved_model
+    np.savez(tmp_path / "x.npz", x=np.ones((10, 8, 8), np.float32), y=np.zeros(10))
+    bad_npz = truncated(tmp_path / "x.npz", tmp_path / "cut.npz")
+    with pytest.raises(ValueError, match=r"cut\.npz.*data="):
+        run(Config(model=str(path), data=str(bad_npz)), echo=lambda s: None)
+    with pytest.raises(ValueError, match=r"cut\.npz.*data_path="):
+        run(Config(model=str(path), data="mnist", data_path=str(bad_npz)), echo=lambda s: None)
+    bad_model = truncated(path, tmp_path / "cut.keras")
+    with pytest.raises(ValueError, match=r"Could not load model .*cut\.keras") as info:
+        run(Config(model=str(bad_model)), echo=lambda s: None)
+    assert "\n" not in str(info.value)
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for output in (blocker / "t.csv", tmp_path / "folder.csv"):
+        (tmp_path / "folder.csv").mkdir(exist_ok=True)
+        lines = []
+        with pytest.raises(ValueError, match=f"output='{output}'"):
+            run(Config(epochs=1, samples=8, output=str(output)), echo=lines.append)
+        assert lines == []  # nothing trained or measured
+
+
+def test_command_line_error_is_one_line_and_exit_status_2(saved_model, tmp_path):
+    _, path = saved_model
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 truncated")
     proc = subprocess.run(
-        [sys.executable, "-m", "keras_localrank", "--model=/nonexistent.keras"],
+        [sys.executable, "-m", "keras_localrank", f"--model={path}",
+         f"--data={tmp_path / 'cut.npz'}"],
         capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 2 and "error:" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cut.npz" in errors[0]
+
+
+@pytest.fixture()
+def main_with_flags():
+    """`__main__.main` in this process with the given flags (absl FLAGS restored after)."""
+    from keras_localrank import __main__ as entry
+
+    def call(*args):
+        entry.FLAGS(["keras_localrank", *args])
+        return entry.main(["keras_localrank"])
+
+    yield call
+    entry.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("which", ["missing_model", "output_under_a_file", "output_is_a_dir"])
+def test_main_prints_one_line_before_any_work(main_with_flags, tmp_path, capsys, which):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    (tmp_path / "folder.csv").mkdir()
+    args, name = {
+        "missing_model": (["--model=/nonexistent/m.keras"], "m.keras"),
+        "output_under_a_file": ([f"--output={blocker / 't.csv'}"], "a_file"),
+        "output_is_a_dir": ([f"--output={tmp_path / 'folder.csv'}"], "folder.csv"),
+    }[which]
+    assert main_with_flags(*args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before any work
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and name in lines[0]

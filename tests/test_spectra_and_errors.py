@@ -90,6 +90,13 @@ X = np.ones((5, 4), np.float32)
         (np.ones((3, 5), np.float32), ValueError, r"shape \(3, 5\)"),
         (np.ones((3, 4), np.int64), TypeError, "dtype int64"),
         (np.array([["a"] * 4]), TypeError, "floating-point"),
+        ((row for row in X), TypeError, r"type generator .*np\.concatenate"),
+        (iter(X), TypeError, "iterator"),
+        ([[1.0, 2.0, 3.0, 4.0], [1.0]], TypeError, "type list"),
+        (tf.data.Dataset.from_tensor_slices(X), ValueError,
+         r"single samples, element shape \(4,\); call `x.batch\(batch_size\)`"),
+        (tf.data.Dataset.from_tensor_slices((X, np.zeros(5))), ValueError,
+         r"single samples.*batch\("),
     ],
 )
 def test_bad_x(model, x, error, match):
@@ -109,11 +116,23 @@ def test_bad_x(model, x, error, match):
         ({"method": "magic"}, ValueError, "method='magic'"),
         ({"batch_size": 0}, ValueError, "batch_size=0"),
         ({"dtype": "float16"}, ValueError, "dtype='float16'"),
+        ({"max_samples": 2.5}, TypeError, "max_samples=2.5"),
+        ({"max_samples": "3"}, TypeError, "max_samples='3'"),
+        ({"max_samples": 0}, ValueError, "max_samples=0"),
     ],
 )
 def test_bad_arguments(model, kwargs, error, match):
     with pytest.raises(error, match=match):
         klr.local_rank(model, X, **kwargs)
+
+
+def test_batched_dataset_and_max_samples(model):
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    from_dataset = klr.local_rank(model, tf.data.Dataset.from_tensor_slices(x).batch(3),
+                                  max_samples=7)
+    from_array = klr.local_rank(model, x[:7])
+    for name, ranks in from_array.per_sample.items():
+        np.testing.assert_array_equal(from_dataset.per_sample[name], ranks)
 
 
 def test_not_a_model():

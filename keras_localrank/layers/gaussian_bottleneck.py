@@ -15,15 +15,23 @@ References:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from keras_localrank.inputs import check_positive_int
 
-tfd = tfp.distributions
+if TYPE_CHECKING:
+    import tensorflow_probability as tfp
+
+
+def _tfd():
+    """`tfp.distributions`, imported on first use (only the VIB needs TFP)."""
+    import tensorflow_probability as tfp
+
+    return tfp.distributions
 
 __all__ = ["GaussianBottleneck", "SampleAverage", "check_beta"]
 
@@ -228,12 +236,12 @@ class GaussianBottleneck(keras.layers.Layer):
         scale = keras.ops.softplus(raw + self.scale_shift) + self.scale_floor
         return mean, scale
 
-    def posterior(self, inputs) -> tfd.MultivariateNormalDiag:
+    def posterior(self, inputs) -> tfp.distributions.MultivariateNormalDiag:
         """`q(z|x)` as a `tfp.distributions.MultivariateNormalDiag`."""
         mean, scale = self.posterior_parameters(inputs)
-        return tfd.MultivariateNormalDiag(loc=mean, scale_diag=scale)
+        return _tfd().MultivariateNormalDiag(loc=mean, scale_diag=scale)
 
-    def prior(self) -> tfd.MultivariateNormalDiag:
+    def prior(self) -> tfp.distributions.MultivariateNormalDiag:
         """`r(z)`: `N(0, I)`, or the learned diagonal Gaussian."""
         if self.learnable_prior:
             loc = keras.ops.convert_to_tensor(self.prior_loc)
@@ -241,22 +249,22 @@ class GaussianBottleneck(keras.layers.Layer):
         else:
             loc = tf.zeros((self.units,), self.compute_dtype)
             scale = tf.ones((self.units,), self.compute_dtype)
-        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
+        return _tfd().MultivariateNormalDiag(loc=loc, scale_diag=scale)
 
     def kl_per_dimension(self, inputs):
         """`KL(q(z_j|x) || r(z_j))` per example and dimension, `(batch, units)`, nats."""
         mean, scale = self.posterior_parameters(inputs)
         prior = self.prior()
-        return tfd.kl_divergence(
-            tfd.Normal(mean, scale),
-            tfd.Normal(prior.mean(), prior.stddev()),
+        return _tfd().kl_divergence(
+            _tfd().Normal(mean, scale),
+            _tfd().Normal(prior.mean(), prior.stddev()),
         )
 
     # -- the forward pass ------------------------------------------------------
 
     def call(self, inputs, training=None):
         posterior = self.posterior(inputs)
-        kl = tfd.kl_divergence(posterior, self.prior())  # (batch,) nats
+        kl = _tfd().kl_divergence(posterior, self.prior())  # (batch,) nats
         self.add_loss(self._beta * keras.ops.mean(kl))
         self.rate_tracker.update_state(kl)
         mean, scale = posterior.loc, posterior.stddev()
