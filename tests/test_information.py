@@ -434,3 +434,25 @@ def test_information_mlp_study_runs_on_a_tiny_config(tmp_path):
     assert sorted(set(information["step"])) == sorted(set(ranks["step"]))
     assert information["step"].min() == 0
     assert (tmp_path / "information_plane_sigma=1.png").stat().st_size > 1000
+
+
+def test_callback_trace_continues_across_fit_calls_and_callback_instances(toy, tmp_path):
+    from keras_localrank.information_callback import InformationCallback
+
+    x, y = toy
+    model = _tiny_classifier()
+    trace = tmp_path / "trace.json"
+    first = InformationCallback(x[:16], sigma=1.0, trace_path=trace)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[first])
+    # A new callback on the same file (a restarted script) continues the trace
+    # at the optimizer's step, without repeating a step.
+    second = InformationCallback(x[:16], sigma=1.0, trace_path=trace,
+                                 measure_on_train_begin=True)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[second])
+    frame = second.trace_frame()
+    assert sorted(set(frame["step"])) == [3, 6, 9]
+    assert len(frame) == 3 * 2 * 2  # steps x layers x (kl_upper, bd_lower)
+    # A fresh model restarts at step 0: rows from later steps are dropped.
+    third = InformationCallback(x[:16], sigma=1.0, trace_path=trace)
+    _tiny_classifier().fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[third])
+    assert sorted(set(third.trace_frame()["step"])) == [3]
