@@ -8,7 +8,15 @@ measurement (`LocalRankEstimator.measure` on the same probe set, traced
 beforehand, on each epoch's weights), so the callback's own overhead per
 measurement is visible.
 
+Then the cost of information next to rank: on the same epochs' weights and
+probe set (with its labels), one `InformationCallback` measurement (the
+pairwise noise bounds on I(X;T) and I(T;Y) at each `--information_sigmas`,
+and binning with `--information_bins`) against one local-rank measurement,
+and the ratio; the opt-in local Gaussian-channel estimate (its own Jacobians)
+is timed separately.
+
     python -m experiments.benchmark_callback --data_path=../shared/data/mnist10k.npz
+    python -m experiments.benchmark_callback --nofit_runs --epochs=5   # information cost only
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from absl import app, flags  # noqa: E402
 
 import keras_localrank as klr  # noqa: E402
 from experiments.common import build_mlp  # noqa: E402
+from keras_localrank.information_callback import InformationCallback  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_path", None, "MNIST .npz (x, y); default: keras.datasets.mnist.")
@@ -31,6 +40,9 @@ flags.DEFINE_integer("epochs", 20, "Training epochs per run.")
 flags.DEFINE_integer("batch_size", 64, "Training batch size.")
 flags.DEFINE_float("max_overhead", 0.1, "max_overhead of the third run.")
 flags.DEFINE_integer("engine_repeats", 3, "Engine-only runs per epoch's weights (best kept).")
+flags.DEFINE_bool("fit_runs", True, "Time the fit runs; False: train once, time measurements only.")
+flags.DEFINE_list("information_sigmas", ["0.1", "1.0"], "Noise levels of the information bounds.")
+flags.DEFINE_integer("information_bins", 30, "Bins of the binning estimate (0: none).")
 
 
 class WeightsAtEpochEnd(keras.callbacks.Callback):
@@ -56,6 +68,56 @@ def fit_once(x, y, callbacks, epochs, batch_size) -> tuple[float, keras.Model]:
     return time.perf_counter() - start, model
 
 
+def best_of(fn, repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return min(runs)
+
+
+def engine_time(model, probe, saved_weights) -> tuple[float, list[float]]:
+    """Mean over the saved weights of one local-rank measurement (best of repeats)."""
+    estimator = klr.LocalRankEstimator(model)
+    samples = estimator.check_samples(probe)
+    estimator.measure(samples)  # trace
+    per_epoch = []
+    for w in saved_weights:
+        model.set_weights(w)
+        per_epoch.append(best_of(lambda: estimator.measure(samples), FLAGS.engine_repeats))
+    return statistics.mean(per_epoch), per_epoch
+
+
+def information_cost(model, probe, labels, saved_weights, engine_s) -> None:
+    """One information measurement per epoch's weights, next to local rank."""
+    sigmas = [float(s) for s in FLAGS.information_sigmas]
+    bins = FLAGS.information_bins or None
+    configs = (
+        (f"bounds, sigma={sigmas}, with labels", dict(sigma=sigmas)),
+        (f"+ binning ({bins} bins)", dict(sigma=sigmas, num_bins=bins)),
+        ("Gaussian channel only (its own spectra)",
+         dict(sigma=sigmas, bounds=False, gaussian_channel=True)),
+    )
+    print(f"\ninformation next to local rank ({len(probe)} probe samples, "
+          f"{len(saved_weights)} epochs' weights, best of {FLAGS.engine_repeats}):")
+    print(f"  local rank, one measurement:            {engine_s:.4f} s")
+    for label, kwargs in configs:
+        if "num_bins" in kwargs and bins is None:
+            continue
+        cb = InformationCallback(probe, labels, **kwargs)
+        cb.set_model(model)
+        cb.on_train_begin()
+        cb.measure()  # trace
+        per_epoch = []
+        for w in saved_weights:
+            model.set_weights(w)
+            per_epoch.append(best_of(cb.measure, FLAGS.engine_repeats))
+        cost = statistics.mean(per_epoch)
+        print(f"  {label:<38} {cost:.4f} s = {100 * cost / engine_s:5.1f}% of local rank "
+              f"({len(cb.keys)} keys)")
+
+
 def main(argv):
     del argv
     if FLAGS.data_path:
@@ -68,6 +130,12 @@ def main(argv):
           f"batch {FLAGS.batch_size}, probe {len(probe)} samples")
 
     fit_once(x[:640], y[:640], [], 1, FLAGS.batch_size)  # warm up TF itself
+    if not FLAGS.fit_runs:
+        weights = WeightsAtEpochEnd()
+        _, model = fit_once(x, y, [weights], FLAGS.epochs, FLAGS.batch_size)
+        engine_s, per_epoch = engine_time(model, probe, weights.saved)
+        information_cost(model, probe, y[: len(probe)], weights.saved, engine_s)
+        return
     # The baseline runs before and after the callback runs; its mean is used,
     # and the spread of the two shows the machine's noise.
     base_1, _ = fit_once(x, y, [], FLAGS.epochs, FLAGS.batch_size)
@@ -82,19 +150,7 @@ def main(argv):
     # Engine-only cost of the *same* 20 measurements: the cost depends on the
     # weights (active ReLU units shrink the factors), so re-measure each
     # epoch's weights, traced beforehand, best of `engine_repeats`.
-    estimator = klr.LocalRankEstimator(model)
-    samples = estimator.check_samples(probe)
-    estimator.measure(samples)  # trace
-    per_epoch = []
-    for w in weights.saved:
-        model.set_weights(w)
-        runs = []
-        for _ in range(FLAGS.engine_repeats):
-            start = time.perf_counter()
-            estimator.measure(samples)
-            runs.append(time.perf_counter() - start)
-        per_epoch.append(min(runs))
-    engine_s = statistics.mean(per_epoch)
+    engine_s, per_epoch = engine_time(model, probe, weights.saved)
 
     print(f"\nno callback:              {base:7.2f} s   (runs: {base_1:.2f} s, {base_2:.2f} s)")
     for label, total, cb in (

@@ -47,9 +47,10 @@ if _keras_backend() != "tensorflow":
         f"{_keras_backend()!r}) before importing keras."
     )
 
-from keras_localrank import datasets, layers, metrics, schedules  # noqa: E402
+from keras_localrank import datasets, information, layers, metrics, schedules  # noqa: E402
 from keras_localrank.callbacks import LocalRankCallback  # noqa: E402
 from keras_localrank.estimate import LocalRankEstimator, local_rank  # noqa: E402
+from keras_localrank.information_callback import InformationCallback  # noqa: E402
 from keras_localrank.layers import GaussianBottleneck, RankProbe, SampleAverage  # noqa: E402
 from keras_localrank.result import LayerInfo, LocalRankResult  # noqa: E402
 from keras_localrank.scheduled import ScheduledCallback  # noqa: E402
@@ -81,6 +82,7 @@ def __dir__():
 
 __all__ = [
     "GaussianBottleneck",
+    "InformationCallback",
     "LayerInfo",
     "LocalRankCallback",
     "LocalRankEstimator",
@@ -93,6 +95,7 @@ __all__ = [
     "effective_rank",
     "datasets",
     "dynamics",
+    "information",
     "layers",
     "local_rank",
     "metrics",

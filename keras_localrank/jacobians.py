@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from keras_localrank.taps import Tap, preactivation
 
-__all__ = ["choose_mode", "preactivation_jacobians"]
+__all__ = ["choose_mode", "preactivation_jacobians", "preactivations"]
 
 
 def choose_mode(taps: Sequence[Tap]) -> str:
@@ -27,7 +27,8 @@ def choose_mode(taps: Sequence[Tap]) -> str:
     return "forward" if n0 < sum(t.units for t in taps) else "reverse"
 
 
-def _preactivations(inputs_model, taps, x):
+def preactivations(inputs_model, taps, x):
+    """Flattened pre-activations `[B, n_l]` of every tap at inputs `x`."""
     inputs = inputs_model(x, training=False)
     if not isinstance(inputs, (list, tuple)):
         inputs = [inputs]
@@ -60,7 +61,7 @@ def preactivation_jacobians(
     if mode == "reverse":
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
-            preacts = _preactivations(inputs_model, taps, x)
+            preacts = preactivations(inputs_model, taps, x)
         jacobians = [tape.batch_jacobian(p, x) for p in preacts]
         del tape
         return [tf.reshape(j, [batch, t.units, n0]) for j, t in zip(jacobians, taps)]
@@ -70,7 +71,7 @@ def preactivation_jacobians(
         with tf.autodiff.ForwardAccumulator(
             repeated, tf.reshape(basis, tf.shape(repeated))
         ) as acc:
-            preacts = _preactivations(inputs_model, taps, repeated)
+            preacts = preactivations(inputs_model, taps, repeated)
         out = []
         for p, t in zip(preacts, taps):
             jvp = tf.reshape(acc.jvp(p), [batch, n0, t.units])

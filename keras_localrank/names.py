@@ -9,11 +9,15 @@
 Study tables use the same names without the layer part (`local_rank`,
 `robust_local_rank@0.01`) as column names, and `kind` / `atol` columns in
 long-format traces.
+
+Information estimates (see `information`) are logged as
+`information/<estimator>@<parameter>=<value>/<layer>` for `I(X;T)` and
+`label_information/<estimator>@<parameter>=<value>/<layer>` for `I(T;Y)`.
 """
 
 from __future__ import annotations
 
-__all__ = ["EXACT", "ROBUST", "RANK_KINDS", "rank_column", "rank_key"]
+__all__ = ["EXACT", "ROBUST", "RANK_KINDS", "rank_column", "rank_key", "information_key"]
 
 EXACT = "exact"
 ROBUST = "robust"
@@ -41,3 +45,25 @@ def rank_column(kind: str, atol: float | None = None, *, qualify: bool = True) -
 def rank_key(layer: str, kind: str, atol: float | None = None, *, qualify: bool = True) -> str:
     """The Keras `logs` key of one layer's rank: `<rank_column>/<layer>`."""
     return f"{rank_column(kind, atol, qualify=qualify)}/{layer}"
+
+
+#: Key prefix of each information quantity.
+INFORMATION_PREFIXES = {"I(X;T)": "information", "I(T;Y)": "label_information"}
+
+
+def information_key(layer: str, quantity: str, label: str) -> str:
+    """The Keras `logs` key of one layer's information estimate.
+
+    Args:
+        layer: the layer name.
+        quantity: `"I(X;T)"` or `"I(T;Y)"`.
+        label: `<estimator>@<parameter>=<value>` (`InformationEstimate.label`).
+
+    Returns:
+        e.g. `information/kl_upper@sigma=0.1/dense`.
+    """
+    if quantity not in INFORMATION_PREFIXES:
+        raise ValueError(
+            f"Expected `quantity` in {tuple(INFORMATION_PREFIXES)}. Received: quantity={quantity!r}"
+        )
+    return f"{INFORMATION_PREFIXES[quantity]}/{label}/{layer}"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_dynamics"]
+__all__ = ["plot_dynamics", "plot_information_plane", "information_curves"]
 
 _METRIC_PANELS = (
     ("loss", ("train_loss", "test_loss")),
@@ -119,6 +119,134 @@ def plot_dynamics(
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlim(left=0)
         ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=dpi)
+
+
+def information_curves(trace: pd.DataFrame, *, ixt: str, ity: str | None = None) -> pd.DataFrame:
+    """One row per (step, layer): the chosen `I(X;T)` and `I(T;Y)` estimates.
+
+    Args:
+        trace: an information trace (`InformationCallback.trace_frame()`, or
+            its CSV): columns `step`, `layer`, `quantity`, `estimator`,
+            `parameter`, `value`, `nats`, and optionally `seed` (averaged).
+        ixt: the `I(X;T)` estimate, as `<estimator>@<parameter>=<value>`
+            (e.g. `"kl_upper@sigma=0.1"`).
+        ity: the `I(T;Y)` estimate (e.g. `"kl@sigma=0.1"`). Default None.
+
+    Returns:
+        Columns `step`, `layer`, `ixt` (and `ity`), in nats, sorted by layer
+        and step.
+
+    Raises:
+        ValueError: missing columns, or no rows for a requested estimate
+            (the message lists the estimates present).
+    """
+    from keras_localrank.information import ITY, IXT
+
+    needed = {"step", "layer", "quantity", "estimator", "parameter", "value", "nats"}
+    missing = sorted(needed - set(trace.columns))
+    if missing:
+        raise ValueError(f"Expected an information trace with columns {sorted(needed)}. "
+                         f"Missing: {missing}")
+    labels = (
+        trace["estimator"].astype(str) + "@" + trace["parameter"].astype(str) + "="
+        + trace["value"].map(lambda v: f"{float(v):g}")
+    )
+    frames = []
+    for column, quantity, label in (("ixt", IXT, ixt), ("ity", ITY, ity)):
+        if label is None:
+            continue
+        rows = trace[(trace["quantity"] == quantity) & (labels == label)]
+        if rows.empty:
+            present = sorted(set(labels[trace["quantity"] == quantity]))
+            raise ValueError(
+                f"Expected {quantity} estimate {label!r} in the trace. Present: {present}"
+            )
+        frames.append(rows.groupby(["step", "layer"])["nats"].mean().rename(column))
+    out = pd.concat(frames, axis=1, join="inner").reset_index()
+    return out.sort_values(["layer", "step"]).reset_index(drop=True)
+
+
+def plot_information_plane(
+    trace: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    ixt: str = "kl_upper@sigma=0.1",
+    ity: str = "kl@sigma=0.1",
+    ranks: pd.DataFrame | None = None,
+    rank_kind: str = "exact",
+    title: str = "",
+    dpi: int = 70,
+) -> None:
+    """The information plane next to the curves over training, as one PNG.
+
+    Panels: the information plane (`I(X;T)` against `I(T;Y)`, one curve per
+    layer, points coloured by optimizer step on a log scale), `I(X;T)` per
+    layer against the step, and, with `ranks`, local rank per layer against
+    the step, so compression of information and of rank can be compared.
+
+    Args:
+        trace: an information trace (see `information_curves`).
+        path: the PNG to write (atomically).
+        ixt: the `I(X;T)` estimate to draw. Default `"kl_upper@sigma=0.1"`.
+        ity: the `I(T;Y)` estimate. Default `"kl@sigma=0.1"`.
+        ranks: optional local-rank trace (`LocalRankCallback.trace_frame()`:
+            `step`, `layer`, `kind`, `mean`). Default None.
+        rank_kind: the rank kind to draw from `ranks`. Default `"exact"`.
+        title: figure title. Default "".
+        dpi: resolution. Default 70.
+
+    Raises:
+        ValueError: see `information_curves`; a rank trace without `rank_kind`.
+    """
+    from matplotlib.colors import SymLogNorm
+
+    curves = information_curves(trace, ixt=ixt, ity=ity)
+    panels = 3 if ranks is not None else 2
+    fig, axes = new_figure(1, panels, figsize=(4.0 * panels, 3.4))
+    steps = curves["step"].to_numpy(dtype=float)
+    norm = SymLogNorm(linthresh=1.0, vmin=steps.min(), vmax=max(steps.max(), 1.0))
+    plane, over_steps = axes[0], axes[1]
+    points = None
+    for layer, rows in curves.groupby("layer", sort=False):
+        (line,) = plane.plot(rows["ixt"], rows["ity"], linewidth=1, alpha=0.6, label=layer)
+        points = plane.scatter(rows["ixt"], rows["ity"], c=rows["step"], cmap="viridis",
+                               norm=norm, s=14, edgecolors=line.get_color(), linewidths=0.6)
+        over_steps.plot(rows["step"], rows["ixt"], marker=".", markersize=3, label=layer,
+                        color=line.get_color())
+    fig.colorbar(points, ax=plane, label="optimizer step")
+    plane.set_xlabel(f"I(X;T) [nats], {ixt}")
+    plane.set_ylabel(f"I(T;Y) [nats], {ity}")
+    plane.set_title("information plane", fontsize=10)
+    plane.legend(fontsize=7)
+    over_steps.set_ylabel("I(X;T) [nats]")
+    over_steps.set_title(f"I(X;T): {ixt}", fontsize=10)
+    step_axes = [over_steps]
+    if ranks is not None:
+        needed = {"step", "layer", "kind", "mean"}
+        if needed - set(ranks.columns) or not (ranks["kind"] == rank_kind).any():
+            raise ValueError(
+                f"Expected a rank trace with columns {sorted(needed)} and rows of kind "
+                f"{rank_kind!r}. Received columns {sorted(ranks.columns)}."
+            )
+        ax = axes[2]
+        chosen = ranks[ranks["kind"] == rank_kind]
+        for layer, rows in chosen.groupby("layer", sort=False):
+            stats = rows.groupby("step")["mean"].mean()
+            ax.plot(stats.index, stats.to_numpy(), marker=".", markersize=3, label=layer)
+        ax.set_ylabel("local rank")
+        ax.set_title(f"local rank ({rank_kind})", fontsize=10)
+        step_axes.append(ax)
+    for ax in step_axes:
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+    for ax in axes:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
