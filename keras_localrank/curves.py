@@ -400,6 +400,7 @@ def refine_grid(
         j = int(np.argmin(np.abs(log_coarse - math.log10(high))))
         a = log_coarse[max(min(i, j) - pad_steps, 0)]
         b = log_coarse[min(max(i, j) + pad_steps, len(coarse) - 1)]
-        count = max(int(math.ceil((b - a) * per_decade - 1e-9)), 1) + 1
+        # (grid values carry 6 digits: allow that rounding before adding a step)
+        count = max(int(math.ceil((b - a) * per_decade - 1e-4)), 1) + 1
         points.update((10.0 ** np.linspace(a, b, count)).tolist())
     return tuple(sorted({float(f"{p:.6g}") for p in points}))

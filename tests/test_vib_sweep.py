@@ -227,6 +227,8 @@ def test_refine_betas_puts_eight_points_per_decade_around_a_planted_step():
     assert inside[0] == pytest.approx(-2.5) and inside[-1] == pytest.approx(-1.0)
     assert np.max(np.diff(inside)) <= 1 / 8 + 1e-5
     assert len(inside) >= 8 * 1.5 + 1  # >= 8 points per decade over 1.5 decades
+    # ... and exactly 8: the 6-digit rounding of the coarse grid adds no extra step.
+    assert len(inside) == 13
     # Far from the step the coarse grid is kept as it was.
     assert np.min(np.diff(logs[logs >= -0.5])) == pytest.approx(0.5, abs=1e-5)
     with pytest.raises(ValueError, match="columns"):
