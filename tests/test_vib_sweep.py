@@ -218,19 +218,19 @@ def _seed_frame(grid, curve, seeds, noise, column="local_rank/encoder_2", rng=No
 
 def test_refine_betas_puts_eight_points_per_decade_around_a_planted_step():
     coarse = lib.beta_grid(1e-4, 10.0, 11)  # half-decade steps
-    frame = _seed_frame(coarse, lambda lb: 100.0 - 60.0 * (lb > -1.7), seeds=2, noise=0.5)
+    frame = _seed_frame(coarse, lambda lb: 100.0 - 60.0 * (lb > -1.2), seeds=2, noise=0.5)
     grid = lib.refine_betas(frame, ["local_rank/encoder_2"], per_decade=8)
     assert set(coarse) <= set(grid)
     logs = np.log10(grid)
-    # The step (1e-2, 10**-1.5) and one coarse step each side: -2.5 .. -1.0.
-    inside = logs[(logs >= -2.5 - 1e-6) & (logs <= -1.0 + 1e-6)]
-    assert inside[0] == pytest.approx(-2.5) and inside[-1] == pytest.approx(-1.0)
+    # The step (10**-1.5, 0.1) and one coarse step each side: -2.0 .. -0.5.
+    inside = logs[(logs >= -2.0 - 1e-6) & (logs <= -0.5 + 1e-6)]
+    assert inside[0] == pytest.approx(-2.0) and inside[-1] == pytest.approx(-0.5)
     assert np.max(np.diff(inside)) <= 1 / 8 + 1e-5
     assert len(inside) >= 8 * 1.5 + 1  # >= 8 points per decade over 1.5 decades
     # ... and exactly 8: the 6-digit rounding of the coarse grid adds no extra step.
     assert len(inside) == 13
     # Far from the step the coarse grid is kept as it was.
-    assert np.min(np.diff(logs[logs >= -0.5])) == pytest.approx(0.5, abs=1e-5)
+    assert np.min(np.diff(logs[logs >= 0.0])) == pytest.approx(0.5, abs=1e-5)
     with pytest.raises(ValueError, match="columns"):
         lib.refine_betas(frame, ["nope"])
     with pytest.raises(ValueError, match="per_decade=0"):
