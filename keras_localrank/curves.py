@@ -231,12 +231,14 @@ def detect_transitions(
     bootstrap over seeds and a stated sharpness criterion.
 
     The seed-mean curve `m_i` is taken at each grid value `b_i`; a transition
-    is a grid step `(b_i, b_{i+1})` with one of the `top` largest drops
-    `m_i - m_{i+1}` (rises with `direction="up"`), steps closer than
+    is a grid step `(b_i, b_{i+1})` with one of the `top` steepest drops
+    `(m_i - m_{i+1}) / (log10 b_{i+1} - log10 b_i)` (rises with
+    `direction="up"`; on a grid refined in places, a wide coarse step is not
+    preferred for being wide), whose `jump` is `m_i - m_{i+1}`; steps closer than
     `window_decades / 2` to a larger one being skipped. Its location is the
     step's midpoint in log10 (`log10_mid`). For each transition, seeds are
     resampled with replacement `num_bootstrap` times (whole curves, so the
-    pairing across the grid is kept); in each resample the largest drop
+    pairing across the grid is kept); in each resample the steepest drop
     within `window_decades / 2` of the point estimate gives a location and a
     jump, whose `confidence` percentile intervals are reported
     (`log10_interval`: from the lower edge of the low-percentile step to the
@@ -303,9 +305,11 @@ def detect_transitions(
     stds = np.nanstd(values, axis=0, ddof=1) if n_seeds > 1 else np.zeros_like(means)
     drops = sign * (means[:-1] - means[1:])
     mids = 0.5 * (log_grid[:-1] + log_grid[1:])
+    widths = np.diff(log_grid)
+    steepness = drops / widths  # per decade: a wide coarse step is not favoured
     half = window_decades / 2
     chosen = []
-    for i in np.argsort(-drops, kind="stable"):
+    for i in np.argsort(-steepness, kind="stable"):
         if drops[i] <= 0 or len(chosen) == top:
             break
         if all(abs(mids[i] - mids[j]) >= half for j in chosen):
@@ -314,11 +318,12 @@ def detect_transitions(
     picks = rng.integers(0, n_seeds, size=(num_bootstrap, n_seeds))
     boot_means = np.stack([np.nanmean(values[p], axis=0) for p in picks])
     boot_drops = sign * (boot_means[:, :-1] - boot_means[:, 1:])
+    boot_steep = boot_drops / widths
     q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
     transitions = []
     for i in chosen:
         near = np.abs(mids - mids[i]) < half
-        masked = np.where(near[None, :], boot_drops, -np.inf)
+        masked = np.where(near[None, :], boot_steep, -np.inf)
         where = np.argmax(masked, axis=1)
         jumps = boot_drops[np.arange(num_bootstrap), where]
         noise = float(np.sqrt(0.5 * (stds[i] ** 2 + stds[i + 1] ** 2)))

@@ -367,3 +367,14 @@ def test_script_bad_atols_end_in_one_line(tmp_path, flag, message):
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"vib_beta_sweep.py: error: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_detector_on_a_partly_refined_grid_prefers_the_steepest_step():
+    coarse = np.arange(-3.0, 0.0 + 1e-9, 0.5)
+    fine = np.arange(-1.5, -1.0 + 1e-9, 1 / 8)
+    grid = 10.0 ** np.union1d(coarse, fine)
+    # 20 per decade everywhere (10 per coarse step) plus a step of 6 at -1.3.
+    frame = _seed_frame(grid, lambda lb: 100.0 - 20.0 * lb - 6.0 * (lb > -1.3), 3, 0.1)
+    t = curves.detect_transitions(frame, "local_rank/encoder_2")["transitions"][0]
+    assert math.log10(t["beta_low"]) < -1.3 < math.log10(t["beta_high"])
+    assert t["jump"] == pytest.approx(6.0 + 20.0 / 8, abs=0.5)
