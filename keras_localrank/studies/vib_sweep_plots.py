@@ -54,10 +54,6 @@ def plot_sweep(
     fig, axes = new_figure(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharex=True)
     axes = np.atleast_1d(axes)
     for ax, (kind, atol) in zip(axes, panels):
-        active = f"active_units/{layers[0]}"
-        if active in frame and len(layers) > 1:
-            ax.plot(x, grouped[active].mean().reindex(betas).to_numpy(), color="k", ls="--",
-                    lw=1, label=f"active units of {layers[0]}")
         for layer in layers:
             col = names.rank_key(layer, kind, atol)
             mean = grouped[col].mean().reindex(betas).to_numpy()
@@ -65,6 +61,10 @@ def plot_sweep(
             hi = grouped[col].max().reindex(betas).to_numpy()
             (line,) = ax.plot(x, mean, marker="o", ms=3, label=layer)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+        active = f"active_units/{layers[0]}"
+        if active in frame and len(layers) > 1:  # drawn last, on top of equal curves
+            ax.plot(x, grouped[active].mean().reindex(betas).to_numpy(), color="k", ls="--",
+                    lw=1.2, zorder=5, label=f"active units of {layers[0]}")
         ax.set_xscale("log")
         ax.set_xlabel("beta")
         ax.set_ylabel(names.rank_column(kind, atol))
@@ -169,7 +169,8 @@ def plot_transitions(frame: pd.DataFrame, detected: dict, path: str) -> str:
     columns = list(detected)
     ncols = min(len(columns), 3)
     nrows = int(np.ceil(len(columns) / ncols))
-    fig, axes = new_figure(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = new_figure(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    fig.subplots_adjust(hspace=0.55, wspace=0.25)
     positive = frame[frame["beta"] > 0]
     for ax, col in zip(axes.ravel(), columns):
         for _, seed_rows in positive.groupby("seed"):
@@ -186,7 +187,7 @@ def plot_transitions(frame: pd.DataFrame, detected: dict, path: str) -> str:
             t = found["transitions"][0]
             verdict = "sharp" if t["sharp"] else "not sharp"
             ax.set_title(
-                f"{col}\nlargest drop {t['jump']:.3g} ({t['jump_over_noise']:.1f} sd, "
+                f"{col}\nsteepest step: drop {t['jump']:.3g} ({t['jump_over_noise']:.1f} sd, "
                 f"{t['concentration']:.0%} of its decade): {verdict}",
                 fontsize=8,
             )
