@@ -177,7 +177,7 @@ def find_transitions(
 
 #: When `detect_transitions` calls a transition sharp.
 SHARP_DEFINITION = (
-    "sharp: the largest drop of the seed-mean curve happens within one grid step "
+    "sharp: the steepest drop of the seed-mean curve happens within one grid step "
     "no wider than `max_step_decades` (default 1/8 decade), the drop exceeds "
     "`k` (default 3) pooled seed standard deviations, and it is at least "
     "`min_concentration` (default 1/2) of the change over the decade centred on "

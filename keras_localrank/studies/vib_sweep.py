@@ -80,10 +80,13 @@ from keras_localrank.vib import (
 )
 
 __all__ = [
+    "PlateauStop",
     "SweepConfig",
     "active_fraction",
     "active_unit_counts",
     "beta_grid",
+    "default_refine_columns",
+    "detect_columns",
     "rank_columns",
     "refine_betas",
     "train_and_evaluate",
@@ -381,7 +384,13 @@ def subrun_name(beta: float, seed: int) -> str:
 
 
 def train_one(config: SweepConfig, data, beta: float, seed: int) -> dict:
-    """Train one VIB classifier and measure it; returns the run record."""
+    """Train one VIB classifier and measure it; returns the run record.
+
+    The record holds the information terms, the local ranks (exact and one
+    robust rank per threshold in `config.all_atols`), for ReLU encoders the
+    active units, and `history` (per-epoch training metrics; the caller
+    writes them to `history.csv` next to the record).
+    """
     model_cfg = config.model_config()
     keras.utils.set_random_seed(seed)
     model = build_vib_classifier(
