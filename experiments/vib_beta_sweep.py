@@ -12,11 +12,13 @@ See `keras_localrank/studies/vib_sweep.py` for the outputs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pandas as pd
 from absl import flags
 
 from experiments import common
@@ -39,7 +41,28 @@ flags.DEFINE_integer("epochs", None, "Override the preset's epochs.")
 flags.DEFINE_integer("n_train", 8000, "Training examples kept (0: all).")
 flags.DEFINE_integer("n_test", 2000, "Test examples kept (0: all).")
 flags.DEFINE_integer("rank_samples", 500, "Test examples the local rank averages over.")
-flags.DEFINE_float("robust_atol", 0.1, "Singular-value threshold of the robust local rank.")
+flags.DEFINE_float("robust_atol", 0.1, "Robust-rank threshold shown in the plots.")
+flags.DEFINE_list("atols", ["0.01", "1"], "Further robust-rank thresholds (same SVDs).")
+flags.DEFINE_integer("batch_size", None, "Override the preset's batch size.")
+flags.DEFINE_float("decay_rate", None, "Override the preset's learning-rate decay factor.")
+flags.DEFINE_integer(
+    "early_stop_patience", 0,
+    "Stop once the training loss has not fallen below (1 - early_stop_min_delta) x "
+    "its best for this many epochs (0: train all epochs).",
+)
+flags.DEFINE_float("early_stop_min_delta", 1e-3, "Relative improvement that counts.")
+flags.DEFINE_bool(
+    "refine", False,
+    "Add a dense beta grid (--per_decade per decade) around the transitions of the "
+    "sweep already in --workdir (its results.csv) and train the new betas.",
+)
+flags.DEFINE_integer("per_decade", 8, "Betas per decade of the refined grid.")
+flags.DEFINE_list(
+    "refine_columns", None,
+    "results.csv columns whose largest drops are refined (default: exact local rank "
+    "of the last encoder layer, and accuracy).",
+)
+flags.DEFINE_integer("refine_top", 1, "Transitions refined per column.")
 
 
 def config_from_flags() -> vib_sweep.SweepConfig:
@@ -49,6 +72,17 @@ def config_from_flags() -> vib_sweep.SweepConfig:
         if FLAGS.betas
         else vib_sweep.beta_grid(FLAGS.beta_min, FLAGS.beta_max, FLAGS.num_betas)
     )
+    if FLAGS.refine:
+        betas = refined_betas(FLAGS.workdir)
+    overrides = {
+        key: value
+        for key, value in (
+            ("epochs", FLAGS.epochs),
+            ("batch_size", FLAGS.batch_size),
+            ("decay_rate", FLAGS.decay_rate),
+        )
+        if value is not None
+    }
     return vib_sweep.SweepConfig(
         betas=betas,
         seeds=numbers("seeds", FLAGS.seeds, int),
@@ -58,8 +92,27 @@ def config_from_flags() -> vib_sweep.SweepConfig:
         n_test=FLAGS.n_test or None,
         rank_samples=FLAGS.rank_samples,
         preset=FLAGS.preset,
-        overrides={} if FLAGS.epochs is None else {"epochs": FLAGS.epochs},
+        overrides=overrides,
         robust_atol=FLAGS.robust_atol,
+        atols=numbers("atols", FLAGS.atols, float),
+        early_stop_patience=FLAGS.early_stop_patience or None,
+        early_stop_min_delta=FLAGS.early_stop_min_delta,
+    )
+
+
+def refined_betas(workdir: str) -> tuple[float, ...]:
+    """The finished grid of `workdir` plus the refined points around its transitions."""
+    path = os.path.join(workdir, "results.csv")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"Expected a finished sweep in --workdir for --refine. Received: no {path}"
+        )
+    frame = pd.read_csv(path)
+    with open(os.path.join(workdir, "results.json")) as f:
+        layers = json.load(f)[0]["layers"]
+    columns = FLAGS.refine_columns or vib_sweep.default_refine_columns(layers)
+    return vib_sweep.refine_betas(
+        frame, columns, per_decade=FLAGS.per_decade, top=FLAGS.refine_top
     )
 
 

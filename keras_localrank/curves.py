@@ -20,7 +20,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["aggregate_summaries", "find_transitions", "summarize_curve"]
+__all__ = [
+    "SHARP_DEFINITION",
+    "aggregate_summaries",
+    "detect_transitions",
+    "find_transitions",
+    "refine_grid",
+    "summarize_curve",
+]
 
 DROP_START_DEFINITION = (
     "last measured step with value >= peak - drop_tolerance * (peak - final); "
@@ -166,3 +173,239 @@ def find_transitions(
             if deltas[i] != 0
         ]
     return out
+
+
+#: When `detect_transitions` calls a transition sharp.
+SHARP_DEFINITION = (
+    "sharp: the steepest drop of the seed-mean curve happens within one grid step "
+    "no wider than `max_step_decades` (default 1/8 decade), the drop exceeds "
+    "`k` (default 3) pooled seed standard deviations, and it is at least "
+    "`min_concentration` (default 1/2) of the change over the decade centred on "
+    "that step (a curve falling evenly in log beta puts about 1/8 of a decade's "
+    "change into one 1/8-decade step)"
+)
+
+
+def _seed_matrix(frame: pd.DataFrame, column: str, by: str, seed: str):
+    """Grid values, and a (seeds, grid) matrix of `column` (NaN where missing)."""
+    table = frame.pivot_table(index=seed, columns=by, values=column, aggfunc="mean")
+    table = table.reindex(sorted(table.columns), axis=1)
+    return table.columns.to_numpy(float), table.to_numpy(float)
+
+
+def _log_grid(grid: np.ndarray) -> np.ndarray:
+    if (grid <= 0).any():
+        raise ValueError(
+            "Expected a grid of values > 0 for transitions in log scale. "
+            f"Received: {grid[grid <= 0].tolist()}"
+        )
+    return np.log10(grid)
+
+
+def _window_change(log_grid: np.ndarray, means: np.ndarray, i: int, half: float) -> float:
+    """The change of `means` across the window `mid(i) +- half` decades (nearest points)."""
+    mid = 0.5 * (log_grid[i] + log_grid[i + 1])
+    lo = int(np.argmin(np.abs(log_grid - (mid - half))))
+    hi = int(np.argmin(np.abs(log_grid - (mid + half))))
+    lo, hi = min(lo, i), max(hi, i + 1)
+    return float(means[hi] - means[lo])
+
+
+def detect_transitions(
+    frame: pd.DataFrame,
+    column: str,
+    *,
+    by: str = "beta",
+    seed: str = "seed",
+    top: int = 2,
+    direction: str = "down",
+    k: float = 3.0,
+    max_step_decades: float = 0.125,
+    min_concentration: float = 0.5,
+    window_decades: float = 1.0,
+    num_bootstrap: int = 2000,
+    confidence: float = 0.9,
+    random_seed: int = 0,
+) -> dict:
+    """Transitions of a per-seed curve against log10 of the grid, with a
+    bootstrap over seeds and a stated sharpness criterion.
+
+    The seed-mean curve `m_i` is taken at each grid value `b_i`; a transition
+    is a grid step `(b_i, b_{i+1})` with one of the `top` steepest drops
+    `(m_i - m_{i+1}) / (log10 b_{i+1} - log10 b_i)` (rises with
+    `direction="up"`; on a grid refined in places, a wide coarse step is not
+    preferred for being wide), whose `jump` is `m_i - m_{i+1}`; steps closer than
+    `window_decades / 2` to a larger one being skipped. Its location is the
+    step's midpoint in log10 (`log10_mid`). For each transition, seeds are
+    resampled with replacement `num_bootstrap` times (whole curves, so the
+    pairing across the grid is kept); in each resample the steepest drop
+    within `window_decades / 2` of the point estimate gives a location and a
+    jump, whose `confidence` percentile intervals are reported
+    (`log10_interval`: from the lower edge of the low-percentile step to the
+    upper edge of the high-percentile step, so it covers whole grid steps;
+    `jump_interval`), with `location_support`, the
+    fraction of resamples picking the same step. With 2-3 seeds the bootstrap
+    has few distinct resamples: the interval is then a spread, not a
+    calibrated confidence interval. See `SHARP_DEFINITION` for `sharp`.
+
+    Args:
+        frame: one row per (grid value, seed).
+        column: the curve.
+        by: the grid column (values > 0). Default "beta".
+        seed: the repeat column. Default "seed".
+        top: transitions returned, largest first. Default 2.
+        direction: `"down"` (drops) or `"up"` (rises). Default "down".
+        k: a sharp jump exceeds `k` pooled seed standard deviations. Default 3.
+        max_step_decades: widest grid step of a sharp transition. Default 1/8.
+        min_concentration: smallest share of the change over the decade
+            (`window_decades`) around the step that a sharp jump must carry.
+            Default 0.5.
+        window_decades: the window of `concentration` and of the bootstrap
+            search. Default 1.
+        num_bootstrap: resamples. Default 2000.
+        confidence: the interval level. Default 0.9.
+        random_seed: the bootstrap's seed. Default 0.
+
+    Returns:
+        `{"column", "direction", "grid": [...], "mean": [...], "std": [...]
+        (over seeds, ddof=1; 0 with one seed), "num_seeds", "criterion",
+        "transitions": [{"<by>_low", "<by>_high", "log10_mid",
+        "step_decades", "jump", "noise", "jump_over_noise",
+        "window_change", "concentration", "log10_interval",
+        "jump_interval", "location_support", "sharp"}, ...]}`.
+
+    Raises:
+        ValueError: fewer than 2 grid values, a grid value <= 0, a bad
+            `direction`, or bad numeric settings.
+    """
+    from keras_localrank.validation import (
+        check_choice,
+        check_finite_float,
+        check_fraction,
+        check_positive_int,
+    )
+
+    check_choice("direction", direction, ("down", "up"))
+    check_positive_int("top", top)
+    check_positive_int("num_bootstrap", num_bootstrap)
+    k = check_finite_float("k", k, low=0.0)
+    max_step_decades = check_finite_float(
+        "max_step_decades", max_step_decades, low=0.0, low_open=True
+    )
+    window_decades = check_finite_float("window_decades", window_decades, low=0.0, low_open=True)
+    min_concentration = check_fraction("min_concentration", min_concentration)
+    confidence = check_fraction("confidence", confidence)
+    grid, values = _seed_matrix(frame, column, by, seed)
+    if grid.size < 2:
+        raise ValueError(f"Expected at least 2 values of `{by}`. Received: {grid.tolist()}")
+    log_grid = _log_grid(grid)
+    sign = 1.0 if direction == "down" else -1.0
+    means = np.nanmean(values, axis=0)
+    n_seeds = values.shape[0]
+    stds = np.nanstd(values, axis=0, ddof=1) if n_seeds > 1 else np.zeros_like(means)
+    drops = sign * (means[:-1] - means[1:])
+    mids = 0.5 * (log_grid[:-1] + log_grid[1:])
+    widths = np.diff(log_grid)
+    steepness = drops / widths  # per decade: a wide coarse step is not favoured
+    half = window_decades / 2
+    chosen = []
+    for i in np.argsort(-steepness, kind="stable"):
+        if drops[i] <= 0 or len(chosen) == top:
+            break
+        if all(abs(mids[i] - mids[j]) >= half for j in chosen):
+            chosen.append(int(i))
+    rng = np.random.default_rng(random_seed)
+    picks = rng.integers(0, n_seeds, size=(num_bootstrap, n_seeds))
+    boot_means = np.stack([np.nanmean(values[p], axis=0) for p in picks])
+    boot_drops = sign * (boot_means[:, :-1] - boot_means[:, 1:])
+    boot_steep = boot_drops / widths
+    q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
+    transitions = []
+    for i in chosen:
+        near = np.abs(mids - mids[i]) < half
+        masked = np.where(near[None, :], boot_steep, -np.inf)
+        where = np.argmax(masked, axis=1)
+        jumps = boot_drops[np.arange(num_bootstrap), where]
+        noise = float(np.sqrt(0.5 * (stds[i] ** 2 + stds[i + 1] ** 2)))
+        jump = float(drops[i])
+        window = -sign * _window_change(log_grid, means, i, half)  # a drop is > 0
+        concentration = min(jump / window, 1.0) if window > 0 else 1.0
+        step = float(log_grid[i + 1] - log_grid[i])
+        ratio = jump / noise if noise > 0 else math.inf
+        sharp = bool(
+            step <= max_step_decades * (1 + 1e-6)
+            and ratio > k
+            and concentration >= min_concentration
+        )
+        transitions.append(
+            {
+                f"{by}_low": float(grid[i]),
+                f"{by}_high": float(grid[i + 1]),
+                "log10_mid": float(mids[i]),
+                "step_decades": step,
+                "jump": jump,
+                "noise": noise,
+                "jump_over_noise": float(ratio),
+                "window_change": float(window),
+                "concentration": float(concentration),
+                "log10_interval": [
+                    float(np.percentile(log_grid[where], q[0])),
+                    float(np.percentile(log_grid[where + 1], q[1])),
+                ],
+                "jump_interval": [float(v) for v in np.percentile(jumps, q)],
+                "location_support": float(np.mean(where == i)),
+                "sharp": sharp,
+            }
+        )
+    return {
+        "column": column,
+        "direction": direction,
+        "grid": grid.tolist(),
+        "mean": means.tolist(),
+        "std": stds.tolist(),
+        "num_seeds": int(n_seeds),
+        "criterion": SHARP_DEFINITION,
+        "transitions": transitions,
+    }
+
+
+def refine_grid(
+    grid: Sequence[float],
+    centres: Sequence[tuple[float, float]],
+    *,
+    per_decade: int = 8,
+    pad_steps: int = 1,
+) -> tuple[float, ...]:
+    """A log grid with at least `per_decade` points per decade around transitions.
+
+    Each centre `(low, high)` is a step of the coarse `grid`; the interval is
+    widened by `pad_steps` coarse steps on each side and filled with
+    log-spaced points no more than `1 / per_decade` decades apart (ends
+    included). The result is the union with `grid`, sorted, rounded to 6
+    significant digits.
+
+    Args:
+        grid: the coarse grid (values > 0).
+        centres: `(low, high)` grid steps to refine.
+        per_decade: points per decade in the refined intervals. Default 8.
+        pad_steps: coarse steps added on each side. Default 1.
+
+    Raises:
+        ValueError: a value <= 0, `per_decade < 1`, `pad_steps < 0`.
+    """
+    from keras_localrank.validation import check_int, check_positive_int
+
+    check_positive_int("per_decade", per_decade)
+    check_int("pad_steps", pad_steps, minimum=0)
+    coarse = np.array(sorted(set(float(b) for b in grid)), float)
+    log_coarse = _log_grid(coarse)
+    points = set(coarse.tolist())
+    for low, high in centres:
+        i = int(np.argmin(np.abs(log_coarse - math.log10(low))))
+        j = int(np.argmin(np.abs(log_coarse - math.log10(high))))
+        a = log_coarse[max(min(i, j) - pad_steps, 0)]
+        b = log_coarse[min(max(i, j) + pad_steps, len(coarse) - 1)]
+        # (grid values carry 6 digits: allow that rounding before adding a step)
+        count = max(int(math.ceil((b - a) * per_decade - 1e-4)), 1) + 1
+        points.update((10.0 ** np.linspace(a, b, count)).tolist())
+    return tuple(sorted({float(f"{p:.6g}") for p in points}))

@@ -10,14 +10,29 @@ calls; tests call it with a tiny config. The run directory (a
     runs/beta=<b>_seed=<s>/      one sub-run per model: config.json,
                                  record.json (its results), complete.json
     results.csv, results.json    all finished runs, one row per (beta, seed)
-    local_rank_vs_beta.png       exact and robust local rank against beta
+    runs/.../history.csv         per-epoch training loss, rate and accuracy
+    local_rank_vs_beta.png       exact and robust local rank (each threshold)
+                                 against beta, with the active units of the
+                                 first encoder layer
+    convergence.png              training loss against epoch, every run
+    transitions.png              per-seed curves, detected transitions and
+                                 their bootstrap intervals
     information_plane.png        rate against the I(Z;Y) bound, coloured by beta
     accuracy_vs_beta.png         test accuracy against beta
     summary.json                 transitions, per-beta means, wall time
 
 Rank columns follow `keras_localrank.names`: `local_rank/<layer>` and
-`robust_local_rank@<robust_atol>/<layer>` (means over the rank samples), and
-`local_rank_std/<layer>`, `robust_local_rank@<robust_atol>_std/<layer>`.
+`robust_local_rank@<atol>/<layer>` for `robust_atol` and every value of
+`atols` (means over the rank samples), and `local_rank_std/<layer>`,
+`robust_local_rank@<atol>_std/<layer>`. For ReLU encoders,
+`active_fraction/<layer>` (mean over the probe inputs of the fraction of
+units with positive pre-activation), `active_units/<layer>` (the mean count)
+and `rank_equals_active_below/<layer>` (share of probe inputs whose exact
+rank equals min(active units of the encoder layer below, the layer's bound)):
+the Jacobian of a layer's pre-activation passes through the layer below only
+via its active units, so that count bounds the rank. `epochs_trained` and
+`loss_change_last5` (relative fall of the training loss over the last 5
+epochs) document convergence.
 
 Finished (beta, seed) pairs are never retrained: a sub-run is complete once
 its record is written, and an interrupted sweep started again with the same
@@ -39,7 +54,12 @@ import numpy as np
 import pandas as pd
 
 from keras_localrank import datasets, names
-from keras_localrank.curves import find_transitions
+from keras_localrank.curves import (
+    SHARP_DEFINITION,
+    detect_transitions,
+    find_transitions,
+    refine_grid,
+)
 from keras_localrank.rundir import RunDirectory
 from keras_localrank.spectra import Tolerance
 from keras_localrank.validation import (
@@ -60,9 +80,15 @@ from keras_localrank.vib import (
 )
 
 __all__ = [
+    "PlateauStop",
     "SweepConfig",
+    "active_fraction",
+    "active_unit_counts",
     "beta_grid",
+    "default_refine_columns",
+    "detect_columns",
     "rank_columns",
+    "refine_betas",
     "train_and_evaluate",
     "train_one",
 ]
@@ -70,6 +96,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORD = "record.json"
+#: Per-epoch training metrics of one sub-run (epoch, loss, rate, accuracy).
+HISTORY = "history.csv"
+#: Record keys that are not columns of `results.csv`.
+NON_COLUMNS = ("layers", "rate_per_dimension", "history")
+
+
+def history_csv(history: dict) -> str:
+    """The per-epoch training metrics (Keras `History.history`) as CSV text."""
+    frame = pd.DataFrame(history)
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    return frame.to_csv(index=False)
 
 
 def beta_grid(beta_min: float = 1e-6, beta_max: float = 10.0, num: int = 15) -> tuple[float, ...]:
@@ -106,8 +143,16 @@ class SweepConfig:
         rank_samples: test examples the local rank is averaged over. Default 500.
         preset: a `keras_localrank.vib.PRESETS` name. Default `"small"`.
         overrides: `VIBConfig` fields replacing the preset's (e.g. epochs).
-        robust_atol: singular-value threshold of the robust local rank.
-            Default 0.1.
+        robust_atol: singular-value threshold of the robust local rank
+            shown in the plots. Default 0.1.
+        atols: further robust thresholds measured on the same singular
+            values (`robust_atol` is always measured). Default (0.01, 1.0).
+        early_stop_patience: stop training once the training loss has not
+            fallen below `(1 - early_stop_min_delta) * best` for this many
+            epochs in a row (`best`: the lowest loss so far; `epochs` stays
+            the cap). Default None: train all epochs.
+        early_stop_min_delta: the relative improvement that counts (see
+            `early_stop_patience`). Default 1e-3.
         active_threshold: per-dimension KL (nats) above which a bottleneck
             dimension is active. Default 1e-2.
 
@@ -127,6 +172,9 @@ class SweepConfig:
     overrides: dict = dataclasses.field(default_factory=dict)
     robust_atol: float = 0.1
     active_threshold: float = 1e-2
+    atols: tuple[float, ...] = (0.01, 1.0)
+    early_stop_patience: int | None = None
+    early_stop_min_delta: float = 1e-3
 
     def __post_init__(self):
         object.__setattr__(self, "betas", check_betas("betas", self.betas, minimum_count=2))
@@ -143,7 +191,25 @@ class SweepConfig:
         check_positive_int("rank_samples", self.rank_samples)
         check_finite_float("robust_atol", self.robust_atol, low=0.0, low_open=True)
         check_finite_float("active_threshold", self.active_threshold, low=0.0)
+        atols = check_sequence("atols", self.atols)
+        atols = tuple(
+            check_finite_float(f"atols[{i}]", a, low=0.0, low_open=True)
+            for i, a in enumerate(atols)
+        )
+        if len(set(atols)) != len(atols):
+            raise ValueError(f"Expected distinct `atols`. Received: atols={self.atols!r}")
+        object.__setattr__(self, "atols", atols)
+        if self.early_stop_patience is not None:
+            check_positive_int("early_stop_patience", self.early_stop_patience)
+        check_finite_float(
+            "early_stop_min_delta", self.early_stop_min_delta, low=0.0, high=1.0, high_open=True
+        )
         self.model_config()  # validates the overrides
+
+    @property
+    def all_atols(self) -> tuple[float, ...]:
+        """Every robust threshold measured: `robust_atol` and `atols`, sorted."""
+        return tuple(sorted({self.robust_atol, *self.atols}))
 
     def model_config(self):
         """The `keras_localrank.vib.VIBConfig` of every model of the sweep."""
@@ -153,6 +219,7 @@ class SweepConfig:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
         out["seeds"] = list(self.seeds)
+        out["atols"] = list(self.atols)
         out["model"] = self.model_config().to_dict()
         return out
 
@@ -169,11 +236,142 @@ class SweepConfig:
 MUTABLE_KEYS = ("betas", "seeds", "overrides")
 
 
-def rank_columns(layers, robust_atol: float) -> list[str]:
-    """The mean-rank columns of `results.csv`: exact, then robust, per layer."""
+def rank_columns(layers, robust_atol) -> list[str]:
+    """The mean-rank columns of `results.csv`: exact, then robust (per threshold), per layer.
+
+    `robust_atol` is one threshold or a sequence of them.
+    """
+    atols = [robust_atol] if np.ndim(robust_atol) == 0 else list(robust_atol)
     return [names.rank_key(layer, names.EXACT) for layer in layers] + [
-        names.rank_key(layer, names.ROBUST, robust_atol) for layer in layers
+        names.rank_key(layer, names.ROBUST, atol) for atol in atols for layer in layers
     ]
+
+
+#: Column prefixes of the unit activity of the encoder layers (ReLU).
+ACTIVE_FRACTION = "active_fraction"
+ACTIVE_UNITS = "active_units"
+#: Share of probe inputs whose exact rank of a layer equals its bound from the
+#: layer below: min(active units of the previous encoder layer, this layer's
+#: width, the input size).
+RANK_EQUALS_ACTIVE = "rank_equals_active_below"
+
+
+def active_fraction(pre_activations) -> tuple[float, np.ndarray]:
+    """Mean fraction of units with positive pre-activation, and the count per input.
+
+    Args:
+        pre_activations: `(inputs, units)` array (for ReLU layers, the
+            outputs work too: output > 0 exactly when the pre-activation is).
+
+    Returns:
+        `(mean over inputs of the fraction of units > 0, int count per input)`.
+    """
+    values = np.asarray(pre_activations)
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise ValueError(
+            f"Expected a (inputs, units) array. Received: shape={values.shape}"
+        )
+    counts = np.sum(values > 0, axis=1)
+    return float(np.mean(counts / values.shape[1])), counts
+
+
+def active_unit_counts(model: keras.Model, x, layers) -> dict[str, np.ndarray]:
+    """Active (output > 0) units per input of each ReLU layer in `layers`.
+
+    A small functional model returns the named layers' outputs on `x`;
+    for a ReLU `Dense` the output is positive exactly where the
+    pre-activation is.
+
+    Args:
+        model: a built functional model.
+        x: probe inputs.
+        layers: layer names (ReLU layers).
+
+    Returns:
+        `{layer: int array (inputs,)}`.
+    """
+    outputs = [model.get_layer(name).output for name in layers]
+    probe = keras.Model(model.inputs, outputs)
+    values = probe.predict(np.asarray(x), verbose=0, batch_size=256)
+    if len(layers) == 1:
+        values = [values]
+    return {name: active_fraction(v)[1] for name, v in zip(layers, values)}
+
+
+class PlateauStop(keras.callbacks.Callback):
+    """Stop once the training loss has not fallen below `(1 - min_delta) * best`
+    for `patience` epochs in a row (`best`: lowest loss so far)."""
+
+    def __init__(self, patience: int, min_delta: float):
+        super().__init__()
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.wait = math.inf, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = float((logs or {}).get("loss", math.nan))
+        if loss < self.best * (1 - self.min_delta) or not math.isfinite(self.best):
+            self.best, self.wait = min(loss, self.best), 0
+        else:
+            self.best = min(loss, self.best)
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.model.stop_training = True
+
+
+def default_refine_columns(layers) -> list[str]:
+    """The curves `refine_betas` follows by default: the exact rank of the last
+    encoder layer and accuracy."""
+    encoders = [name for name in layers if name.startswith("encoder_")]
+    return [names.rank_key(encoders[-1], names.EXACT), "accuracy"]
+
+
+def refine_betas(
+    coarse_frame: pd.DataFrame,
+    columns,
+    *,
+    per_decade: int = 8,
+    top: int = 1,
+    pad_steps: int = 1,
+) -> tuple[float, ...]:
+    """A beta grid with >= `per_decade` points per decade around the coarse transitions.
+
+    For each column, `keras_localrank.curves.detect_transitions` finds the
+    `top` largest drops of its seed-mean curve on the coarse grid (betas > 0);
+    each such coarse step, widened by `pad_steps` coarse steps on each side,
+    is filled with log-spaced betas at most `1 / per_decade` decades apart.
+
+    Args:
+        coarse_frame: `results.csv` of a coarse sweep (columns `beta`, `seed`).
+        columns: the curves to follow (columns of the frame).
+        per_decade: points per decade. Default 8.
+        top: transitions per column. Default 1.
+        pad_steps: coarse steps added on each side. Default 1.
+
+    Returns:
+        The coarse grid plus the refined points, sorted.
+
+    Raises:
+        ValueError: a column not in the frame, fewer than 2 betas > 0, bad
+            `per_decade`, `top` or `pad_steps`.
+    """
+    columns = check_sequence("columns", columns)
+    check_positive_int("per_decade", per_decade)
+    missing = [c for c in columns if c not in coarse_frame.columns]
+    if missing or not columns:
+        raise ValueError(
+            f"Expected columns of the coarse results. Received: columns={list(columns)!r}"
+        )
+    positive = coarse_frame[coarse_frame["beta"] > 0]
+    centres = []
+    for col in columns:
+        found = detect_transitions(positive, col, top=top, num_bootstrap=1)
+        centres += [(t["beta_low"], t["beta_high"]) for t in found["transitions"]]
+    grid = refine_grid(
+        sorted(positive["beta"].unique()), centres, per_decade=per_decade, pad_steps=pad_steps
+    )
+    if (coarse_frame["beta"] == 0).any():
+        grid = (0.0, *grid)
+    return grid
 
 
 def _std_column(layer: str, kind: str, atol: float) -> str:
@@ -186,7 +384,13 @@ def subrun_name(beta: float, seed: int) -> str:
 
 
 def train_one(config: SweepConfig, data, beta: float, seed: int) -> dict:
-    """Train one VIB classifier and measure it; returns the run record."""
+    """Train one VIB classifier and measure it; returns the run record.
+
+    The record holds the information terms, the local ranks (exact and one
+    robust rank per threshold in `config.all_atols`), for ReLU encoders the
+    active units, and `history` (per-epoch training metrics; the caller
+    writes them to `history.csv` next to the record).
+    """
     model_cfg = config.model_config()
     keras.utils.set_random_seed(seed)
     model = build_vib_classifier(
@@ -205,21 +409,29 @@ def train_one(config: SweepConfig, data, beta: float, seed: int) -> dict:
     steps = math.ceil(len(data.x_train) / model_cfg.batch_size)
     compile_vib_classifier(model, model_cfg, steps_per_epoch=steps)
     start = time.perf_counter()
+    callbacks = []
+    if config.early_stop_patience:
+        callbacks.append(PlateauStop(config.early_stop_patience, config.early_stop_min_delta))
     history = model.fit(
         data.x_train,
         data.y_train,
         batch_size=model_cfg.batch_size,
         epochs=model_cfg.epochs,
         verbose=0,
+        callbacks=callbacks,
     )
     train_seconds = time.perf_counter() - start
     info = information_quantities(
         model, data.x_test, data.y_test, active_threshold=config.active_threshold
     )
+    atols = config.all_atols
     estimator = vib_local_rank_estimator(
-        model, tolerances=(Tolerance(), Tolerance(atol=config.robust_atol))
+        model, tolerances=(Tolerance(), *(Tolerance(atol=a) for a in atols))
     )
-    exact, robust = estimator(data.x_test, max_samples=config.rank_samples)
+    probes = np.asarray(data.x_test[: config.rank_samples])
+    exact, *robust = estimator(probes)
+    losses = [float(v) for v in history.history["loss"]]
+    tail = losses[-6:]
     record = {
         "beta": beta,
         "seed": seed,
@@ -229,26 +441,73 @@ def train_one(config: SweepConfig, data, beta: float, seed: int) -> dict:
         "cross_entropy": info.cross_entropy,
         "label_entropy": info.label_entropy,
         "active_dimensions": info.active_dimensions,
-        "train_loss": float(history.history["loss"][-1]),
+        "train_loss": losses[-1],
         "train_rate": float(history.history["rate"][-1]),
+        "epochs_trained": len(losses),
+        # relative fall of the training loss over the last (up to) 5 epochs
+        "loss_change_last5": float((tail[0] - tail[-1]) / abs(tail[-1])) if tail[-1] else 0.0,
         "train_seconds": train_seconds,
         "layers": exact.layer_names,
         "rate_per_dimension": [float(v) for v in info.rate_per_dimension],
     }
-    for kind, result in zip(names.RANK_KINDS, (exact, robust)):
+    for (kind, atol), result in zip(
+        [(names.EXACT, None)] + [(names.ROBUST, a) for a in atols], (exact, *robust)
+    ):
         for layer in result.layer_names:
-            record[names.rank_key(layer, kind, config.robust_atol)] = result.mean[layer]
-            record[_std_column(layer, kind, config.robust_atol)] = result.std[layer]
+            record[names.rank_key(layer, kind, atol)] = result.mean[layer]
+            record[_std_column(layer, kind, atol)] = result.std[layer]
+    if model_cfg.activation == "relu":
+        encoders = [n for n in exact.layer_names if n.startswith("encoder_")]
+        counts = active_unit_counts(model, probes, encoders)
+        for name in encoders:
+            width = model.get_layer(name).units
+            record[f"{ACTIVE_FRACTION}/{name}"] = float(np.mean(counts[name] / width))
+            record[f"{ACTIVE_UNITS}/{name}"] = float(np.mean(counts[name]))
+        bounds = {info.name: info.bound for info in exact.layers}
+        for below, layer in zip(encoders, exact.layer_names[1:]):
+            bound = np.minimum(counts[below], bounds[layer])
+            record[f"{RANK_EQUALS_ACTIVE}/{layer}"] = float(
+                np.mean(exact.per_sample[layer] == bound)
+            )
+    record["history"] = {
+        key: [float(v) for v in values] for key, values in history.history.items()
+    }
     keras.backend.clear_session(free_memory=True)
     return record
 
 
+def detect_columns(frame: pd.DataFrame, rank_cols, **kwargs) -> dict:
+    """`detect_transitions` (drops) of every varying local-rank, active-unit and
+    accuracy column, on the betas > 0; {} with fewer than 2 such betas."""
+    positive = frame[frame["beta"] > 0]
+    if positive["beta"].nunique() < 2:
+        return {}
+    columns = [*rank_cols, *(c for c in frame if c.startswith(f"{ACTIVE_UNITS}/")), "accuracy"]
+    out = {}
+    for col in columns:
+        means = positive.groupby("beta")[col].mean()
+        if means.max() > means.min():
+            out[col] = detect_transitions(positive, col, **kwargs)
+    return out
+
+
+def plotted_transitions(layers, robust_atol: float) -> list[str]:
+    """The columns of `transitions.png`: the exact rank of the layers after the
+    first, the active units of the first encoder layer, the robust rank of the
+    last layer and accuracy."""
+    return [
+        *(names.rank_key(layer, names.EXACT) for layer in layers[1:]),
+        f"{ACTIVE_UNITS}/{layers[0]}",
+        names.rank_key(layers[-1], names.ROBUST, robust_atol),
+        "accuracy",
+    ]
+
+
 def _summarize(config: SweepConfig, records: list[dict], trained: int, start: float):
     frame = pd.DataFrame(
-        [{k: v for k, v in r.items() if k not in ("layers", "rate_per_dimension")}
-         for r in records]
+        [{k: v for k, v in r.items() if k not in NON_COLUMNS} for r in records]
     ).sort_values(["beta", "seed"])
-    rank_cols = rank_columns(records[0]["layers"], config.robust_atol)
+    rank_cols = rank_columns(records[0]["layers"], config.all_atols)
     transitions = find_transitions(frame, rank_cols)
     frame_log = frame.assign(log10_rate=np.log10(np.maximum(frame["rate"], 1e-12)))
     other = find_transitions(
@@ -270,6 +529,7 @@ def _summarize(config: SweepConfig, records: list[dict], trained: int, start: fl
         if score[i] > 0
     ]
     per_beta = frame.drop(columns=["seed"]).groupby("beta").mean().reset_index()
+    detected = detect_columns(frame, rank_cols)
     summary = {
         "description": (
             "Transitions: for each column, the neighbouring beta pairs with the "
@@ -281,6 +541,8 @@ def _summarize(config: SweepConfig, records: list[dict], trained: int, start: fl
         "overall_local_rank_transitions": overall,
         "local_rank_transitions": transitions,
         "other_transitions": other,
+        "detected_transitions": detected,
+        "sharp_criterion": SHARP_DEFINITION,
         "per_beta_mean": per_beta.to_dict(orient="records"),
         "num_runs": len(records),
         "trained_this_call": trained,
@@ -331,7 +593,7 @@ def train_and_evaluate(
             n_train=config.n_train,
             n_test=config.n_test,
         )
-        records, trained = [], 0
+        records, trained, histories = [], 0, {}
         for beta in config.betas:
             for seed in config.seeds:
                 sub = run.subrun(
@@ -341,6 +603,7 @@ def train_and_evaluate(
                     log.info("beta=%g seed=%d: finished earlier, skipped", beta, seed)
                 else:
                     record = train_one(config, data, beta, seed)
+                    sub.write_text(HISTORY, history_csv(record["history"]))
                     sub.write_json(RECORD, record)
                     sub.mark_complete()
                     trained += 1
@@ -350,6 +613,8 @@ def train_and_evaluate(
                         record["izy_lower_bound"], record["train_seconds"],
                     )
                 records.append(sub.read_json(RECORD))
+                if sub.exists(HISTORY):
+                    histories[(beta, seed)] = pd.read_csv(sub.join(HISTORY))
                 run.mark_complete(sub.name)
 
         frame, summary = _summarize(config, records, trained, start)
@@ -362,9 +627,27 @@ def train_and_evaluate(
                 f"VIB on {config.dataset}: {config.model_config().encoder_units}, "
                 f"K={config.model_config().bottleneck_units}, {len(config.seeds)} seed(s)"
             )
-            summary["plots"] = plot_sweep(
-                frame, run.path, title, robust_atol=config.robust_atol, layers=records[0]["layers"]
+            from keras_localrank.studies.vib_sweep_plots import (
+                plot_convergence,
+                plot_transitions,
             )
+
+            layers = records[0]["layers"]
+            summary["plots"] = plot_sweep(
+                frame, run.path, title, robust_atol=config.robust_atol, layers=layers,
+                atols=config.atols,
+            )
+            if histories:
+                summary["plots"].append(
+                    plot_convergence(histories, run.join("convergence.png"))
+                )
+            shown = {
+                col: summary["detected_transitions"][col]
+                for col in plotted_transitions(layers, config.robust_atol)
+                if col in summary["detected_transitions"]
+            }
+            if shown:
+                summary["plots"].append(plot_transitions(frame, shown, run.join("transitions.png")))
             for name in summary["plots"]:
                 run.mark_complete(name)
         run.write_json("summary.json", summary)
