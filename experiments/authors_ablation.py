@@ -80,6 +80,11 @@ flags.DEFINE_integer("epochs", None, "Epochs (16 steps each); default the preset
 flags.DEFINE_integer("num_measurements", None, "Log-spaced measurements (default 50).")
 flags.DEFINE_enum("loop", "fit", ["fit", "fast"], "Training loop (`DynamicsConfig.loop`).")
 flags.DEFINE_integer("jobs", 1, "Variants trained in parallel processes.")
+flags.DEFINE_bool(
+    "report_partial", False,
+    "Do not train: report the variants' runs as far as all of them got (runs stopped "
+    "early), into workdir/partial/.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -189,6 +194,54 @@ def plot_variants(frames: dict, column: str, path: str, title: str) -> None:
     os.chmod(path, 0o644)
 
 
+def partial_report(run, configs: dict, base) -> str:
+    """Table, figure and summary of unfinished runs, cut at the last
+    measurement step every variant and seed reached; returns the Markdown table."""
+    frames = {}
+    for v, config in configs.items():
+        per_seed = [
+            dynamics.read_measurements(run.join(_folder(v), f"seed={s}"), config).assign(seed=s)
+            for s in config.seeds
+        ]
+        frames[v] = pd.concat(per_seed, ignore_index=True)
+    reached = min(int(f.groupby("seed")["step"].max().min()) for f in frames.values())
+    summaries = {}
+    for v, frame in frames.items():
+        frame = frames[v] = frame[frame["step"] <= reached]
+        per_seed = {
+            s: dynamics.summarize_run(rows.drop(columns="seed"), configs[v])
+            for s, rows in frame.groupby("seed")
+        }
+        summaries[v] = dict(
+            mean_std=dynamics.aggregate_summaries(per_seed), seeds=list(configs[v].seeds)
+        )
+    column = rank_column(base)
+    table = summary_table(summaries, column)
+    markdown = table_markdown(table)
+    run.write_text("partial/table.csv", table.to_csv(index=False))
+    run.write_text("partial/table.md", markdown)
+    os.makedirs(run.join("partial"), exist_ok=True)
+    plot_variants(
+        frames,
+        column,
+        run.join("partial", "ablation.png"),
+        f"MNIST 4x200, AdamW lr 1e-4 wd 0.01: first {reached} of {base.total_steps} "
+        f"steps, seeds {list(base.seeds)}",
+    )
+    run.write_json(
+        "partial/summary.json",
+        dict(
+            column=column,
+            steps_reached=reached,
+            planned_steps=base.total_steps,
+            seeds=list(base.seeds),
+            variants={v: VARIANTS[v] for v in configs},
+            table=table.replace({np.nan: None}).to_dict("records"),
+        ),
+    )
+    return f"First {reached} steps (planned {base.total_steps}):\n{markdown}"
+
+
 def main(argv):
     del argv
     variants = [check_choice("variants", v, list(VARIANTS)) for v in FLAGS.variants]
@@ -206,6 +259,9 @@ def main(argv):
     with RunDirectory(
         FLAGS.workdir, top, mutable_keys=("variants", "base.seeds", "base.loop")
     ) as run:
+        if FLAGS.report_partial:
+            print(partial_report(run, configs, base))
+            return
         run.write_text("flags.txt", FLAGS.flags_into_string())
         run.mark_incomplete("table.csv", "table.md", "ablation.png", "summary.json")
         steps = base.total_steps

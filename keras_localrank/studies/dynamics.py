@@ -97,6 +97,7 @@ __all__ = [
     "build_mlp",
     "summarize_curve",
     "summarize_run",
+    "read_measurements",
     "aggregate_summaries",
     "train_and_evaluate",
     "rank_columns",
@@ -139,8 +140,13 @@ def summarize_run(frame: pd.DataFrame, config: DynamicsConfig) -> dict:
 
 
 def _measurements(run: SubRun, config: DynamicsConfig) -> pd.DataFrame:
-    """Join the rank trace and the loss/accuracy rows into one row per (step, layer)."""
-    trace = pd.read_csv(run.join("trace.csv"))
+    return read_measurements(run.join(""), config)
+
+
+def read_measurements(folder: str | os.PathLike, config: DynamicsConfig) -> pd.DataFrame:
+    """One row per (step, layer) from a seed folder's `trace.csv` and
+    `metrics.csv`, also while it trains (only steps present in both)."""
+    trace = pd.read_csv(os.path.join(folder, "trace.csv"))
     trace["column"] = [
         names.rank_column(kind, None if kind == names.EXACT else atol)
         for kind, atol in zip(trace["kind"], trace["atol"])
@@ -148,8 +154,8 @@ def _measurements(run: SubRun, config: DynamicsConfig) -> pd.DataFrame:
     wide = trace.pivot_table(
         index=["step", "epoch", "layer"], columns="column", values="mean", sort=False
     ).reset_index()
-    metrics = pd.read_csv(run.join("metrics.csv")).drop(columns="epoch")
-    frame = wide.merge(metrics, on="step", how="left")
+    metrics = pd.read_csv(os.path.join(folder, "metrics.csv")).drop(columns="epoch")
+    frame = wide.merge(metrics, on="step", how="inner")
     columns = ["step", "epoch", "layer", *rank_columns(config.atols), *METRIC_COLUMNS]
     return frame[columns].sort_values(["step", "layer"], kind="stable").reset_index(drop=True)
 
