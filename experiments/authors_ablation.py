@@ -31,6 +31,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 
 import numpy as np
@@ -239,7 +240,41 @@ def partial_report(run, configs: dict, base) -> str:
             table=table.replace({np.nan: None}).to_dict("records"),
         ),
     )
-    return f"First {reached} steps (planned {base.total_steps}):\n{markdown}"
+    extra = ""
+    if "authors" in configs:
+        sets = rank_sets_at_checkpoint(run, "authors", configs["authors"], base.seeds[0])
+        run.write_json("partial/rank_sets_at_checkpoint.json", sets)
+        extra = f"\nauthors' checkpoint, robust rank on each rank set: {sets}"
+    return f"First {reached} steps (planned {base.total_steps}):\n{markdown}{extra}"
+
+
+def rank_sets_at_checkpoint(run, variant: str, config, seed: int) -> dict | None:
+    """The robust local rank of a variant's latest checkpoint on both rank sets
+    (ours: the first 256 training inputs; theirs: 128 test inputs). Only the
+    measurement differs between `rank_on` variants, so this compares them on
+    one trained model."""
+    import keras
+
+    from keras_localrank import local_rank
+    from keras_localrank.studies import mlp
+
+    folder = f"{_folder(variant)}/seed={seed}"
+    state = run.read_json(f"{folder}/state.json", {})
+    if not state:
+        return None
+    model = keras.models.load_model(run.join(folder, "checkpoints", state["checkpoint"]))
+    data = mlp.load_data(config)
+    out = {"step": state["step"]}
+    for side in (_OURS, _AUTHORS):
+        rank_on, samples = PROTOCOL_FACTORS["rank_on"][side]
+        x = mlp.rank_inputs(data, dataclasses.replace(config, rank_on=rank_on,
+                                                      rank_samples=samples))
+        result = local_rank(model, x, atol=config.atols[0],
+                            layers=[f"hidden_{i + 1}" for i in range(len(config.hidden))])
+        out[f"{rank_on} ({samples})"] = {
+            layer: float(np.mean(r)) for layer, r in result.per_sample.items()
+        }
+    return out
 
 
 def main(argv):
