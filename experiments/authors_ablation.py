@@ -43,7 +43,7 @@ from keras_localrank import names
 from keras_localrank.rundir import RunDirectory
 from keras_localrank.studies import dynamics
 from keras_localrank.studies.dynamics_config import PROTOCOL_FACTORS
-from keras_localrank.validation import check_choice
+from keras_localrank.validation import check_choice, check_positive_int
 
 _AUTHORS, _OURS = 1, 0
 
@@ -300,7 +300,7 @@ def main(argv):
         run.write_text("flags.txt", FLAGS.flags_into_string())
         run.mark_incomplete("table.csv", "table.md", "ablation.png", "summary.json")
         steps = base.total_steps
-        jobs = max(1, min(FLAGS.jobs, len(variants)))
+        jobs = min(check_positive_int("jobs", FLAGS.jobs), len(variants))
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
             futures = {
