@@ -11,7 +11,7 @@ import logging
 from absl import flags
 
 from experiments.common import numbers
-from keras_localrank.studies import dynamics
+from keras_localrank.studies import dynamics, dynamics_config
 
 FLAGS = flags.FLAGS
 _PRESETS: dict[str, str] = {}
@@ -33,10 +33,40 @@ def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
     flags.DEFINE_integer("epochs", None, "Epochs.")
     flags.DEFINE_integer("num_measurements", None, "Log-spaced measurement steps.")
     flags.DEFINE_list("atol", None, "Robust local rank thresholds eps, e.g. 0.01,0.1.")
-    flags.DEFINE_integer("rank_samples", None, "Training inputs the local rank averages over.")
+    flags.DEFINE_integer("rank_samples", None, "Inputs the local rank averages over.")
     flags.DEFINE_integer("checkpoint_every", None, "Epochs between checkpoints.")
     flags.DEFINE_integer("verbose", 0, "Keras fit verbosity.")
     flags.DEFINE_integer("data_seed", None, "Seed of the data set / split.")
+    flags.DEFINE_enum(
+        "loss", None, list(dynamics_config.LOSSES),
+        "logits: cross-entropy on logits. double_softmax: the authors' code (softmax "
+        "applied twice: a softmax output layer under a logits cross-entropy).",
+    )
+    flags.DEFINE_enum(
+        "input_scaling", None, list(dynamics_config.INPUT_SCALINGS),
+        "unit: pixels in [0, 1]. standardize: (x - 0.1307) / 0.3081 (the authors').",
+    )
+    flags.DEFINE_enum(
+        "init", None, list(dynamics_config.INITS),
+        "Kernel init: glorot_uniform or normal_fan_in (N(0, 1/fan_in), the authors').",
+    )
+    flags.DEFINE_enum(
+        "rank_on", None, list(dynamics_config.RANK_ON),
+        "Average the local rank over --rank_samples training or test inputs.",
+    )
+    flags.DEFINE_enum(
+        "subset", None, list(dynamics_config.SUBSETS),
+        "first: the first n_train / n_test examples; random: drawn with --data_seed.",
+    )
+    flags.DEFINE_enum(
+        "grid", None, list(dynamics_config.GRIDS),
+        "Measurement steps: round(logspace) or floor (the authors' astype(int)).",
+    )
+    flags.DEFINE_enum(
+        "loop", None, list(dynamics_config.LOOPS),
+        "fit: Keras fit. fast: the compiled FastLoop (same steps and data order).",
+    )
+    flags.DEFINE_integer("steps_per_execution", None, "Steps per compiled call (--loop=fast).")
     _PRESETS.update(presets)
 
 
@@ -56,6 +86,14 @@ def config_from_flags(**fixed) -> dynamics.DynamicsConfig:
         "rank_samples",
         "checkpoint_every",
         "data_seed",
+        "loss",
+        "input_scaling",
+        "init",
+        "rank_on",
+        "subset",
+        "grid",
+        "loop",
+        "steps_per_execution",
     ):
         if getattr(FLAGS, name) is not None:
             overrides[name] = getattr(FLAGS, name)

@@ -69,14 +69,25 @@ from keras_localrank.curves import (
 from keras_localrank.rundir import RunDirectory, SubRun
 from keras_localrank.studies.checkpoints import Checkpoint, read_state, restore, truncate_csv
 from keras_localrank.studies.dynamics_config import (
+    EXECUTION_FIELDS,
     METRIC_COLUMNS,
     PRESETS,
     SUMMARY_FIELDS,
     DynamicsConfig,
     get_preset,
+    grid_steps,
+    measurement_steps,
     rank_columns,
 )
-from keras_localrank.studies.mlp import build_mlp, compile_mlp, epoch_batches, load_data
+from keras_localrank.studies.fast_loop import FastLoop
+from keras_localrank.studies.mlp import (
+    build_mlp,
+    compile_mlp,
+    epoch_batches,
+    load_data,
+    loss_function,
+    rank_inputs,
+)
 from keras_localrank.studies.step_metrics import StepMetrics
 
 __all__ = [
@@ -86,6 +97,7 @@ __all__ = [
     "build_mlp",
     "summarize_curve",
     "summarize_run",
+    "read_measurements",
     "aggregate_summaries",
     "train_and_evaluate",
     "rank_columns",
@@ -128,8 +140,13 @@ def summarize_run(frame: pd.DataFrame, config: DynamicsConfig) -> dict:
 
 
 def _measurements(run: SubRun, config: DynamicsConfig) -> pd.DataFrame:
-    """Join the rank trace and the loss/accuracy rows into one row per (step, layer)."""
-    trace = pd.read_csv(run.join("trace.csv"))
+    return read_measurements(run.join(""), config)
+
+
+def read_measurements(folder: str | os.PathLike, config: DynamicsConfig) -> pd.DataFrame:
+    """One row per (step, layer) from a seed folder's `trace.csv` and
+    `metrics.csv`, also while it trains (only steps present in both)."""
+    trace = pd.read_csv(os.path.join(folder, "trace.csv"))
     trace["column"] = [
         names.rank_column(kind, None if kind == names.EXACT else atol)
         for kind, atol in zip(trace["kind"], trace["atol"])
@@ -137,10 +154,21 @@ def _measurements(run: SubRun, config: DynamicsConfig) -> pd.DataFrame:
     wide = trace.pivot_table(
         index=["step", "epoch", "layer"], columns="column", values="mean", sort=False
     ).reset_index()
-    metrics = pd.read_csv(run.join("metrics.csv")).drop(columns="epoch")
-    frame = wide.merge(metrics, on="step", how="left")
+    metrics = pd.read_csv(os.path.join(folder, "metrics.csv")).drop(columns="epoch")
+    frame = wide.merge(metrics, on="step", how="inner")
     columns = ["step", "epoch", "layer", *rank_columns(config.atols), *METRIC_COLUMNS]
     return frame[columns].sort_values(["step", "layer"], kind="stable").reset_index(drop=True)
+
+
+class _Grid(schedules_lib.LogSchedule):
+    """The config's measurement grid (`measurement_steps`: round or floor)."""
+
+    def __init__(self, config: DynamicsConfig):
+        self._config = config
+        super().__init__(config.num_measurements, config.total_steps)
+
+    def steps_for(self, total_steps):
+        return grid_steps(total_steps, self._config.num_measurements, self._config.grid)
 
 
 def _train_seed(config, data, seed: int, run: SubRun, callbacks, verbose: int) -> None:
@@ -154,6 +182,7 @@ def _train_seed(config, data, seed: int, run: SubRun, callbacks, verbose: int) -
         config.hidden,
         activation=config.activation,
         seed=seed,
+        init=config.init,
     )
     compile_mlp(model, config)
     initial_epoch = state.get("epoch", 0)
@@ -167,28 +196,55 @@ def _train_seed(config, data, seed: int, run: SubRun, callbacks, verbose: int) -
     fresh = not initial_epoch
     hidden = [f"hidden_{i + 1}" for i in range(len(config.hidden))]
     tensorboard = run.join("tensorboard")
+    fast = config.loop == "fast"
     run_callbacks = [
         StepMetrics(
             data,
-            schedules_lib.LogSchedule(config.num_measurements, config.total_steps),
+            _Grid(config),
             run.join("metrics.csv"),
             measure_on_train_begin=fresh,
+            loss_fn=loss_function(config),
         ),
         LocalRankCallback(
-            data.x_train[: config.rank_samples],
+            rank_inputs(data, config),
             hidden,
             atol=list(config.atols),
-            schedule=schedules_lib.LogSchedule(config.num_measurements, config.total_steps),
+            schedule=_Grid(config),
             max_samples=config.rank_samples,
             trace_path=run.join("trace.csv"),
             log_dir=os.path.join(tensorboard, "local_rank"),
             measure_on_train_begin=fresh,
         ),
         Checkpoint(run, config.checkpoint_every, config.epochs, time.perf_counter()),
-        keras.callbacks.CSVLogger(run.join("history.csv"), append=True),
-        keras.callbacks.TensorBoard(tensorboard, write_graph=False),
+        *(
+            ()
+            if fast  # per-epoch logs: `fit` only
+            else (
+                keras.callbacks.CSVLogger(run.join("history.csv"), append=True),
+                keras.callbacks.TensorBoard(tensorboard, write_graph=False),
+            )
+        ),
         *callbacks,
     ]
+    if fast:
+        loop = FastLoop(
+            model,
+            data.x_train,
+            data.y_train,
+            loss_fn=loss_function(config),
+            batch_size=config.batch_size,
+            seed=seed,
+            steps_per_execution=config.steps_per_execution,
+        )
+        loop.fit(
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=run_callbacks,
+            stop_steps=measurement_steps(config),
+            stop_every_epochs=config.checkpoint_every,
+        )
+        keras.backend.clear_session()
+        return
     batches = epoch_batches(
         data.x_train,
         data.y_train,
@@ -265,7 +321,9 @@ def train_and_evaluate(
     if not isinstance(config, DynamicsConfig):
         raise TypeError(f"Expected `config` to be a DynamicsConfig. Received: {config!r}")
     start = time.perf_counter()
-    with RunDirectory(workdir, config.to_dict(), mutable_keys=("seeds", *SUMMARY_FIELDS)) as run:
+    with RunDirectory(
+        workdir, config.to_dict(), mutable_keys=("seeds", *SUMMARY_FIELDS, *EXECUTION_FIELDS)
+    ) as run:
         for relpath, text in (extra_files or {}).items():
             run.write_text(relpath, text)
         data = load_data(config)

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
 from keras_localrank import datasets, names
 from keras_localrank.validation import (
@@ -16,12 +17,58 @@ from keras_localrank.validation import (
     check_sequence,
 )
 
-__all__ = ["DynamicsConfig", "PRESETS", "get_preset", "rank_columns", "METRIC_COLUMNS"]
+__all__ = [
+    "DynamicsConfig",
+    "PRESETS",
+    "get_preset",
+    "rank_columns",
+    "measurement_steps",
+    "grid_steps",
+    "METRIC_COLUMNS",
+    "LOSSES",
+    "INPUT_SCALINGS",
+    "INITS",
+    "RANK_ON",
+    "SUBSETS",
+    "GRIDS",
+    "LOOPS",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "PROTOCOL_FACTORS",
+]
 
 METRIC_COLUMNS = ["train_loss", "train_accuracy", "test_loss", "test_accuracy"]
 
+#: `loss`: "logits" is cross-entropy on the logits. "double_softmax" is the
+#: authors' code: their model ends in a softmax and PyTorch's `CrossEntropyLoss`
+#: (which applies its own log-softmax) is applied to those probabilities, so
+#: softmax is applied twice; its minimum is log(1 + (C - 1) / e), not 0.
+LOSSES = ("logits", "double_softmax")
+#: `input_scaling`: "unit" keeps pixels in [0, 1]; "standardize" maps them to
+#: (x - MNIST_MEAN) / MNIST_STD, the authors' `transforms.Normalize`.
+INPUT_SCALINGS = ("unit", "standardize")
+#: `init`: "glorot_uniform" (Keras' default kernels) or "normal_fan_in"
+#: (kernels N(0, 1 / fan_in), the authors' init); biases are zero in both.
+INITS = ("glorot_uniform", "normal_fan_in")
+#: `rank_on`: local rank averaged over training or test inputs.
+RANK_ON = ("train", "test")
+#: `subset`: the `n_train` / `n_test` examples are the first ones of each split
+#: ("first") or drawn at random with `data_seed` ("random", the authors').
+SUBSETS = ("first", "random")
+#: `grid`: measurement steps `round(logspace(0, log10(T), num))` ("round") or
+#: `logspace(...).astype(int)` ("floor", the authors' `np.unique(...)`).
+GRIDS = ("round", "floor")
+#: `loop`: Keras `fit` ("fit") or the compiled loop of
+#: `keras_localrank.studies.fast_loop` ("fast"): same steps, same data order.
+LOOPS = ("fit", "fast")
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
 #: Settings that only change the summaries: a rerun may change them.
 SUMMARY_FIELDS = ("drop_tolerance", "min_relative_drop", "fit_accuracy")
+#: How the training loop executes, not what it computes: a run may be resumed
+#: with other values (the trajectory agrees up to float rounding).
+EXECUTION_FIELDS = ("loop", "steps_per_execution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +104,18 @@ class DynamicsConfig:
         min_relative_drop: smaller relative drops count as no drop. Default 0.05.
         fit_accuracy: `fit_step` is the first step whose train accuracy
             reaches this. Default 0.99.
+        loss: one of `LOSSES`. Default "logits".
+        input_scaling: one of `INPUT_SCALINGS` (image data sets only).
+            Default "unit".
+        init: one of `INITS`. Default "glorot_uniform".
+        rank_on: one of `RANK_ON`: the local rank averages over the first
+            `rank_samples` inputs of the (seeded, shuffled) training or test
+            split. Default "train".
+        subset: one of `SUBSETS`. Default "first".
+        grid: one of `GRIDS`. Default "round".
+        loop: one of `LOOPS`. Default "fit".
+        steps_per_execution: optimizer steps per compiled call of the fast
+            loop (it also stops at every measurement and checkpoint). Default 1024.
 
     Raises:
         TypeError: a field of the wrong type (e.g. `epochs=2.5`, `seeds=0`).
@@ -85,6 +144,14 @@ class DynamicsConfig:
     drop_tolerance: float = 0.1
     min_relative_drop: float = 0.05
     fit_accuracy: float = 0.99
+    loss: str = "logits"
+    input_scaling: str = "unit"
+    init: str = "glorot_uniform"
+    rank_on: str = "train"
+    subset: str = "first"
+    grid: str = "round"
+    loop: str = "fit"
+    steps_per_execution: int = 1024
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, datasets.NAMES)
@@ -99,8 +166,19 @@ class DynamicsConfig:
             "num_measurements",
             "rank_samples",
             "checkpoint_every",
+            "steps_per_execution",
         ):
             check_int(name, getattr(self, name), minimum=1)
+        for name, choices in (
+            ("loss", LOSSES),
+            ("input_scaling", INPUT_SCALINGS),
+            ("init", INITS),
+            ("rank_on", RANK_ON),
+            ("subset", SUBSETS),
+            ("grid", GRIDS),
+            ("loop", LOOPS),
+        ):
+            check_choice(name, getattr(self, name), choices)
         check_int("data_seed", self.data_seed, minimum=0)
         hidden = check_sequence("hidden", self.hidden)
         if not hidden:
@@ -134,6 +212,11 @@ class DynamicsConfig:
                     "The Gaussian task is generated, not read: expected no `data_path`. "
                     f"Received: data_path={self.data_path!r}"
                 )
+            if self.input_scaling != "unit":
+                raise ValueError(
+                    "The Gaussian task is already standardised: expected input_scaling='unit'. "
+                    f"Received: input_scaling={self.input_scaling!r}"
+                )
             if self.n_train is None or self.n_test is None:
                 raise ValueError(
                     "Expected `n_train` and `n_test` for the Gaussian task. "
@@ -164,10 +247,10 @@ class DynamicsConfig:
         return out
 
     def run_fingerprint(self) -> dict:
-        """The settings one seed's run depends on (everything but the seed list
-        and the summary-only settings)."""
+        """The settings one seed's run depends on (everything but the seed list,
+        the summary-only settings and how the loop executes)."""
         out = self.to_dict()
-        for key in ("seeds", *SUMMARY_FIELDS):
+        for key in ("seeds", *SUMMARY_FIELDS, *EXECUTION_FIELDS):
             out.pop(key)
         return out
 
@@ -177,6 +260,10 @@ class DynamicsConfig:
 #: weight decay, so the compression phase arrives within minutes.
 #: `mnist_paper`: the paper's setting (1,000 images, lr 1e-4, weight decay 0.01
 #: on kernels, batch 64, 10^6 steps, ~50 log-spaced measurements).
+#: `mnist_authors`: `mnist_paper` with the protocol of the authors' code
+#: (`MNIST_Full_Analysis.py`): double softmax, standardised inputs, N(0, 1/fan_in)
+#: kernels, rank on 128 test images with eps = 0.01, random 1,000-image train
+#: and test subsets, their floor log grid.
 _MNIST = dict(dataset="mnist", n_train=1000, n_test=2000, hidden=(200, 200, 200, 200))
 PRESETS: dict[str, dict] = {
     "gaussian": dict(dataset="gaussian"),
@@ -184,6 +271,30 @@ PRESETS: dict[str, dict] = {
     "mnist_paper": dict(
         **_MNIST, learning_rate=1e-4, weight_decay=0.01, epochs=62_500, checkpoint_every=500
     ),
+    "mnist_authors": dict(
+        **{**_MNIST, "n_test": 1000},
+        learning_rate=1e-4,
+        weight_decay=0.01,
+        epochs=62_500,
+        checkpoint_every=500,
+        atols=(1e-2,),
+        loss="double_softmax",
+        input_scaling="standardize",
+        init="normal_fan_in",
+        rank_on="test",
+        rank_samples=128,
+        subset="random",
+        grid="floor",
+    ),
+}
+
+#: The four protocol factors in which `mnist_paper` and `mnist_authors` differ,
+#: as `{factor: (ours, theirs)}`.
+PROTOCOL_FACTORS: dict[str, tuple] = {
+    "loss": ("logits", "double_softmax"),
+    "input_scaling": ("unit", "standardize"),
+    "init": ("glorot_uniform", "normal_fan_in"),
+    "rank_on": (("train", 256), ("test", 128)),
 }
 
 
@@ -202,6 +313,22 @@ def get_preset(name: str, **overrides) -> DynamicsConfig:
             f"Unknown DynamicsConfig fields: {unknown}. Expected some of {sorted(fields)}"
         )
     return DynamicsConfig(**{**PRESETS[name], **overrides})
+
+
+def measurement_steps(config: DynamicsConfig) -> list[int]:
+    """The config's measurement steps after step 0 (`grid`, `num_measurements`,
+    `total_steps`); e.g. the authors' `np.unique(np.logspace(0, 6, 50).astype(int))`
+    for `grid="floor"`, 50 measurements and 10^6 steps."""
+    return grid_steps(config.total_steps, config.num_measurements, config.grid)
+
+
+def grid_steps(total_steps: int, num: int, grid: str) -> list[int]:
+    """`num` log-spaced steps in `[1, total_steps]`, rounded (`grid="round"`) or
+    floored (`"floor"`), deduplicated and sorted."""
+    check_choice("grid", grid, GRIDS)
+    points = np.logspace(0, math.log10(total_steps), num)
+    points = np.round(points) if grid == "round" else points.astype(int)
+    return sorted({int(s) for s in points if 1 <= s <= total_steps})
 
 
 def rank_columns(atols: Sequence[float]) -> list[str]:

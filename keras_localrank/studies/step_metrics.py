@@ -30,10 +30,26 @@ class StepMetrics(ScheduledCallback):
         measure_on_train_begin: also evaluate before the first step.
             Default False.
         batch_size: evaluation batch size. Default 2048.
+        loss_fn: per-example loss `f(labels, logits)`. Default: cross-entropy
+            from logits (`studies.mlp.loss_function` gives the config's).
     """
 
-    def __init__(self, data, schedule, path, *, measure_on_train_begin=False, batch_size=2048):
+    def __init__(
+        self,
+        data,
+        schedule,
+        path,
+        *,
+        measure_on_train_begin=False,
+        batch_size=2048,
+        loss_fn=None,
+    ):
         super().__init__(schedule, measure_on_train_begin=measure_on_train_begin)
+        self._loss_fn = loss_fn or (
+            lambda labels, logits: keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            )
+        )
         self._arrays = (data.x_train, data.y_train, data.x_test, data.y_test)
         self.path = os.fspath(path)
         self._batch_size = batch_size
@@ -80,10 +96,6 @@ class StepMetrics(ScheduledCallback):
         for start in range(0, len(x), self._batch_size):
             logits = self.model(x[start : start + self._batch_size], training=False)
             labels = y[start : start + self._batch_size]
-            loss_sum += float(
-                keras.ops.sum(
-                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-                )
-            )
+            loss_sum += float(keras.ops.sum(self._loss_fn(labels, logits)))
             correct += int(np.sum(np.argmax(keras.ops.convert_to_numpy(logits), -1) == labels))
         return loss_sum / len(x), correct / len(x)
