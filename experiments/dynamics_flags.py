@@ -10,7 +10,7 @@ import logging
 
 from absl import flags
 
-from experiments.common import numbers
+from experiments.common import define_executor_flags, executor_from_flags, numbers
 from keras_localrank.studies import dynamics
 
 FLAGS = flags.FLAGS
@@ -37,6 +37,7 @@ def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
     flags.DEFINE_integer("checkpoint_every", None, "Epochs between checkpoints.")
     flags.DEFINE_integer("verbose", 0, "Keras fit verbosity.")
     flags.DEFINE_integer("data_seed", None, "Seed of the data set / split.")
+    define_executor_flags()
     _PRESETS.update(presets)
 
 
@@ -74,12 +75,14 @@ def run_from_flags(**fixed) -> dict:
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
     config = config_from_flags(**fixed)
     workdir = FLAGS.workdir
-    summary = dynamics.train_and_evaluate(
-        config,
-        workdir,
-        verbose=FLAGS.verbose,
-        extra_files={"flags.txt": FLAGS.flags_into_string()},
-    )
+    with executor_from_flags() as executor:
+        summary = dynamics.train_and_evaluate(
+            config,
+            workdir,
+            verbose=FLAGS.verbose,
+            extra_files={"flags.txt": FLAGS.flags_into_string()},
+            executor=executor,
+        )
     print(f"Wrote {workdir} in {summary['wall_seconds_this_call']:.0f} s.")
     for column in summary["rank_columns"]:
         print(column)

@@ -40,6 +40,7 @@ flags.DEFINE_integer("n_train", 8000, "Training examples kept (0: all).")
 flags.DEFINE_integer("n_test", 2000, "Test examples kept (0: all).")
 flags.DEFINE_integer("rank_samples", 500, "Test examples the local rank averages over.")
 flags.DEFINE_float("robust_atol", 0.1, "Singular-value threshold of the robust local rank.")
+common.define_executor_flags()
 
 
 def config_from_flags() -> vib_sweep.SweepConfig:
@@ -68,9 +69,14 @@ def main(argv):
     logging.getLogger(vib_sweep.__name__).setLevel(logging.INFO)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # per-model retracing notes
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-    summary = vib_sweep.train_and_evaluate(
-        config_from_flags(), FLAGS.workdir, extra_files={"flags.txt": FLAGS.flags_into_string()}
-    )
+    config = config_from_flags()
+    with common.executor_from_flags() as executor:
+        summary = vib_sweep.train_and_evaluate(
+            config,
+            FLAGS.workdir,
+            extra_files={"flags.txt": FLAGS.flags_into_string()},
+            executor=executor,
+        )
     print(f"Wrote {FLAGS.workdir}: {summary['num_runs']} runs, "
           f"{summary['wall_seconds_this_call']:.0f}s this call.")
     for t in summary["overall_local_rank_transitions"]:
