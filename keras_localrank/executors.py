@@ -133,7 +133,7 @@ def _import_ray():
     except ImportError:
         raise ExecutorUnavailable(
             "The Ray executor needs Ray, which is not installed: "
-            "pip install 'keras_localrank[ray]' (or run with --executor=inprocess)."
+            "pip install -e '.[ray]' (or run with --executor=inprocess)."
         ) from None
     return ray
 
