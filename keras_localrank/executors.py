@@ -182,7 +182,8 @@ class RayExecutor(Executor):
         self.max_retries = check_int("max_retries", max_retries, minimum=0)
         self._started = False
 
-    def _connect(self):
+    def start(self) -> None:
+        """Start (or join) Ray now; `map` does it on first use."""
         ray = self._ray
         if ray.is_initialized():
             return
@@ -216,7 +217,7 @@ class RayExecutor(Executor):
 
     def map(self, fn, calls, *, shared=None, on_result=None) -> list:
         ray = self._ray
-        self._connect()
+        self.start()
         remote = ray.remote(**self._options())(fn)
         refs = {k: ray.put(v) for k, v in dict(shared or {}).items()}
         pending = {remote.remote(*args, **refs): i for i, args in enumerate(calls)}

@@ -3,10 +3,11 @@
 Two worker processes on the loopback (a `TF_CONFIG` with two free local
 ports) build the same model under the strategy and train it with the
 callback inside `fit`. The reference is the same model trained on one device
-in a third process: the local ranks must be identical, and only the chief
+in the test's process: the local ranks must be identical, and only the chief
 may write the trace, the TensorBoard output and the CSV log.
 
-This file is also the worker: `python tests/test_multiworker.py <role> ...`.
+This file is also the worker: `TF_CONFIG=... python tests/test_multiworker.py
+worker <outdir> <result.json>`.
 """
 
 import json
@@ -154,13 +155,14 @@ def test_multi_worker_mirrored_strategy_matches_one_device_and_only_the_chief_wr
             {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
         )
         for i in range(2)
-    ] + [_launch("single", str(tmp_path / "single"), str(tmp_path / "single.json"), {})]
+    ]
+    single = _train(str(tmp_path / "single"))  # one device, here, meanwhile
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    chief, other, single = (
+    chief, other = (
         json.load(open(tmp_path / name, encoding="utf-8"))
-        for name in ("result0.json", "result1.json", "single.json")
+        for name in ("result0.json", "result1.json")
     )
     assert chief["chief"] and not other["chief"] and single["chief"]
     # Every worker measured; the ranks equal the single-device run's, step by step.
@@ -180,10 +182,7 @@ def _main(role: str, outdir: str, result: str) -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     import tensorflow as tf
 
-    strategy = None
-    if role == "worker":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    out = _train(outdir, strategy)
+    out = _train(outdir, tf.distribute.MultiWorkerMirroredStrategy())
     with open(result, "w", encoding="utf-8") as f:
         json.dump(out, f)
 
