@@ -16,7 +16,7 @@ import pytest
 
 from keras_localrank import executors
 from keras_localrank.rundir import SubRun
-from keras_localrank.studies import dynamics
+from keras_localrank.studies import dynamics, vib_sweep
 from tests.run_files import snapshot
 
 ray = pytest.importorskip("ray")
@@ -88,6 +88,36 @@ def test_ray_sweep_equals_in_process_and_resumes_a_partial_run(ray_session, tmp_
         assert sub.is_complete()
 
 
+def test_vib_sweep_on_ray_equals_in_process(ray_session, tmp_path):
+    config = vib_sweep.SweepConfig(
+        betas=(1e-4, 1.0),
+        seeds=(0,),
+        dataset="gaussian",
+        n_train=100,
+        n_test=50,
+        rank_samples=20,
+        overrides={"encoder_units": (8,), "bottleneck_units": 3, "epochs": 1, "batch_size": 50},
+    )
+    here = vib_sweep.train_and_evaluate(config, tmp_path / "a", plots=False)
+    there = vib_sweep.train_and_evaluate(
+        config, tmp_path / "b", plots=False, executor=executors.RayExecutor()
+    )
+    assert here["trained_this_call"] == there["trained_this_call"] == 2
+    a, b = (
+        pd.read_csv(tmp_path / d / "results.csv").drop(columns="train_seconds") for d in "ab"
+    )
+    pd.testing.assert_frame_equal(a, b)
+
+
+def _fails(x):
+    raise ValueError(f"Expected x != {x}. Received: x={x}")
+
+
+def test_an_error_in_a_task_reaches_the_driver_as_itself(ray_session):
+    with pytest.raises(ValueError, match="Received: x=3"):
+        executors.RayExecutor().map(_fails, [(3,)])
+
+
 def _dies_on_first_attempt(index, path, *, marker_dir):
     """A task that kills its own worker process the first time it runs."""
     with SubRun(path, {"index": index}, lock=True) as sub:
@@ -129,15 +159,6 @@ def test_a_worker_that_keeps_dying_is_one_clear_error(ray_session, tmp_path):
             _dies_on_first_attempt, [(1, str(tmp_path / "unit"))],
             shared={"marker_dir": str(tmp_path)},
         )
-
-
-def _fails(x):
-    raise ValueError(f"Expected x != {x}. Received: x={x}")
-
-
-def test_an_error_in_a_task_reaches_the_driver_as_itself(ray_session):
-    with pytest.raises(ValueError, match="Received: x=3"):
-        executors.RayExecutor().map(_fails, [(3,)])
 
 
 def test_extra_callbacks_cannot_go_to_other_processes(ray_session, tmp_path):
