@@ -220,3 +220,21 @@ def test_script_without_ray_fails_in_one_sentence_and_writes_nothing(tmp_path):
     ), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not workdir.exists()
+
+
+def test_compression_sweep_runs_each_architecture_as_one_unit(tmp_path):
+    # Regression: the sweep handed the app an unknown `workdir=` argument.
+    from experiments import compress_mnist
+
+    config = compress_mnist.ExperimentConfig(
+        dataset="digits", archs=("16x1",), budgets=(0.5,), methods=("weight_svd",),
+        epochs=1, finetune_epochs=0, allocation="energy", calibration_samples=64,
+        latency_runs=1, n_train=300, n_test=100,
+    )
+    summary = compress_mnist.train_and_evaluate(
+        config, tmp_path, executor=executors.InProcessExecutor()
+    )
+    rows = summary["16x1"]["report"]["rows"]
+    assert [(r["method"], r["budget"], r["status"]) for r in rows] == [("weight_svd", 0.5, "ok")]
+    assert SubRun(tmp_path / "mlp_16x1").is_complete()
+    assert (tmp_path / "summary.md").read_text().startswith("# MNIST compression sweep")
