@@ -183,23 +183,32 @@ class RayExecutor(Executor):
         self._started = False
 
     def start(self) -> None:
-        """Start (or join) Ray now; `map` does it on first use."""
+        """Start (or join) Ray now; `map` does it on first use.
+
+        Raises:
+            ExecutorError: Ray could not be started or the cluster not reached.
+        """
         ray = self._ray
         if ray.is_initialized():
             return
-        if self.address is None:
-            ray.init(
-                address="local",
-                num_cpus=self.num_cpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                configure_logging=False,
-            )
-            self._started = True
-            log.info("started a local Ray instance")
-        else:
-            ray.init(address=self.address, configure_logging=False)
-            log.info("joined the Ray cluster at %s", self.address)
+        where = "start a local Ray instance" if self.address is None else (
+            f"join the Ray cluster at {self.address!r}"
+        )
+        try:
+            if self.address is None:
+                ray.init(
+                    address="local",
+                    num_cpus=self.num_cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    configure_logging=False,
+                )
+                self._started = True
+            else:
+                ray.init(address=self.address, configure_logging=False)
+        except Exception as e:  # Ray raises bare Exception/ConnectionError here
+            raise ExecutorError(f"Could not {where}: {e}") from e
+        log.info("Ray: %s done", where)
 
     def _options(self) -> dict:
         threads = str(max(1, int(self.cpus_per_task)))
