@@ -29,5 +29,9 @@ setup(
         "matplotlib>=3.6",
         "scikit-learn>=1.1",
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.4"]},
+    extras_require={
+        # Sweeps on Ray (--executor=ray); the in-process executor needs nothing.
+        "ray": ["ray>=2.9"],
+        "test": ["pytest>=7", "ruff>=0.4", "ray>=2.9"],
+    },
 )

@@ -10,13 +10,60 @@ from collections.abc import Callable
 
 import keras
 
+from keras_localrank.executors import EXECUTORS, ExecutorError, make_executor
 from keras_localrank.rundir import RunDirectoryError
 
 #: Errors a user can cause with a flag or a file (a bad value, a wrong type, a
-#: missing/unwritable/corrupt file, a busy or mismatched run directory): a
-#: script reports them in one line. Anything else is a bug and keeps its
-#: traceback.
-USER_ERRORS = (ValueError, TypeError, OSError, zipfile.BadZipFile, RunDirectoryError)
+#: missing/unwritable/corrupt file, a busy or mismatched run directory, an
+#: executor that is not installed): a script reports them in one line.
+#: Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ValueError, TypeError, OSError, zipfile.BadZipFile, RunDirectoryError, ExecutorError
+)
+
+
+def define_executor_flags() -> None:
+    """`--executor`, `--ray_address`, `--ray_num_cpus`, `--cpus_per_task`, `--gpus_per_task`."""
+    from absl import flags
+
+    flags.DEFINE_enum(
+        "executor", "inprocess", list(EXECUTORS),
+        "Who runs the independent sub-runs: this process, or one Ray task each.",
+    )
+    flags.DEFINE_string(
+        "ray_address", None,
+        "With --executor=ray: 'auto' or 'host:port' of a running cluster "
+        "(default: start a local Ray for this run).",
+    )
+    flags.DEFINE_integer("ray_num_cpus", None, "CPUs of the local Ray (default: all).")
+    flags.DEFINE_float("cpus_per_task", 1, "With --executor=ray: CPUs each task reserves.")
+    flags.DEFINE_float("gpus_per_task", 0, "With --executor=ray: GPUs each task reserves.")
+
+
+def executor_from_flags():
+    """The executor the flags of `define_executor_flags` ask for.
+
+    Raises:
+        ExecutorUnavailable: `--executor=ray` without Ray installed.
+        ValueError: Ray flags with `--executor=inprocess`.
+    """
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if FLAGS.executor == "inprocess":
+        if FLAGS.ray_address is not None:
+            raise ValueError(
+                "Expected --ray_address only with --executor=ray. "
+                f"Received: --ray_address={FLAGS.ray_address}"
+            )
+        return make_executor("inprocess")
+    return make_executor(
+        "ray",
+        address=FLAGS.ray_address,
+        num_cpus=FLAGS.ray_num_cpus,
+        cpus_per_task=FLAGS.cpus_per_task,
+        gpus_per_task=FLAGS.gpus_per_task,
+    )
 
 
 def one_line_errors(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:

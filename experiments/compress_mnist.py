@@ -36,7 +36,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from experiments import common  # noqa: E402
-from keras_localrank.rundir import RunDirectory  # noqa: E402
+from keras_localrank.executors import Executor, InProcessExecutor  # noqa: E402
+from keras_localrank.rundir import RunDirectory, SubRun  # noqa: E402
 from keras_localrank.validation import (  # noqa: E402
     check_choice,
     check_finite_float,
@@ -59,6 +60,7 @@ flags.DEFINE_enum("allocation", "greedy", ["greedy", "energy"], "local_rank budg
 flags.DEFINE_integer("calibration_samples", 1024, "Calibration samples.")
 flags.DEFINE_integer("latency_runs", 10, "Timed inference runs per model.")
 flags.DEFINE_integer("seed", 0, "Seed.")
+common.define_executor_flags()
 
 
 def parse_arch(arch: str) -> tuple[int, int]:
@@ -184,11 +186,54 @@ def _target_check(report: dict, budget: float = 0.2) -> dict:
     }
 
 
+def _arch_task(arch: str, path: str, sub_config: dict, *, config: ExperimentConfig, ds) -> dict:
+    """One architecture: train it (unless saved), compress it, write `result.json`.
+
+    Runs in its own locked sub-run: the unit of work an executor hands out.
+    """
+    import keras
+
+    from compress.app import CompressionConfig, run
+
+    with SubRun(path, sub_config, lock=True) as sub:
+        if not sub.is_complete():
+            if not sub.exists("model.keras"):
+                print(f"training {arch}", flush=True)
+                model = train_mlp(arch, ds, epochs=config.epochs, seed=config.seed)
+                with sub.atomic_path("model.keras") as tmp:
+                    model.save(tmp)
+                keras.backend.clear_session()
+            report = run(
+                CompressionConfig(
+                    model=sub.join("model.keras"),
+                    dataset=config.dataset,
+                    data_path=config.data_path,
+                    workdir=sub.join("compression"),
+                    budgets=tuple(config.budgets),
+                    methods=tuple(config.methods),
+                    finetune_epochs=config.finetune_epochs,
+                    finetune_lr=config.finetune_lr,
+                    validation_fraction=config.validation_fraction,
+                    allocation=config.allocation,
+                    calibration_samples=config.calibration_samples,
+                    n_train=config.n_train,
+                    n_test=config.n_test,
+                    latency_runs=config.latency_runs,
+                    seed=config.seed,
+                ),
+                progress=lambda line: print(f"{arch}: {line}", flush=True),
+            )
+            sub.write_json("result.json", {"report": report, "target": _target_check(report)})
+            sub.mark_complete()
+        return sub.read_json("result.json")
+
+
 def train_and_evaluate(
     config: ExperimentConfig,
     workdir: str | os.PathLike,
     *,
     extra_files: dict[str, str] | None = None,
+    executor: Executor | None = None,
 ) -> dict:
     """Train each architecture, compress it with every method, summarise.
 
@@ -197,6 +242,8 @@ def train_and_evaluate(
         workdir: the run directory (see the module docstring); reuse it to resume.
         extra_files: `{relative path: text}` written once the config is
             accepted (e.g. `flags.txt`). Default None.
+        executor: runs the architectures (`keras_localrank.executors`; one
+            task per architecture). Default None: one after the other here.
 
     Returns:
         `{arch: {"report": ..., "target": ...}}`; also written to
@@ -206,9 +253,6 @@ def train_and_evaluate(
         keras_localrank.rundir.ConfigMismatch: `workdir` holds a different sweep.
         keras_localrank.rundir.RunDirectoryLocked: another process uses `workdir`.
     """
-    import keras
-
-    from compress.app import CompressionConfig, run
     from keras_localrank import datasets
 
     if not isinstance(config, ExperimentConfig):
@@ -224,40 +268,16 @@ def train_and_evaluate(
             n_train=config.n_train,
             n_test=config.n_test,
         )
+        subs = [run_dir.subrun(f"mlp_{arch}", {"arch": arch}) for arch in config.archs]
+        results = (executor or InProcessExecutor()).map(
+            _arch_task,
+            [(arch, sub.path, sub.config) for arch, sub in zip(config.archs, subs)],
+            shared=dict(config=config, ds=ds),
+            on_result=lambda i, _: run_dir.mark_complete(subs[i].name),
+        )
         summary, lines = {}, ["# MNIST compression sweep", ""]
-        for arch in config.archs:
-            sub = run_dir.subrun(f"mlp_{arch}", {"arch": arch})
-            if not sub.is_complete():
-                if not sub.exists("model.keras"):
-                    print(f"training {arch}", flush=True)
-                    model = train_mlp(arch, ds, epochs=config.epochs, seed=config.seed)
-                    with sub.atomic_path("model.keras") as tmp:
-                        model.save(tmp)
-                    keras.backend.clear_session()
-                report = run(
-                    CompressionConfig(
-                        model=sub.join("model.keras"),
-                        dataset=config.dataset,
-                        data_path=config.data_path,
-                        workdir=sub.join("compression"),
-                        budgets=tuple(config.budgets),
-                        methods=tuple(config.methods),
-                        finetune_epochs=config.finetune_epochs,
-                        finetune_lr=config.finetune_lr,
-                        validation_fraction=config.validation_fraction,
-                        allocation=config.allocation,
-                        calibration_samples=config.calibration_samples,
-                        n_train=config.n_train,
-                        n_test=config.n_test,
-                        latency_runs=config.latency_runs,
-                        seed=config.seed,
-                    ),
-                    progress=lambda line: print(line, flush=True),
-                )
-                sub.write_json("result.json", {"report": report, "target": _target_check(report)})
-                sub.mark_complete()
-            run_dir.mark_complete(sub.name)
-            summary[arch] = result = sub.read_json("result.json")
+        for arch, sub, result in zip(config.archs, subs, results):
+            summary[arch] = result
             markdown = os.path.basename(result["report"]["paths"]["markdown"])
             with open(sub.join("compression", markdown), encoding="utf-8") as f:
                 lines += [f"## {arch}", "", f.read(), "", f"Target check: `{result['target']}`", ""]
@@ -283,7 +303,13 @@ def main(argv):
         latency_runs=FLAGS.latency_runs,
         seed=FLAGS.seed,
     )
-    train_and_evaluate(config, FLAGS.workdir, extra_files={"flags.txt": FLAGS.flags_into_string()})
+    with common.executor_from_flags() as executor:
+        train_and_evaluate(
+            config,
+            FLAGS.workdir,
+            extra_files={"flags.txt": FLAGS.flags_into_string()},
+            executor=executor,
+        )
 
 
 if __name__ == "__main__":

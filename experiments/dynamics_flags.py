@@ -10,7 +10,7 @@ import logging
 
 from absl import flags
 
-from experiments.common import numbers
+from experiments.common import define_executor_flags, executor_from_flags, numbers
 from keras_localrank.studies import dynamics, dynamics_config
 
 FLAGS = flags.FLAGS
@@ -67,6 +67,7 @@ def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
         "fit: Keras fit. fast: the compiled FastLoop (same steps and data order).",
     )
     flags.DEFINE_integer("steps_per_execution", None, "Steps per compiled call (--loop=fast).")
+    define_executor_flags()
     _PRESETS.update(presets)
 
 
@@ -112,12 +113,14 @@ def run_from_flags(**fixed) -> dict:
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
     config = config_from_flags(**fixed)
     workdir = FLAGS.workdir
-    summary = dynamics.train_and_evaluate(
-        config,
-        workdir,
-        verbose=FLAGS.verbose,
-        extra_files={"flags.txt": FLAGS.flags_into_string()},
-    )
+    with executor_from_flags() as executor:
+        summary = dynamics.train_and_evaluate(
+            config,
+            workdir,
+            verbose=FLAGS.verbose,
+            extra_files={"flags.txt": FLAGS.flags_into_string()},
+            executor=executor,
+        )
     print(f"Wrote {workdir} in {summary['wall_seconds_this_call']:.0f} s.")
     for column in summary["rank_columns"]:
         print(column)

@@ -63,6 +63,7 @@ flags.DEFINE_list(
     "of the last encoder layer, and accuracy).",
 )
 flags.DEFINE_integer("refine_top", 1, "Transitions refined per column.")
+common.define_executor_flags()
 
 
 def config_from_flags() -> vib_sweep.SweepConfig:
@@ -121,9 +122,14 @@ def main(argv):
     logging.getLogger(vib_sweep.__name__).setLevel(logging.INFO)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # per-model retracing notes
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-    summary = vib_sweep.train_and_evaluate(
-        config_from_flags(), FLAGS.workdir, extra_files={"flags.txt": FLAGS.flags_into_string()}
-    )
+    config = config_from_flags()
+    with common.executor_from_flags() as executor:
+        summary = vib_sweep.train_and_evaluate(
+            config,
+            FLAGS.workdir,
+            extra_files={"flags.txt": FLAGS.flags_into_string()},
+            executor=executor,
+        )
     print(f"Wrote {FLAGS.workdir}: {summary['num_runs']} runs, "
           f"{summary['wall_seconds_this_call']:.0f}s this call.")
     for t in summary["overall_local_rank_transitions"]:

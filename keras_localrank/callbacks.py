@@ -26,7 +26,7 @@ from keras_localrank.scheduled import ScheduledCallback
 from keras_localrank.spectra import Tolerance
 from keras_localrank.validation import check_finite_float
 
-__all__ = ["LocalRankCallback", "DEFAULT_MAX_SAMPLES"]
+__all__ = ["LocalRankCallback", "DEFAULT_MAX_SAMPLES", "is_chief"]
 
 #: Probe-set cap: enough for a standard error of ~0.1-0.5 rank on typical
 #: layers, while one measurement of five 200-unit layers stays near the cost
@@ -37,6 +37,23 @@ TRACE_COLUMNS = [
     "step", "epoch", "layer", "kind", "atol", "mean", "std", "stderr", "min", "max",
     "effective_rank", "stable_rank", "seconds",
 ]
+
+
+def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """Whether this process writes a run's files under `strategy`.
+
+    False only on the non-chief workers of a multi-worker strategy
+    (`tf.distribute.MultiWorkerMirroredStrategy`), as TensorFlow's own
+    `strategy.extended.should_save_summary` says; every worker still trains
+    and measures (the measurement runs on all replicas), but only the chief
+    writes. Add `keras.callbacks.CSVLogger`, `TensorBoard` and checkpoints
+    only `if is_chief(strategy)`; `LocalRankCallback` checks it itself.
+
+    Args:
+        strategy: the model's strategy. Default None: the current one.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    return bool(getattr(strategy.extended, "should_save_summary", True))
 
 
 def _atols(atol) -> tuple[float, ...]:
@@ -102,6 +119,10 @@ class LocalRankCallback(ScheduledCallback):
         batch_size, method, dtype, jit_compile: passed to `LocalRankEstimator`.
         verbose: 0 (silent, default) or 1 (one line per measurement or skip).
 
+    Under a multi-worker strategy every worker measures (the measurement runs
+    on all replicas) and keeps `trace` in memory, but only the chief
+    (`is_chief`) writes `trace_path` and `log_dir`.
+
     Raises:
         ValueError: empty probe set, NaN/Inf in it, bad `atol`, bad
             `max_overhead`, nothing to log; at `on_train_begin`: unknown layer
@@ -161,6 +182,7 @@ class LocalRankCallback(ScheduledCallback):
         self._estimator: LocalRankEstimator | None = None
         self._estimator_model = None
         self._writer = None
+        self._chief = True
         self.trace: list[dict] = []
 
     # -- keys -------------------------------------------------------------------
@@ -201,7 +223,8 @@ class LocalRankCallback(ScheduledCallback):
         self._train_start = time.perf_counter()
         self.skipped = 0
         self.trace = self._load_trace()
-        if self.log_dir and self._writer is None:
+        self._chief = is_chief(getattr(self.model, "distribute_strategy", None))
+        if self.log_dir and self._writer is None and self._chief:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         self.measurements = 0
         super().on_train_begin(logs)
@@ -241,7 +264,7 @@ class LocalRankCallback(ScheduledCallback):
         kept = [row for row in self.trace if row["step"] <= step]
         if len(kept) != len(self.trace):
             self.trace = kept
-            if self.trace_path:
+            if self.trace_path and self._chief:
                 self._save_trace()
 
     # -- measuring ------------------------------------------------------------------
@@ -267,7 +290,7 @@ class LocalRankCallback(ScheduledCallback):
                     }
                 )
             self._write_tensorboard(prefix, result, step)
-        if self.trace_path:
+        if self.trace_path and self._chief:  # under a multi-worker strategy
             self._save_trace()
         if self.verbose:
             means = ", ".join(f"{k}={v:.2f}" for k, v in self._latest.items()

@@ -89,6 +89,11 @@ def _replicas(model):
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is None or strategy.num_replicas_in_sync <= 1:
         return None
+    if len(getattr(strategy.extended, "worker_devices", ())) < strategy.num_replicas_in_sync:
+        # Several workers (MultiWorkerMirroredStrategy): each measures the whole
+        # probe set on its own device, so no worker waits for another's
+        # measurement and every worker gets every sample's rank.
+        return None
     return strategy
 
 

@@ -66,6 +66,7 @@ from keras_localrank.curves import (
     aggregate_summaries,
     summarize_curve,
 )
+from keras_localrank.executors import Executor, InProcessExecutor
 from keras_localrank.rundir import RunDirectory, SubRun
 from keras_localrank.studies.checkpoints import Checkpoint, read_state, restore, truncate_csv
 from keras_localrank.studies.dynamics_config import (
@@ -283,6 +284,14 @@ def _finish_seed(config, seed, run: SubRun, plots: bool, title: str):
     return frame, summary
 
 
+def _seed_task(seed, path, sub_config, *, config, data, plots, title, verbose, callbacks):
+    """One seed, start to finish, in its own locked sub-run (an executor's unit of work)."""
+    with SubRun(path, sub_config, lock=True) as sub:
+        if not sub.is_complete():
+            _train_seed(config, data, seed, sub, callbacks, verbose)
+        return _finish_seed(config, seed, sub, plots, title)
+
+
 def train_and_evaluate(
     config: DynamicsConfig,
     workdir: str | os.PathLike,
@@ -292,6 +301,7 @@ def train_and_evaluate(
     verbose: int = 0,
     title: str | None = None,
     extra_files: Mapping[str, str] | None = None,
+    executor: Executor | None = None,
 ) -> dict:
     """Train one MLP per seed, measure local rank over training, write the outputs.
 
@@ -304,6 +314,8 @@ def train_and_evaluate(
         title: plot title. Default: dataset and model.
         extra_files: `{relative path: text}` written into `workdir` once its
             config is accepted (e.g. the script's `flags.txt`). Default None.
+        executor: runs the seeds (`keras_localrank.executors`; one task per
+            seed). Default None: one after the other in this process.
 
     Returns:
         The top-level summary (also written to `workdir/summary.json`):
@@ -312,7 +324,8 @@ def train_and_evaluate(
 
     Raises:
         TypeError: `config` is not a `DynamicsConfig`; a bad `workdir`.
-        ValueError: `workdir` is a file or not writable; bad data.
+        ValueError: `workdir` is a file or not writable; bad data; extra
+            `callbacks` with an executor that runs seeds in other processes.
         keras_localrank.rundir.ConfigMismatch: `workdir` holds a run with a
             different config (a `ValueError`; nothing is written).
         keras_localrank.rundir.RunDirectoryLocked: another process is running
@@ -341,13 +354,23 @@ def train_and_evaluate(
             f"{config.dataset} (n={config.n_train}), MLP {'x'.join(map(str, config.hidden))}, "
             f"AdamW lr={config.learning_rate:g} wd={config.weight_decay:g}"
         )
+        executor = executor or InProcessExecutor()
+        if callbacks and not executor.in_process:
+            raise ValueError(
+                "Expected no extra `callbacks` with an executor that runs seeds in other "
+                f"processes. Received: callbacks={list(callbacks)!r}, executor={executor!r}"
+            )
+        subs = [run.subrun(f"seed={s}", {**config.run_fingerprint(), "seed": s})
+                for s in config.seeds]  # every config checked before any training
+        done = executor.map(
+            _seed_task,
+            [(seed, sub.path, sub.config) for seed, sub in zip(config.seeds, subs)],
+            shared=dict(config=config, data=data, plots=plots, title=title,
+                        verbose=verbose, callbacks=tuple(callbacks)),
+            on_result=lambda i, _: run.mark_complete(subs[i].name),
+        )
         frames, summaries = [], {}
-        for seed in config.seeds:
-            sub = run.subrun(f"seed={seed}", {**config.run_fingerprint(), "seed": seed})
-            if not sub.is_complete():
-                _train_seed(config, data, seed, sub, callbacks, verbose)
-            frame, summaries[seed] = _finish_seed(config, seed, sub, plots, title)
-            run.mark_complete(sub.name)
+        for seed, (frame, summaries[seed]) in zip(config.seeds, done):
             frames.append(frame.assign(seed=seed))
         everything = pd.concat(frames, ignore_index=True)
         run.write_text("measurements.csv", everything.to_csv(index=False))

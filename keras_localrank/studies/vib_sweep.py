@@ -60,7 +60,8 @@ from keras_localrank.curves import (
     find_transitions,
     refine_grid,
 )
-from keras_localrank.rundir import RunDirectory
+from keras_localrank.executors import Executor, InProcessExecutor
+from keras_localrank.rundir import RunDirectory, SubRun
 from keras_localrank.spectra import Tolerance
 from keras_localrank.validation import (
     check_betas,
@@ -503,6 +504,22 @@ def plotted_transitions(layers, robust_atol: float) -> list[str]:
     ]
 
 
+def _pair_task(beta, seed, path, sub_config, *, config, data) -> tuple[dict, bool]:
+    """One (beta, seed) model in its own locked sub-run (an executor's unit of work).
+
+    Returns:
+        `(record, trained)`: the run record, and whether this call trained it.
+    """
+    with SubRun(path, sub_config, lock=True) as sub:
+        if sub.is_complete():
+            return sub.read_json(RECORD), False
+        record = train_one(config, data, beta, seed)
+        sub.write_text(HISTORY, history_csv(record["history"]))
+        sub.write_json(RECORD, record)
+        sub.mark_complete()
+        return sub.read_json(RECORD), True
+
+
 def _summarize(config: SweepConfig, records: list[dict], trained: int, start: float):
     frame = pd.DataFrame(
         [{k: v for k, v in r.items() if k not in NON_COLUMNS} for r in records]
@@ -558,6 +575,7 @@ def train_and_evaluate(
     *,
     plots: bool = True,
     extra_files: dict[str, str] | None = None,
+    executor: Executor | None = None,
 ) -> dict:
     """Train and measure one VIB classifier per (beta, seed); write results and plots.
 
@@ -567,6 +585,8 @@ def train_and_evaluate(
         plots: write the PNG plots. Default True.
         extra_files: `{relative path: text}` written into `workdir` once its
             config is accepted (e.g. the script's `flags.txt`). Default None.
+        executor: runs the (beta, seed) models (`keras_localrank.executors`;
+            one task per model). Default None: one after the other here.
 
     Returns:
         The summary (also written to `summary.json`).
@@ -593,29 +613,37 @@ def train_and_evaluate(
             n_train=config.n_train,
             n_test=config.n_test,
         )
-        records, trained, histories = [], 0, {}
-        for beta in config.betas:
-            for seed in config.seeds:
-                sub = run.subrun(
-                    subrun_name(beta, seed), {**config.fingerprint(), "beta": beta, "seed": seed}
+        pairs = [(beta, seed) for beta in config.betas for seed in config.seeds]
+        subs = [
+            run.subrun(subrun_name(b, s), {**config.fingerprint(), "beta": b, "seed": s})
+            for b, s in pairs
+        ]  # every config checked before any training
+
+        def finished(i, outcome):
+            record, fresh = outcome
+            if fresh:
+                log.info(
+                    "beta=%g seed=%d: acc=%.3f rate=%.3f izy>=%.3f (%.1fs)",
+                    record["beta"], record["seed"], record["accuracy"], record["rate"],
+                    record["izy_lower_bound"], record["train_seconds"],
                 )
-                if sub.is_complete():
-                    log.info("beta=%g seed=%d: finished earlier, skipped", beta, seed)
-                else:
-                    record = train_one(config, data, beta, seed)
-                    sub.write_text(HISTORY, history_csv(record["history"]))
-                    sub.write_json(RECORD, record)
-                    sub.mark_complete()
-                    trained += 1
-                    log.info(
-                        "beta=%g seed=%d: acc=%.3f rate=%.3f izy>=%.3f (%.1fs)",
-                        beta, seed, record["accuracy"], record["rate"],
-                        record["izy_lower_bound"], record["train_seconds"],
-                    )
-                records.append(sub.read_json(RECORD))
-                if sub.exists(HISTORY):
-                    histories[(beta, seed)] = pd.read_csv(sub.join(HISTORY))
-                run.mark_complete(sub.name)
+            else:
+                log.info("beta=%g seed=%d: finished earlier, skipped", *pairs[i])
+            run.mark_complete(subs[i].name)
+
+        outcomes = (executor or InProcessExecutor()).map(
+            _pair_task,
+            [(b, s, sub.path, sub.config) for (b, s), sub in zip(pairs, subs)],
+            shared=dict(config=config, data=data),
+            on_result=finished,
+        )
+        records = [record for record, _ in outcomes]
+        trained = sum(fresh for _, fresh in outcomes)
+        histories = {
+            pair: pd.read_csv(sub.join(HISTORY))
+            for pair, sub in zip(pairs, subs)
+            if sub.exists(HISTORY)
+        }
 
         frame, summary = _summarize(config, records, trained, start)
         run.write_text("results.csv", frame.to_csv(index=False))
