@@ -259,8 +259,8 @@ def _resolve_layers(model, calls, layers) -> list[LayerCall]:
                 found = [by_name[item]]
             else:
                 found = [c for c in calls if c.layer.name == item and c.part_of is None]
-                if not found:
-                    found = _inside(calls, item)
+            if not any(is_measurable(c.layer) for c in found):
+                found = _inside(calls, item) or found  # a nested model or attention
             if not found:
                 raise ValueError(
                     f"Unknown layer name in `layers`. Received: {item!r}; "
