@@ -383,3 +383,24 @@ def test_wrt_naming_a_shared_layer_lists_its_calls():
         klr.local_rank(model, x, wrt="emb")
     result = measure(model, x, wrt="emb@1")
     assert list(result.per_sample) == ["head"] and result.layers[0].input_dim == 6
+
+
+# -- command line -------------------------------------------------------------------
+
+
+def test_cli_two_input_model_clear_error_and_text_model_with_wrt(tmp_path):
+    from keras_localrank.cli import Config, run
+
+    path = str(tmp_path / "two.keras")
+    two_input_model().save(path)
+    with pytest.raises(ValueError, match=r"one input.*\['a', 'b'\].*wrt=name"):
+        run(Config(model=path, data="gaussian", samples=2), echo=lambda s: None)
+    text = str(tmp_path / "text.keras")
+    text_model().save(text)
+    data = str(tmp_path / "tokens.npz")
+    np.savez(data, x=np.random.default_rng(0).integers(0, 30, size=(4, 7)).astype("int32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        frame = run(Config(model=text, data=data, samples=4, wrt="embedding"),
+                    echo=lambda s: None)
+    assert list(frame["layer"]) == ["conv", "head"]
