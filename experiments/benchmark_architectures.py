@@ -137,7 +137,7 @@ def _preactivation(layer, h):
         return layer.call(tf.cast(h, layer.compute_dtype))
 
 
-def baseline_local_rank(model, x, layer_names, *, atol=None, batch_size=1):
+def baseline_local_rank(model, x, layer_names, *, atol=None, batch_size=None):
     """Per-sample ranks by the original autodiff path (top-level layers only).
 
     Materialises every per-sample Jacobian `[n_l, n0]` (reverse mode by
@@ -147,6 +147,9 @@ def baseline_local_rank(model, x, layer_names, *, atol=None, batch_size=1):
     above `max(atol, eps32 * max(n_l, n0) * sigma_max)` (numpy's rule without
     `atol`).
 
+    `batch_size` None: the original automatic chunk, as many samples as keep
+    all Jacobians of a chunk under 2**25 elements (at least 1, at most 128).
+
     Returns:
         `{layer name: [N] int ranks}`.
     """
@@ -155,6 +158,8 @@ def baseline_local_rank(model, x, layer_names, *, atol=None, batch_size=1):
     n0 = math.prod(x.shape[1:])
     units = [math.prod(layer.output.shape[1:]) for layer in layers]
     mode = "forward" if n0 < sum(units) else "reverse"
+    if batch_size is None:
+        batch_size = max(1, min(128, 2**25 // (sum(units) * n0)))
     eps = float(np.finfo(np.float32).eps)
 
     def preacts(inputs):

@@ -57,8 +57,9 @@ class LocalRankEstimator:
     """Measures local rank of chosen layers of a model, many times.
 
     Args:
-        model: a built functional or Sequential `keras.Model` with one float
-            input. Models built under a `tf.distribute` strategy are measured
+        model: a built functional or Sequential `keras.Model` (nested models,
+            shared layers and several inputs are supported, see `wrt` and
+            docs/graph_coverage.md). Models built under a `tf.distribute` strategy are measured
             with the chunk split over the strategy's replicas.
         layers: names or layer objects to measure. Default None: all
             measurable layers (`Dense`, `EinsumDense`, convolutions,
@@ -353,8 +354,9 @@ def local_rank(
     """Local rank `E_x[rank(J_l(x))]` of each layer's pre-activation Jacobian.
 
     Args:
-        model: a built functional or Sequential `keras.Model` with one float input.
-        x: `[N, *input_shape]` samples: NumPy array, tensor or `tf.data.Dataset`.
+        model: a built functional or Sequential `keras.Model`.
+        x: `[N, *input_shape]` samples: NumPy array, tensor or `tf.data.Dataset`;
+            a list or dict of arrays (one per model input) with held inputs.
         layers: names or layers to measure. Default None: all measurable layers.
         atol: absolute singular-value threshold (the paper's robust rank
             `rank_eps` with `atol=eps`). Default None.
@@ -379,8 +381,8 @@ def local_rank(
         TypeError: `model` is not a Keras model; non-float `x` or model input;
             bad `layers` entries; non-numeric `atol`/`rtol`.
         ValueError: NaN/Inf, empty or wrongly shaped `x`; an unbuilt model; a
-            model with several inputs; unknown layer names; no measurable
-            layer; negative `atol`/`rtol`; bad `method`/`batch_size`/`dtype`.
+            bad or (with several float inputs) missing `wrt`; unknown layer
+            names; no measurable layer; negative `atol`/`rtol`; bad `method`/`batch_size`/`dtype`.
 
     Example:
         >>> import keras, numpy as np, keras_localrank as klr

@@ -361,7 +361,8 @@ def resolve_wrt(model, wrt) -> Wrt:
         A `Wrt`.
 
     Raises:
-        TypeError: `wrt` is not None, an int or a string.
+        TypeError: `wrt` is not None, an int or a string; or it is None and
+            the model has no float input.
         ValueError: an ambiguous default, an unknown name or index, or a
             tensor that cannot be differentiated (non-float, undefined shape,
             several outputs).
@@ -376,7 +377,7 @@ def resolve_wrt(model, wrt) -> Wrt:
             index = floats[0]
         elif not floats:
             hint = _intermediate_hint(model)
-            raise ValueError(
+            raise TypeError(
                 f"Model {model.name!r} has no float input (inputs {described}); "
                 "local rank needs derivatives, so pass `wrt` naming a layer whose "
                 f"output is differentiated{hint}."

@@ -317,8 +317,9 @@ def select_taps(
     Raises:
         ValueError: unknown layer names, a bad `wrt`, a model with no
             measurable layer.
-        TypeError: a `layers` entry that is neither a string nor a layer, or
-            a `wrt` of the wrong type.
+        TypeError: a `layers` entry that is neither a string nor a layer, a
+            `wrt` of the wrong type, or no `wrt` for a model without a float
+            input.
     """
     functional_graph(model)
     resolved = resolve_wrt(model, wrt)

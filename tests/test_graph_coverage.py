@@ -249,7 +249,7 @@ def test_embedding_model_measured_with_respect_to_the_embedding(mode):
 def test_integer_input_error_advice_works():
     model = text_model()
     tokens = np.random.default_rng(0).integers(0, 30, size=(3, 7))
-    with pytest.raises(ValueError, match="wrt='embedding'") as info:
+    with pytest.raises(TypeError, match="wrt='embedding'") as info:
         klr.local_rank(model, tokens)
     advice = str(info.value).split("e.g. ")[1].rstrip(".")
     assert advice == "wrt='embedding'"
