@@ -404,3 +404,38 @@ def test_cli_two_input_model_clear_error_and_text_model_with_wrt(tmp_path):
         frame = run(Config(model=text, data=data, samples=4, wrt="embedding"),
                     echo=lambda s: None)
     assert list(frame["layer"]) == ["conv", "head"]
+
+
+# -- convolution family, traversed layers --------------------------------------------
+
+
+def test_depthwise_separable_transpose_with_bn_residual_pooling_padding():
+    keras.utils.set_random_seed(9)
+    x_in = keras.Input((4, 4, 2))
+    a = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(x_in)
+    a = keras.layers.BatchNormalization(name="bn")(a)
+    b = keras.layers.Add()([x_in, a])
+    c = keras.layers.SeparableConv2D(3, 3, padding="same", activation="tanh", name="sep")(b)
+    d = keras.layers.Conv2DTranspose(2, 2, strides=2, activation="relu", name="tconv")(c)
+    e = keras.layers.AveragePooling2D(2)(keras.layers.ZeroPadding2D(1)(d))
+    out = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(e))
+    model = keras.Model(x_in, out)
+    randomize_batchnorm(model)
+    x = gaussian(5, 4, 4, 2)
+    result = measure(model, x)
+    dw = float64_layer(model.get_layer("dw"), (4, 4, 2))
+    bn = float64_layer(model.get_layer("bn"), (4, 4, 2))
+    sep = float64_layer(model.get_layer("sep"), (4, 4, 2))
+    tconv = float64_layer(model.get_layer("tconv"), (4, 4, 3))
+    head = float64_layer(model.get_layer("head"), (50,))
+
+    def forward(x):
+        p_dw = dw(x)
+        p_sep = sep(x + bn(tf.nn.relu(p_dw), training=False))
+        p_t = tconv(tf.tanh(p_sep))
+        h = tf.pad(tf.nn.relu(p_t), [[0, 0], [1, 1], [1, 1], [0, 0]])
+        h = tf.nn.avg_pool2d(h, 2, 2, "VALID")
+        return {"dw": p_dw, "sep": p_sep, "tconv": p_t, "head": head(tf.reshape(h, [-1, 50]))}
+
+    assert_ranks(result, function_jacobians(forward, x))
+    assert result.skipped == {}
