@@ -120,6 +120,10 @@ class Tap:
     call: LayerCall | None = None
     wrt: Wrt | None = None
 
+    def __post_init__(self):
+        if not self.name:  # a hand-built tap: the layer's name
+            object.__setattr__(self, "name", self.layer.name)
+
     @property
     def class_name(self) -> str:
         return type(self.layer).__name__
