@@ -40,6 +40,9 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("dtype", None, ["float32", "float64"], "Precision of the Jacobians.")
 flags.DEFINE_integer("batch_size", None, "Samples per chunk (default: automatic).")
 flags.DEFINE_bool("jit_compile", False, "Run the measurement under XLA.")
+flags.DEFINE_string(
+    "wrt", None, "Layer whose output is differentiated (e.g. embedding for a text model)."
+)
 
 
 def main(argv):
@@ -55,6 +58,7 @@ def main(argv):
                 layers=FLAGS.layers, output=FLAGS.output, epochs=FLAGS.epochs,
                 seed=FLAGS.seed, method=FLAGS.method, dtype=FLAGS.dtype,
                 batch_size=FLAGS.batch_size, jit_compile=FLAGS.jit_compile,
+                wrt=FLAGS.wrt,
             )
         )
     except (ValueError, TypeError, OSError, ImportError) as e:

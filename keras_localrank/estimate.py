@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
-from keras_localrank.inputs import as_samples, check_positive_int
+from keras_localrank.graph import cast_model, functional_graph
+from keras_localrank.inputs import as_model_samples, as_samples, check_positive_int
 from keras_localrank.jacobians import choose_mode, preactivation_jacobians
 from keras_localrank.result import LayerInfo, LocalRankResult
 from keras_localrank.spectra import (
@@ -30,7 +31,7 @@ from keras_localrank.spectra import (
     singular_values,
     stable_rank,
 )
-from keras_localrank.taps import model_graph, select_taps, tap_inputs_model
+from keras_localrank.taps import select_taps, tap_inputs_model
 
 __all__ = ["LocalRankEstimator", "local_rank"]
 
@@ -42,15 +43,7 @@ _MAX_AUTO_BATCH = 128
 
 def _cast_model(model, dtype: str):
     """A copy of `model` computing in `dtype` (for float64 autodiff Jacobians)."""
-    graph = model_graph(model)
-    new_input = keras.Input(batch_shape=graph.inputs[0].shape, dtype=dtype)
-
-    def clone(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
-
-    copy = keras.models.clone_model(model, input_tensors=new_input, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
+    return cast_model(model, dtype)
 
 
 def _replicas(model):
@@ -64,8 +57,9 @@ class LocalRankEstimator:
     """Measures local rank of chosen layers of a model, many times.
 
     Args:
-        model: a built functional or Sequential `keras.Model` with one float
-            input. Models built under a `tf.distribute` strategy are measured
+        model: a built functional or Sequential `keras.Model` (nested models,
+            shared layers and several inputs are supported, see `wrt` and
+            docs/graph_coverage.md). Models built under a `tf.distribute` strategy are measured
             with the chunk split over the strategy's replicas.
         layers: names or layer objects to measure. Default None: all
             measurable layers (`Dense`, `EinsumDense`, convolutions,
@@ -83,6 +77,10 @@ class LocalRankEstimator:
         jit_compile: compile the measurement with XLA. Default False.
         input_shape: per-sample input shape, only for models whose input has
             undefined dimensions.
+        wrt: the tensor to differentiate: None (the only float model input),
+            a model input's index or name (other inputs are held at their
+            sample values), or the name of a layer call whose output is used
+            (`"embedding"` for a text model). See `taps.select_taps`.
 
     Raises:
         TypeError, ValueError: see `local_rank`.
@@ -99,6 +97,7 @@ class LocalRankEstimator:
         method: str = "auto",
         jit_compile: bool = False,
         input_shape: Sequence[int] | None = None,
+        wrt: int | str | None = None,
     ):
         if method not in _METHODS:
             raise ValueError(f"Expected `method` in {_METHODS}. Received: method={method!r}")
@@ -110,15 +109,10 @@ class LocalRankEstimator:
                 f"Expected `tolerances` to be Tolerance objects. Received: {tolerances!r}"
             )
         self.model = model
-        self.selection = select_taps(model, layers, input_shape=input_shape)
+        self.selection = select_taps(model, layers, input_shape=input_shape, wrt=wrt)
         self.taps = self.selection.taps
-        graph = model_graph(model)
-        input_dtype = graph.inputs[0].dtype
-        if not str(input_dtype).startswith("float"):
-            raise TypeError(
-                "Expected a model with a float input. Received: model input dtype "
-                f"{input_dtype}; local rank needs derivatives with respect to the input."
-            )
+        self.wrt = self.selection.wrt
+        input_dtype = self.wrt.dtype
         if dtype is None:
             dtype = "float64" if input_dtype == "float64" else "float32"
         if dtype not in ("float32", "float64"):
@@ -132,7 +126,7 @@ class LocalRankEstimator:
         # SVD on CPU; XLA keeps the float32 SVD (float64 is not on TPUs).
         self._via_gram = not self.jit_compile
 
-        if method in ("auto", "analytic"):
+        if method in ("auto", "analytic") and self.selection.single_input:
             self._forest = find_dense_forest(model, self.taps)
         else:
             self._forest = {}
@@ -156,7 +150,10 @@ class LocalRankEstimator:
                 else _cast_model(model, dtype)
             )
             work_taps = select_taps(
-                self._work_model, [t.name for t in general], input_shape=input_shape
+                self._work_model,
+                [t.name for t in general],
+                input_shape=input_shape,
+                wrt=self.wrt.input_index if self.wrt.is_input else self.wrt.name,
             ).taps
             self._general_taps = work_taps
             self._inputs_model = tap_inputs_model(self._work_model, work_taps)
@@ -206,6 +203,9 @@ class LocalRankEstimator:
     # -- the traced measurement ------------------------------------------------
 
     def _chunk(self, x):
+        held = ()
+        if isinstance(x, (list, tuple)):  # [wrt tensor, *held model inputs]
+            x, *held = x
         x = tf.cast(x, self.dtype)
         batch = tf.shape(x)[0]
         n0 = self.selection.input_dim
@@ -222,7 +222,7 @@ class LocalRankEstimator:
             )
         if self._general:
             jacobians = preactivation_jacobians(
-                self._inputs_model, self._general_taps, x, mode=self._mode
+                self._inputs_model, self._general_taps, x, mode=self._mode, held=held
             )
             for tap, jac in zip(self._general_taps, jacobians):
                 spectra[tap.name] = singular_values(jac, via_gram=self._via_gram)
@@ -236,10 +236,14 @@ class LocalRankEstimator:
             out[tap.name] = (tf.stack(ranks), effective_rank(s), stable_rank(s))
         return out
 
-    def _run(self, chunk: np.ndarray):
+    def _run(self, chunk):
         if self._strategy is None:
+            if isinstance(chunk, list):
+                return self._fn([tf.constant(c) for c in chunk])
             return self._fn(tf.constant(chunk))
         n = self._strategy.num_replicas_in_sync
+        if isinstance(chunk, list):
+            raise ValueError("Models with held inputs are not measured under a strategy.")
         parts = np.split(chunk, n)
         values = self._strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])
@@ -278,8 +282,16 @@ class LocalRankEstimator:
         """
         return self.measure(self.check_samples(x, max_samples=max_samples), verbose=verbose)
 
-    def check_samples(self, x, *, max_samples: int | None = None) -> np.ndarray:
-        """Validate `x` once (see `inputs.as_samples`) for repeated `measure` calls."""
+    def check_samples(self, x, *, max_samples: int | None = None):
+        """Validate `x` once (see `inputs.as_samples`) for repeated `measure` calls.
+
+        Returns an array, or `[wrt values, *held inputs]` when the model has
+        several inputs or `wrt` is an intermediate tensor.
+        """
+        if not self.selection.single_input:
+            return as_model_samples(
+                x, self.model, self.wrt, max_samples=max_samples, dtype=self.dtype
+            )
         samples = as_samples(x, input_shape=self.selection.input_shape, max_samples=max_samples)
         return samples.astype(self.dtype, copy=False)
 
@@ -287,7 +299,7 @@ class LocalRankEstimator:
         """Measure on samples already checked by `check_samples`."""
         if self._work_model is not None and self._work_model is not self.model:
             self._work_model.set_weights(self.model.get_weights())
-        n = len(samples)
+        n = len(samples[0]) if isinstance(samples, list) else len(samples)
         size = min(self.batch_size, n)
         if self._strategy is not None:
             r = self._strategy.num_replicas_in_sync
@@ -296,10 +308,8 @@ class LocalRankEstimator:
         bar = keras.utils.Progbar(chunks, unit_name="chunk") if verbose else None
         collected = {t.name: ([], [], []) for t in self.taps}
         for i in range(chunks):
-            chunk = samples[i * size : (i + 1) * size]
-            valid = len(chunk)
-            if valid < size:  # pad to one shape: one trace, and XLA-friendly
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - valid, axis=0)])
+            chunk = _take(samples, i * size, (i + 1) * size, size)
+            valid = min(size, n - i * size)
             out = self._run(chunk)
             for name, (ranks, eff, stab) in out.items():
                 collected[name][0].append(ranks.numpy()[:, :valid])
@@ -339,12 +349,14 @@ def local_rank(
     jit_compile: bool = False,
     max_samples: int | None = None,
     verbose: int = 0,
+    wrt: int | str | None = None,
 ) -> LocalRankResult:
     """Local rank `E_x[rank(J_l(x))]` of each layer's pre-activation Jacobian.
 
     Args:
-        model: a built functional or Sequential `keras.Model` with one float input.
-        x: `[N, *input_shape]` samples: NumPy array, tensor or `tf.data.Dataset`.
+        model: a built functional or Sequential `keras.Model`.
+        x: `[N, *input_shape]` samples: NumPy array, tensor or `tf.data.Dataset`;
+            a list or dict of arrays (one per model input) with held inputs.
         layers: names or layers to measure. Default None: all measurable layers.
         atol: absolute singular-value threshold (the paper's robust rank
             `rank_eps` with `atol=eps`). Default None.
@@ -357,6 +369,10 @@ def local_rank(
         jit_compile: run the measurement under XLA. Default False.
         max_samples: use at most this many samples. Default None: all.
         verbose: 1 shows a progress bar. Default 0.
+        wrt: the tensor to differentiate: None (the only float model input),
+            a model input's index or name, or the name of a layer call whose
+            output is used (`"embedding"`). With several inputs, pass `x` as
+            a list (model input order) or a dict (input names) of arrays.
 
     Returns:
         A `LocalRankResult`.
@@ -365,8 +381,8 @@ def local_rank(
         TypeError: `model` is not a Keras model; non-float `x` or model input;
             bad `layers` entries; non-numeric `atol`/`rtol`.
         ValueError: NaN/Inf, empty or wrongly shaped `x`; an unbuilt model; a
-            model with several inputs; unknown layer names; no measurable
-            layer; negative `atol`/`rtol`; bad `method`/`batch_size`/`dtype`.
+            bad or (with several float inputs) missing `wrt`; unknown layer
+            names; no measurable layer; negative `atol`/`rtol`; bad `method`/`batch_size`/`dtype`.
 
     Example:
         >>> import keras, numpy as np, keras_localrank as klr
@@ -385,14 +401,27 @@ def local_rank(
         method=method,
         jit_compile=jit_compile,
         input_shape=_input_shape_hint(model, x),
+        wrt=wrt,
     )
     return estimator(x, verbose=verbose, max_samples=max_samples)[0]
 
 
 def _input_shape_hint(model, x):
     """Per-sample shape from `x` for models whose input has None dimensions."""
-    graph = model_graph(model)
-    if all(d is not None for d in graph.inputs[0].shape[1:]):
+    graph = functional_graph(model)
+    if len(graph.inputs) != 1 or all(d is not None for d in graph.inputs[0].shape[1:]):
         return None
     shape = getattr(x, "shape", None)
     return tuple(shape[1:]) if shape is not None and len(shape) > 1 else None
+
+
+def _take(samples, start: int, stop: int, size: int):
+    """Rows `start:stop` of an array or of each array of a list, padded to
+    `size` rows by repeating the first (one shape: one trace, XLA-friendly)."""
+    def one(a):
+        part = a[start:stop]
+        if len(part) < size:
+            part = np.concatenate([part, np.repeat(part[:1], size - len(part), axis=0)])
+        return part
+
+    return [one(a) for a in samples] if isinstance(samples, list) else one(samples)

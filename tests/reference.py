@@ -140,3 +140,86 @@ def numpy_ranks(jacobians: np.ndarray, *, atol=None, rtol=None, eps_dtype=np.flo
     s = np.linalg.svd(jacobians, compute_uv=False)
     tol = np.maximum(atol, (rtol or 0.0) * s.max(axis=1))
     return (s > tol[:, None]).sum(axis=1)
+
+
+# -- general graphs: a float64 forward pass written by hand --------------------
+#
+# For models that are not Sequential chains (nested models, shared layers,
+# several inputs, embeddings, attention), a test writes the forward pass by
+# hand with float64 copies of the model's layers (`float64_layer`) and plain
+# TensorFlow ops (`attention_projections` spells out multi-head attention),
+# returning every pre-activation; `function_jacobians` differentiates it in
+# float64. The package's graph reading and capture are not involved.
+
+
+def float64_layer(layer, *input_shapes, linear: bool = True):
+    """A float64 copy of `layer` with the same weights.
+
+    Args:
+        layer: a built Keras layer.
+        *input_shapes: per-sample input shape(s) to build the copy on.
+        linear: replace the activation by the identity (the copy then
+            returns the pre-activation). Default True.
+    """
+    import tensorflow as tf  # noqa: F401  (float64 kernels)
+
+    config = {**layer.get_config(), "dtype": "float64"}
+    if linear and "activation" in config:
+        config["activation"] = "linear"
+    copy = layer.__class__.from_config(config)
+    copy.build(*[(None, *s) for s in input_shapes])
+    copy.set_weights([np.asarray(w, np.float64) for w in layer.get_weights()])
+    return copy
+
+
+def activation_fn(layer):
+    """The layer's own activation (a Keras function on tensors)."""
+    return getattr(layer, "activation", None) or keras.activations.linear
+
+
+def attention_projections(mha, query, value, key=None):
+    """Multi-head attention spelled out in float64 TensorFlow ops.
+
+    Args:
+        mha: a built `keras.layers.MultiHeadAttention` (no masks, no gate,
+            dropout 0).
+        query, value, key: `[N, T, d]` float64 tensors (key defaults to value).
+
+    Returns:
+        `{"query", "key", "value", "attention_output": pre-activations}`;
+        the last is also the layer's output.
+    """
+    import tensorflow as tf
+
+    key = value if key is None else key
+    q_dense = float64_layer(mha._query_dense, tuple(query.shape[1:]))
+    k_dense = float64_layer(mha._key_dense, tuple(key.shape[1:]))
+    v_dense = float64_layer(mha._value_dense, tuple(value.shape[1:]))
+    q, k, v = q_dense(query), k_dense(key), v_dense(value)  # [N, T, heads, dim]
+    scores = tf.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(float(q.shape[-1]))
+    weights = tf.nn.softmax(scores, axis=-1)
+    attended = tf.einsum("nhqk,nkhd->nqhd", weights, v)
+    o_dense = float64_layer(mha._output_dense, tuple(attended.shape[1:]))
+    return {"query": q, "key": k, "value": v, "attention_output": o_dense(attended)}
+
+
+def function_jacobians(fn, x) -> dict[str, np.ndarray]:
+    """`{name: [N, n_l, n0]}` float64 Jacobians of a hand-written forward pass.
+
+    Args:
+        fn: maps a float64 `[N, *shape]` tensor to `{name: [N, ...]}`
+            pre-activations.
+        x: `[N, *shape]` values of the differentiated tensor.
+    """
+    import tensorflow as tf
+
+    x = tf.constant(np.asarray(x, np.float64))
+    n, n0 = int(x.shape[0]), math.prod(x.shape[1:])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        outs = {name: tf.reshape(p, [n, -1]) for name, p in fn(x).items()}
+    jacobians = {
+        name: tape.batch_jacobian(p, x).numpy().reshape(n, -1, n0) for name, p in outs.items()
+    }
+    del tape
+    return jacobians
