@@ -23,7 +23,7 @@ import tensorflow as tf
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
 from keras_localrank.factor import find_linear_root, row_space_basis
 from keras_localrank.inputs import as_samples, check_positive_int
-from keras_localrank.jacobians import choose_mode, preactivations
+from keras_localrank.jacobians import preactivations
 from keras_localrank.matfree import forward_spectra, jvp, reverse_spectra, vjp
 from keras_localrank.memory import (
     ACTIVATION_FACTOR,
@@ -186,6 +186,8 @@ class LocalRankEstimator:
             values `s` (`[B, k]`, zero-padded, float) to a per-sample `[B]`
             tensor; results carry them per layer (`result.stats[name]`). NaN
             on layers measured by the randomized method. Default None.
+        directions_per_pass: at most this many directions in flight per pass
+            (below what the budget allows). Default None: set by the budget.
 
     Raises:
         TypeError, ValueError: see `local_rank`.
@@ -208,6 +210,7 @@ class LocalRankEstimator:
         sketch_block: int = 8,
         power_iterations: int = 1,
         spectral_stats: Mapping[str, Callable[[tf.Tensor], tf.Tensor]] | None = None,
+        directions_per_pass: int | None = None,
     ):
         check_choice("method", method, _METHODS)
         if batch_size is not None:
@@ -220,6 +223,11 @@ class LocalRankEstimator:
         self.sketch_block = check_positive_int("sketch_block", sketch_block)
         self.power_iterations = check_int("power_iterations", power_iterations, minimum=0)
         self.spectral_stats = _check_spectral_stats(spectral_stats)
+        self._max_in_flight = (
+            None
+            if directions_per_pass is None
+            else check_positive_int("directions_per_pass", directions_per_pass)
+        )
         tolerances = tuple(tolerances)
         if not tolerances or not all(isinstance(t, Tolerance) for t in tolerances):
             raise TypeError(
@@ -287,8 +295,13 @@ class LocalRankEstimator:
             n = self._strategy.num_replicas_in_sync
             self.batch_size = max(n, self.batch_size - self.batch_size % n)
         self._in_flight = in_flight
+        def chunk(x, basis=None):
+            return self._chunk(x, basis)
+
+        # A closure per estimator: TensorFlow pools the retracing statistics
+        # of all instances of a method, which warns once many estimators exist.
         self._fn = tf.function(
-            self._chunk,
+            chunk,
             jit_compile=self.jit_compile,
             autograph=False,
             reduce_retracing=True,
@@ -310,10 +323,14 @@ class LocalRankEstimator:
 
         root = find_linear_root(self._work_model, work_taps)
         if root is not None:
-            kernel_bytes = root.tap.units * n0 * (itemsize + 8) * 2
-            root_in_flight = root.tap.units * per_replica
-            if kernel_bytes + root_in_flight > budget // 2:
+            # K_1 rows, their float64 QR and the basis are built once per call
+            # (n1 replicas of the first layers in flight); the basis is then
+            # held while chunks run.
+            once = root.tap.units * (n0 * (2 * itemsize + 16) + per_replica)
+            if once > budget // 2:
                 root = None
+            else:
+                budget -= root.tap.units * n0 * itemsize
         self._root = root
 
         def directions(tap):
@@ -334,22 +351,30 @@ class LocalRankEstimator:
                 "layers (LSTM/GRU/RNN) do not support; use method='exact'."
             )
 
+        def storage(tap, mode):
+            k = directions(tap)
+            along = tap.units <= k if mode == "forward" else k <= tap.units
+            accumulate = self._use_gram and along
+            return exact_storage_bytes(tap.units, k, itemsize, accumulate=accumulate)
+
+        if forced_mode:
+            modes = [forced_mode]
+        else:
+            modes = ["reverse"] if recurrent else ["forward", "reverse"]
         exact, random = [], []
         for tap in work_taps:
             k = directions(tap)
-            storage = exact_storage_bytes(
-                tap.units, k, itemsize, accumulate=self._use_gram and tap.units <= k
-            )
-            fits = storage + per_replica <= budget
+            need = min(storage(tap, m) for m in modes) + per_replica
+            fits = need <= budget
             if method == "randomized" or (method == "auto" and not fits and not recurrent):
                 random.append(tap)
             else:
                 if not fits:
                     raise ValueError(
                         f"Exact measurement of layer {tap.name!r} needs about "
-                        f"{(storage + per_replica) / 2**20:.0f} MiB per sample "
+                        f"{need / 2**20:.1f} MiB per sample "
                         f"(n_l={tap.units}, k={k}), more than memory_budget="
-                        f"{budget}. Pass a larger `memory_budget`, or "
+                        f"{self.memory_budget}. Pass a larger `memory_budget`, or "
                         "`method='randomized'` with an `atol`."
                     )
                 exact.append(tap)
@@ -365,22 +390,22 @@ class LocalRankEstimator:
 
         mode = forced_mode
         if mode is None and exact:
-            mode = "reverse" if recurrent else choose_mode(exact)
-            if not recurrent and root is not None:
+            if recurrent:
+                mode = "reverse"
+            else:  # the faster mode, unless only the other fits the budget
                 k = max(directions(t) for t in exact)
                 mode = "forward" if k < sum(t.units for t in exact) else "reverse"
+                other = "reverse" if mode == "forward" else "forward"
+
+                def total(m):
+                    return sum(storage(t, m) for t in exact) + per_replica
+
+                if total(mode) > budget >= total(other):
+                    mode = other
         self._mode = mode
 
         # Samples per chunk and directions in flight within the budget.
-        per_sample = sum(
-            exact_storage_bytes(
-                t.units, directions(t), itemsize,
-                accumulate=self._use_gram and (
-                    t.units <= directions(t) if mode == "forward" else directions(t) <= t.units
-                ),
-            )
-            for t in exact
-        )
+        per_sample = sum(storage(t, mode) for t in exact)
         for t in random:
             k = directions(t)
             sketch = 16 * (t.units + k) * min(t.units, k, 4 * self.sketch_block)
@@ -401,15 +426,17 @@ class LocalRankEstimator:
         )
         if sizes is None:
             raise ValueError(
-                f"memory_budget={budget} is too small for one sample of model "
+                f"memory_budget={self.memory_budget} is too small for one sample of model "
                 f"{self.model.name!r} with batch_size={batch_size} (about "
                 f"{(per_sample + per_replica) / 2**20:.1f} MiB per sample); pass a "
                 "larger `memory_budget` or a smaller `batch_size`."
             )
-        self._general_batch, in_flight = sizes
-        in_flight = min(in_flight, widest)
+        self._general_batch, affordable = sizes
+        in_flight = min(affordable, widest, self._max_in_flight or widest)
         if random:
-            self.sketch_block = max(1, min(self.sketch_block, in_flight))
+            self.sketch_block = max(
+                1, min(self.sketch_block, affordable, self._max_in_flight or affordable)
+            )
 
         self._exact_taps = exact
         self._random_taps = random
