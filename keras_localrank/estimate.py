@@ -658,24 +658,40 @@ class LocalRankEstimator:
 
     def _make_operators(self, tap):
         model = self._tap_inputs[tap.name]
+        reduced = self._root is not None and tap.name in self._root.covered
+        k = self._directions[tap.name]
+        n0 = self.selection.input_dim
+        x_spec = tf.TensorSpec([None, *self.selection.input_shape], self.dtype)
 
         def fn(z):
             return preactivations(model, [tap], z)
 
         def matvec(x, v, basis):
-            if basis is not None:
-                v = tf.linalg.matmul(tf.cast(v, x.dtype), basis)
+            if reduced:
+                v = tf.linalg.matmul(v, basis)
             return jvp(fn, x, v)[0]
 
         def rmatvec(x, u, basis):
             g = vjp(fn, x, u)
-            if basis is not None:
+            if reduced:
                 g = tf.linalg.matmul(g, basis, transpose_b=True)
             return g
 
+        # Fixed signatures: the sketch calls these with several widths.
+        basis_spec = tf.TensorSpec([k, n0] if reduced else [0], self.dtype)
         return (
-            tf.function(matvec, autograph=False, reduce_retracing=True),
-            tf.function(rmatvec, autograph=False, reduce_retracing=True),
+            tf.function(
+                matvec,
+                autograph=False,
+                input_signature=[x_spec, tf.TensorSpec([None, None, k], self.dtype), basis_spec],
+            ),
+            tf.function(
+                rmatvec,
+                autograph=False,
+                input_signature=[
+                    x_spec, tf.TensorSpec([None, None, tap.units], self.dtype), basis_spec
+                ],
+            ),
         )
 
     def _randomized(self, x, basis, chunk_index: int) -> dict:
@@ -686,7 +702,7 @@ class LocalRankEstimator:
         for index, tap in enumerate(self._random_taps):
             matvec, rmatvec = self._operators[tap.name]
             reduced = self._root is not None and tap.name in self._root.covered
-            b = basis if reduced else None
+            b = basis if reduced else tf.zeros([0], self.dtype)
             k = self._directions[tap.name]
             room = self.memory_budget - batch * self.sketch_block * self._per_replica_bytes
             max_size = max(self.sketch_block, room // max(1, batch * 16 * (tap.units + k)))
