@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
-from keras_localrank.factor import find_linear_root, row_space_basis
+from keras_localrank.factor import find_linear_root, is_constant_tap, row_space_basis
 from keras_localrank.inputs import as_samples, check_positive_int
 from keras_localrank.jacobians import preactivations
 from keras_localrank.matfree import forward_spectra, jvp, reverse_spectra, vjp
@@ -271,6 +271,7 @@ class LocalRankEstimator:
         self._work_model = None
         self._exact_taps: list = []
         self._random_taps: list = []
+        self._constant_taps: list = []
         self._root = None
         self._mode = None
         in_flight = 0
@@ -295,8 +296,8 @@ class LocalRankEstimator:
             n = self._strategy.num_replicas_in_sync
             self.batch_size = max(n, self.batch_size - self.batch_size % n)
         self._in_flight = in_flight
-        def chunk(x, basis=None):
-            return self._chunk(x, basis)
+        def chunk(x, basis=None, constants=None):
+            return self._chunk(x, basis, constants)
 
         # A closure per estimator: TensorFlow pools the retracing statistics
         # of all instances of a method, which warns once many estimators exist.
@@ -307,6 +308,11 @@ class LocalRankEstimator:
             reduce_retracing=True,
         )
         self._basis_fn = tf.function(self._basis, autograph=False) if self._root else None
+        self._constant_fn = (
+            tf.function(self._constant_spectra, autograph=False)
+            if self._general and self._constant_taps
+            else None
+        )
 
     # -- construction helpers -------------------------------------------------
 
@@ -440,6 +446,9 @@ class LocalRankEstimator:
 
         self._exact_taps = exact
         self._random_taps = random
+        # Taps affine in the input have one Jacobian for all samples:
+        # measured once per call, on one sample.
+        self._constant_taps = [t for t in exact if is_constant_tap(self._work_model, t)]
         self._directions = {t.name: directions(t) for t in work_taps}
         for t in exact:
             self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
@@ -452,12 +461,12 @@ class LocalRankEstimator:
         self._tap_inputs = {
             t.name: tap_inputs_model(self._work_model, [t])
             for t in work_taps
-            if mode == "reverse" or t in random or (root is not None and t is root.tap)
+            if mode == "reverse" or t in random or t in self._constant_taps
         }
         self._work_taps = {t.name: t for t in work_taps}
         self._forward_groups = []
         if mode == "forward":
-            rest = [t for t in exact if root is None or t is not root.tap]
+            rest = [t for t in exact if t not in self._constant_taps]
             for reduced in (False, True):
                 group = [
                     t for t in rest
@@ -582,7 +591,7 @@ class LocalRankEstimator:
             *stats,
         )
 
-    def _chunk(self, x, basis=None):
+    def _chunk(self, x, basis=None, constants=None):
         x = tf.cast(x, self.dtype)
         batch = tf.shape(x)[0]
         n0 = self.selection.input_dim
@@ -598,31 +607,53 @@ class LocalRankEstimator:
                 )
             )
         if self._exact_taps:
-            spectra.update(self._exact_spectra(x, basis))
+            if constants is None:
+                constants = self._constant_spectra(x[:1], basis)
+            spectra.update(self._exact_spectra(x, basis, constants))
         out = {}
         for tap in self.taps:
             if tap.name in spectra:
                 out[tap.name] = self._summaries(spectra[tap.name], tap)
         return out
 
-    def _exact_spectra(self, x, basis):
+    def _constant_spectra(self, x1, basis):
+        """`{name: [1, k]}` singular values of the constant taps at one sample."""
+        root = self._root
+        block = max(1, self._in_flight * self.batch_size)
+        out = {}
+        for tap in self._constant_taps:
+            model = self._tap_inputs[tap.name]
+            reduced = root is not None and tap.name in root.covered
+
+            def fn(z, m=model, t=tap):
+                return preactivations(m, [t], z)
+
+            b = basis if reduced else None
+            k = self._directions[tap.name]
+            if self._mode == "forward":
+                s = forward_spectra(
+                    fn, x1, b, [tap.units], block=min(block, k), use_gram=self._use_gram
+                )[0]
+            else:
+                s = reverse_spectra(
+                    fn, x1, b, tap.units, block=min(block, tap.units), use_gram=self._use_gram
+                )
+            out[tap.name] = s
+        return out
+
+    def _exact_spectra(self, x, basis, constants):
         n0 = self.selection.input_dim
         root = self._root
         block = self._in_flight
         spectra = {}
-        taps = list(self._exact_taps)
+        batch = tf.shape(x)[0]
+        for name, s in constants.items():
+            spectra[name] = tf.broadcast_to(s, tf.stack([batch, tf.shape(s)[1]]))
+        taps = [t for t in self._exact_taps if t not in self._constant_taps]
 
         def tap_basis(tap):
             return basis if root is not None and tap.name in root.covered else None
 
-        if root is not None and root.tap in taps:
-            # J_1 = K_1 is constant: measured once, on the first sample.
-            s = forward_spectra(
-                self._root_fn(), x[:1], basis, [root.tap.units],
-                block=block, use_gram=self._use_gram,
-            )[0]
-            spectra[root.tap.name] = tf.broadcast_to(s, tf.stack([tf.shape(x)[0], tf.shape(s)[1]]))
-            taps.remove(root.tap)
         if not taps:
             return spectra
         if self._mode == "forward":
@@ -741,15 +772,15 @@ class LocalRankEstimator:
             )
         return out
 
-    def _run(self, chunk: np.ndarray, basis=None):
+    def _run(self, chunk: np.ndarray, basis=None, constants=None):
         if self._strategy is None:
-            return self._fn(tf.constant(chunk), basis)
+            return self._fn(tf.constant(chunk), basis, constants)
         n = self._strategy.num_replicas_in_sync
         parts = np.split(chunk, n)
         values = self._strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])
         )
-        per_replica = self._strategy.run(self._fn, args=(values, basis))
+        per_replica = self._strategy.run(self._fn, args=(values, basis, constants))
         local = self._strategy.experimental_local_results(per_replica)
         return {
             name: tuple(
@@ -797,6 +828,11 @@ class LocalRankEstimator:
         if self._work_model is not None and self._work_model is not self.model:
             self._work_model.set_weights(self.model.get_weights())
         basis = self._basis_fn() if self._root is not None else None
+        constants = (
+            self._constant_fn(tf.constant(samples[:1]), basis)
+            if self._constant_fn is not None
+            else None
+        )
         n = len(samples)
         size = min(self.batch_size, n)
         if self._strategy is not None:
@@ -813,7 +849,7 @@ class LocalRankEstimator:
                 chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - valid, axis=0)])
             out = {}
             if self._forest or self._exact_taps:
-                for name, values in self._run(chunk, basis).items():
+                for name, values in self._run(chunk, basis, constants).items():
                     out[name] = tuple(np.asarray(v) for v in values)
             if self._random_taps:
                 out.update(self._randomized(chunk, basis, i))

@@ -23,7 +23,13 @@ import tensorflow as tf
 
 from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap, model_graph
 
-__all__ = ["LinearRoot", "AFFINE_LAYERS", "find_linear_root", "row_space_basis"]
+__all__ = [
+    "LinearRoot",
+    "AFFINE_LAYERS",
+    "find_linear_root",
+    "is_constant_tap",
+    "row_space_basis",
+]
 
 
 def _classes(*names):
@@ -97,6 +103,11 @@ def _through(tensor, gate, model_input, memo) -> bool:
     inputs = [t for t in node.input_tensors if hasattr(t, "_keras_history")]
     memo[key] = bool(inputs) and all(_through(t, gate, model_input, memo) for t in inputs)
     return memo[key]
+
+
+def is_constant_tap(model, tap: Tap) -> bool:
+    """True if the tap's pre-activation is affine in the input (constant `J`)."""
+    return _is_affine_in_input(tap.input, model_graph(model).inputs[0])
 
 
 def find_linear_root(model, taps: Sequence[Tap]) -> LinearRoot | None:
