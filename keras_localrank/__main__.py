@@ -34,7 +34,10 @@ flags.DEFINE_string("output", None, "Write the table to this .csv or .json file.
 flags.DEFINE_integer("epochs", 30, "Training epochs of the demo MLP.")
 flags.DEFINE_integer("seed", 0, "Seed of data, weights and training.")
 flags.DEFINE_enum(
-    "method", "auto", ["auto", "analytic", "autodiff", "autodiff-reverse", "autodiff-forward"],
+    "method",
+    "auto",
+    ["auto", "analytic", "exact", "randomized", "autodiff", "autodiff-reverse",
+     "autodiff-forward"],
     "Jacobian path.",
 )
 flags.DEFINE_enum("dtype", None, ["float32", "float64"], "Precision of the Jacobians.")

@@ -12,33 +12,65 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
-from keras_localrank.graph import cast_model, functional_graph
+from keras_localrank.factor import find_linear_root, is_constant_tap, row_space_basis
+from keras_localrank.graph import RECURRENT_LAYERS, CaptureModel, cast_model, functional_graph
 from keras_localrank.inputs import as_model_samples, as_samples, check_positive_int
-from keras_localrank.jacobians import choose_mode, preactivation_jacobians
+from keras_localrank.jacobians import preactivations
+from keras_localrank.matfree import forward_spectra, jvp, reverse_spectra, vjp
+from keras_localrank.memory import (
+    ACTIVATION_FACTOR,
+    DEFAULT_MEMORY_BUDGET,
+    activation_elements,
+    check_memory_budget,
+    exact_storage_bytes,
+    plan_sizes,
+)
+from keras_localrank.randomized import certified_sketch, robust_rank_interval
 from keras_localrank.result import LayerInfo, LocalRankResult
 from keras_localrank.spectra import (
     Tolerance,
     effective_rank,
     rank_from_singular_values,
-    singular_values,
     stable_rank,
+    tolerance_threshold,
 )
 from keras_localrank.taps import select_taps, tap_inputs_model
+from keras_localrank.validation import check_choice, check_fraction, check_int
 
 __all__ = ["LocalRankEstimator", "local_rank"]
 
-_METHODS = ("auto", "analytic", "autodiff", "autodiff-reverse", "autodiff-forward")
-#: Jacobian elements (all taps) held per chunk when `batch_size` is None.
+_METHODS = (
+    "auto",
+    "analytic",
+    "exact",
+    "randomized",
+    "autodiff",
+    "autodiff-reverse",
+    "autodiff-forward",
+)
+#: Jacobian elements (all taps) held per chunk by the analytic path when
+#: `batch_size` is None.
 _ELEMENT_BUDGET = 2**25
 _MAX_AUTO_BATCH = 128
+#: A singular value within this fraction of the threshold is "near" it.
+NEAR_THRESHOLD = 0.1
+#: The randomized path certifies a residual below this fraction of `atol`.
+RESIDUAL_FRACTION = 0.5
+#: Summary columns a `spectral_stats` name must not shadow.
+_RESERVED = frozenset(
+    "layer class units input_dim bound samples mean std stderr min max "
+    "effective_rank stable_rank atol rtol method mode dtype directions upper "
+    "failure_probability sketch_size margin near_threshold".split()
+)
 
 
 def _cast_model(model, dtype: str):
@@ -53,14 +85,99 @@ def _replicas(model):
     return strategy
 
 
+def _needs_reverse_mode(model, taps, inputs_model) -> bool:
+    """True when forward mode cannot be used: a recurrent layer lies between
+    the differentiated tensor and a tap, or a capture model (which runs the
+    whole model, recurrent layers included) is used with a recurrent model.
+    TensorFlow's forward mode does not pass through recurrent loops."""
+    if not all(t.forward_mode_ok for t in taps):
+        return True
+    if isinstance(inputs_model, CaptureModel):
+        return any(
+            isinstance(layer, RECURRENT_LAYERS)
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+        )
+    return False
+
+
+def _repeat_held(held, z):
+    """Held inputs repeated like the rows of `z`: `z` stacks `d` rows per
+    sample (sample `b`, direction `i` at row `b * d + i`, as in `matfree.jvp`
+    and `matfree.vjp`), so each held row is repeated `d` times."""
+    if not held:
+        return ()
+    reps = tf.shape(z)[0] // tf.shape(held[0])[0]
+    return [tf.repeat(h, reps, axis=0) for h in held]
+
+
+def _outputs_fn(inputs_model, taps, held=()):
+    """`z -> [p_l(z)]` with the held inputs repeated to `z`'s rows."""
+
+    def fn(z):
+        return preactivations(inputs_model, taps, z, _repeat_held(held, z))
+
+    return fn
+
+
+def _split(x):
+    """`(wrt values, held inputs)` of a chunk (an array/tensor or a list)."""
+    if isinstance(x, (list, tuple)):
+        return x[0], tuple(x[1:])
+    return x, ()
+
+
+def _check_spectral_stats(stats) -> dict:
+    if stats is None:
+        return {}
+    if not isinstance(stats, Mapping):
+        raise TypeError(
+            "Expected `spectral_stats` to be a mapping of names to callables. "
+            f"Received: spectral_stats={stats!r}"
+        )
+    for name, fn in stats.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"Expected `spectral_stats` keys to be non-empty strings. Received: {name!r}"
+            )
+        if name in _RESERVED:
+            raise ValueError(
+                f"Expected `spectral_stats` names other than the summary columns "
+                f"{sorted(_RESERVED)}. Received: {name!r}"
+            )
+        if not callable(fn):
+            raise TypeError(
+                f"Expected `spectral_stats[{name!r}]` to be callable. Received: {fn!r}"
+            )
+    return dict(stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is measured.
+
+    Attributes:
+        method: `"analytic"`, `"exact"` or `"randomized"`.
+        mode: `"forward"` / `"reverse"` products, or None (analytic).
+        directions: `k`, the input directions pushed through the network
+            (`n0`, or `n_1` when reduced through a constant first layer).
+        in_flight: directions per pass (the memory knob).
+    """
+
+    method: str
+    mode: str | None
+    directions: int
+    in_flight: int = 0
+
+
 class LocalRankEstimator:
     """Measures local rank of chosen layers of a model, many times.
 
     Args:
         model: a built functional or Sequential `keras.Model` (nested models,
             shared layers and several inputs are supported, see `wrt` and
-            docs/graph_coverage.md). Models built under a `tf.distribute` strategy are measured
-            with the chunk split over the strategy's replicas.
+            docs/graph_coverage.md). Models built under a `tf.distribute`
+            strategy are measured with the chunk split over the strategy's
+            replicas.
         layers: names or layer objects to measure. Default None: all
             measurable layers (`Dense`, `EinsumDense`, convolutions,
             `RankProbe`).
@@ -68,15 +185,36 @@ class LocalRankEstimator:
             singular values. Default: the exact (numpy) rule.
         dtype: `"float32"` or `"float64"`, the precision of the Jacobians.
             Default None: float64 if the model input is float64, else float32.
-        batch_size: samples per chunk. Default None: as many as keep all
-            Jacobians of a chunk under ~128 MiB (at most 128).
-        method: `"auto"` (default: the analytic path for Dense chains, autodiff
-            for the rest), `"analytic"` (error if a layer does not qualify),
-            `"autodiff"` (mode chosen by size), `"autodiff-reverse"`,
-            `"autodiff-forward"`.
+        batch_size: samples per chunk. Default None: as many as the memory
+            budget allows (at most 128).
+        method: `"auto"` (default: analytic for Dense chains, exact Gram where
+            it fits the memory budget, else randomized, per layer),
+            `"analytic"` (error if a layer does not qualify), `"exact"` (exact
+            everywhere but the analytic Dense chains; products' mode chosen by
+            size), `"randomized"` (certified estimate of the robust rank on
+            every layer; needs `atol`), and the older names `"autodiff"`,
+            `"autodiff-reverse"`, `"autodiff-forward"` (exact, everywhere, in
+            the given mode).
         jit_compile: compile the measurement with XLA. Default False.
         input_shape: per-sample input shape, only for models whose input has
             undefined dimensions.
+        memory_budget: bound, in bytes, on the memory one chunk may use
+            (replicated activations of matrix-free products plus Grams and
+            sketches). Default 2 GiB.
+        failure_probability: `delta` of the randomized estimate: the chance
+            that a certified interval misses the true robust rank of a
+            sample. Default 1e-3.
+        seed: seed of the randomized estimate (results are deterministic
+            given the seed and the chunking). Default 0.
+        sketch_block: basis vectors added per round by the randomized
+            estimate. Default 8.
+        power_iterations: power iterations per sketch block. Default 1.
+        spectral_stats: `{name: fn}`, each `fn` mapping per-sample singular
+            values `s` (`[B, k]`, zero-padded, float) to a per-sample `[B]`
+            tensor; results carry them per layer (`result.stats[name]`). NaN
+            on layers measured by the randomized method. Default None.
+        directions_per_pass: at most this many directions in flight per pass
+            (below what the budget allows). Default None: set by the budget.
         wrt: the tensor to differentiate: None (the only float model input),
             a model input's index or name (other inputs are held at their
             sample values), or the name of a layer call whose output is used
@@ -97,34 +235,52 @@ class LocalRankEstimator:
         method: str = "auto",
         jit_compile: bool = False,
         input_shape: Sequence[int] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        failure_probability: float = 1e-3,
+        seed: int = 0,
+        sketch_block: int = 8,
+        power_iterations: int = 1,
+        spectral_stats: Mapping[str, Callable[[tf.Tensor], tf.Tensor]] | None = None,
+        directions_per_pass: int | None = None,
         wrt: int | str | None = None,
     ):
-        if method not in _METHODS:
-            raise ValueError(f"Expected `method` in {_METHODS}. Received: method={method!r}")
+        check_choice("method", method, _METHODS)
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
+        self.memory_budget = check_memory_budget(memory_budget)
+        self.failure_probability = check_fraction(
+            "failure_probability", failure_probability, allow_one=False
+        )
+        self.seed = check_int("seed", seed, minimum=0)
+        self.sketch_block = check_positive_int("sketch_block", sketch_block)
+        self.power_iterations = check_int("power_iterations", power_iterations, minimum=0)
+        self.spectral_stats = _check_spectral_stats(spectral_stats)
+        self._max_in_flight = (
+            None
+            if directions_per_pass is None
+            else check_positive_int("directions_per_pass", directions_per_pass)
+        )
         tolerances = tuple(tolerances)
         if not tolerances or not all(isinstance(t, Tolerance) for t in tolerances):
             raise TypeError(
                 f"Expected `tolerances` to be Tolerance objects. Received: {tolerances!r}"
             )
         self.model = model
+        self.method = method
         self.selection = select_taps(model, layers, input_shape=input_shape, wrt=wrt)
         self.taps = self.selection.taps
         self.wrt = self.selection.wrt
         input_dtype = self.wrt.dtype
         if dtype is None:
             dtype = "float64" if input_dtype == "float64" else "float32"
-        if dtype not in ("float32", "float64"):
-            raise ValueError(
-                f"Expected `dtype` 'float32' or 'float64'. Received: dtype={dtype!r}"
-            )
+        check_choice("dtype", dtype, ("float32", "float64"))
         self.dtype = dtype
         self.tolerances = tolerances
         self.jit_compile = bool(jit_compile)
         # float64 Gram eigenvalues: faster and more accurate than a float32
         # SVD on CPU; XLA keeps the float32 SVD (float64 is not on TPUs).
         self._via_gram = not self.jit_compile
+        self._use_gram = self._via_gram and dtype == "float32"
 
         if method in ("auto", "analytic") and self.selection.single_input:
             self._forest = find_dense_forest(model, self.taps)
@@ -138,12 +294,15 @@ class LocalRankEstimator:
                 f"qualify: {[t.name for t in general]}."
             )
         self._general = general
-        self._mode = None
+        self._plans = {name: LayerPlan("analytic", None, 0) for name in self._forest}
         self._work_model = None
+        self._exact_taps: list = []
+        self._random_taps: list = []
+        self._constant_taps: list = []
+        self._root = None
+        self._mode = None
+        in_flight = 0
         if general:
-            self._mode = (
-                method.split("-", 1)[1] if method.startswith("autodiff-") else choose_mode(general)
-            )
             self._work_model = (
                 model
                 if all(t.layer.compute_dtype == dtype for t in general)
@@ -155,17 +314,202 @@ class LocalRankEstimator:
                 input_shape=input_shape,
                 wrt=self.wrt.input_index if self.wrt.is_input else self.wrt.name,
             ).taps
-            self._general_taps = work_taps
-            self._inputs_model = tap_inputs_model(self._work_model, work_taps)
-
+            in_flight = self._plan_general(work_taps, method, batch_size)
         self._strategy = _replicas(model)
-        self.batch_size = batch_size or self._auto_batch_size()
+        if self._general:
+            self.batch_size = self._general_batch
+        else:
+            self.batch_size = batch_size or self._auto_batch_size()
+        if self._forest and batch_size is None:
+            self.batch_size = min(self.batch_size, self._auto_batch_size())
         if self._strategy is not None:
             n = self._strategy.num_replicas_in_sync
             self.batch_size = max(n, self.batch_size - self.batch_size % n)
-        self._fn = tf.function(self._chunk, jit_compile=self.jit_compile, autograph=False)
+        self._in_flight = in_flight
+        def chunk(x, basis=None, constants=None):
+            return self._chunk(x, basis, constants)
+
+        # A closure per estimator: TensorFlow pools the retracing statistics
+        # of all instances of a method, which warns once many estimators exist.
+        self._fn = tf.function(
+            chunk,
+            jit_compile=self.jit_compile,
+            autograph=False,
+            reduce_retracing=True,
+        )
+        self._basis_fn = tf.function(self._basis, autograph=False) if self._root else None
+        self._constant_fn = (
+            tf.function(self._constant_spectra, autograph=False)
+            if self._general and self._constant_taps
+            else None
+        )
 
     # -- construction helpers -------------------------------------------------
+
+    def _plan_general(self, work_taps, method: str, batch_size: int | None) -> int:
+        """Choose exact/randomized and forward/reverse per layer, the reduction
+        through a constant first layer, samples per chunk and directions in
+        flight. Returns the directions in flight of the exact path."""
+        n0 = self.selection.input_dim
+        itemsize = 8 if self.dtype == "float64" else 4
+        budget = self.memory_budget
+        recurrent = _needs_reverse_mode(
+            self._work_model, work_taps, tap_inputs_model(self._work_model, work_taps)
+        )
+        per_replica = ACTIVATION_FACTOR * itemsize * activation_elements(self._work_model)
+        self._per_replica_bytes = per_replica
+
+        root = find_linear_root(self._work_model, work_taps)
+        if root is not None:
+            # K_1 rows, their float64 QR and the basis are built once per call
+            # (n1 replicas of the first layers in flight); the basis is then
+            # held while chunks run.
+            once = root.tap.units * (n0 * (2 * itemsize + 16) + per_replica)
+            if once > budget // 2:
+                root = None
+            else:
+                budget -= root.tap.units * n0 * itemsize
+        self._root = root
+
+        def directions(tap):
+            return root.tap.units if root is not None and tap.name in root.covered else n0
+
+        if method.startswith("autodiff-"):
+            forced_mode = method.split("-", 1)[1]
+        else:
+            forced_mode = None
+        if recurrent and forced_mode == "forward":
+            raise ValueError(
+                "method='autodiff-forward' cannot differentiate through recurrent "
+                "layers (LSTM/GRU/RNN) in forward mode; use method='autodiff-reverse'."
+            )
+        if recurrent and method == "randomized":
+            raise ValueError(
+                "method='randomized' needs forward-mode products, which recurrent "
+                "layers (LSTM/GRU/RNN) do not support; use method='exact'."
+            )
+
+        def storage(tap, mode):
+            k = directions(tap)
+            along = tap.units <= k if mode == "forward" else k <= tap.units
+            accumulate = self._use_gram and along
+            return exact_storage_bytes(tap.units, k, itemsize, accumulate=accumulate)
+
+        if forced_mode:
+            modes = [forced_mode]
+        else:
+            modes = ["reverse"] if recurrent else ["forward", "reverse"]
+        exact, random = [], []
+        for tap in work_taps:
+            k = directions(tap)
+            need = min(storage(tap, m) for m in modes) + per_replica
+            fits = need <= budget
+            if method == "randomized" or (method == "auto" and not fits and not recurrent):
+                random.append(tap)
+            else:
+                if not fits:
+                    raise ValueError(
+                        f"Exact measurement of layer {tap.name!r} needs about "
+                        f"{need / 2**20:.1f} MiB per sample "
+                        f"(n_l={tap.units}, k={k}), more than memory_budget="
+                        f"{self.memory_budget}. Pass a larger `memory_budget`, or "
+                        "`method='randomized'` with an `atol`."
+                    )
+                exact.append(tap)
+        if random:
+            bad = [t for t in self.tolerances if t.atol is None or t.atol <= 0 or t.rtol]
+            if bad:
+                raise ValueError(
+                    "The randomized estimate certifies robust ranks #{s_i > atol}: every "
+                    "tolerance needs atol > 0 and no rtol. Received: tolerances="
+                    f"{list(self.tolerances)} for layers {[t.name for t in random]} "
+                    "(pass `atol`, a larger `memory_budget`, or method='exact')."
+                )
+
+        mode = forced_mode
+        if mode is None and exact:
+            if recurrent:
+                mode = "reverse"
+            else:  # the faster mode, unless only the other fits the budget
+                k = max(directions(t) for t in exact)
+                mode = "forward" if k < sum(t.units for t in exact) else "reverse"
+                other = "reverse" if mode == "forward" else "forward"
+
+                def total(m):
+                    return sum(storage(t, m) for t in exact) + per_replica
+
+                if total(mode) > budget >= total(other):
+                    mode = other
+        self._mode = mode
+
+        # Samples per chunk and directions in flight within the budget.
+        per_sample = sum(storage(t, mode) for t in exact)
+        for t in random:
+            k = directions(t)
+            sketch = 16 * (t.units + k) * min(t.units, k, 4 * self.sketch_block)
+            per_sample = max(per_sample, sketch)
+        if exact:
+            widest = max(directions(t) for t in exact) if mode == "forward" else max(
+                t.units for t in exact
+            )
+        else:
+            widest = self.sketch_block
+        sizes = plan_sizes(
+            budget=budget,
+            per_sample=per_sample,
+            per_replica=per_replica,
+            max_directions=max(widest, self.sketch_block),
+            batch_size=batch_size,
+            max_batch=_MAX_AUTO_BATCH,
+        )
+        if sizes is None:
+            raise ValueError(
+                f"memory_budget={self.memory_budget} is too small for one sample of model "
+                f"{self.model.name!r} with batch_size={batch_size} (about "
+                f"{(per_sample + per_replica) / 2**20:.1f} MiB per sample); pass a "
+                "larger `memory_budget` or a smaller `batch_size`."
+            )
+        self._general_batch, affordable = sizes
+        in_flight = min(affordable, widest, self._max_in_flight or widest)
+        if random:
+            self.sketch_block = max(
+                1, min(self.sketch_block, affordable, self._max_in_flight or affordable)
+            )
+
+        self._exact_taps = exact
+        self._random_taps = random
+        # Taps affine in the input have one Jacobian for all samples:
+        # measured once per call, on one sample.
+        self._constant_taps = [t for t in exact if is_constant_tap(self._work_model, t)]
+        self._directions = {t.name: directions(t) for t in work_taps}
+        for t in exact:
+            self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
+        for t in random:
+            self._plans[t.name] = LayerPlan(
+                "randomized", "forward+reverse", directions(t), self.sketch_block
+            )
+        # Feature models: one for the forward pass over all exact taps, one
+        # per tap for reverse mode and the randomized operators.
+        self._tap_inputs = {
+            t.name: tap_inputs_model(self._work_model, [t])
+            for t in work_taps
+            if mode == "reverse" or t in random or t in self._constant_taps
+        }
+        self._work_taps = {t.name: t for t in work_taps}
+        self._forward_groups = []
+        if mode == "forward":
+            rest = [t for t in exact if t not in self._constant_taps]
+            for reduced in (False, True):
+                group = [
+                    t for t in rest
+                    if (root is not None and t.name in root.covered) == reduced
+                ]
+                if group:
+                    model = tap_inputs_model(self._work_model, group)
+                    self._forward_groups.append((reduced, group, model))
+        if random:
+            self._operators = {t.name: self._make_operators(t) for t in random}
+        return in_flight
 
     def _auto_batch_size(self) -> int:
         n0 = self.selection.input_dim
@@ -184,16 +528,53 @@ class LocalRankEstimator:
         return int(link.layer.kernel.shape[1])
 
     @property
-    def layer_infos(self) -> list[LayerInfo]:
-        methods = {}
-        for tap in self.taps:
-            methods[tap.name] = (
-                "analytic" if tap.name in self._forest else f"autodiff-{self._mode}"
+    def plans(self) -> dict[str, LayerPlan]:
+        """`{layer: LayerPlan}`: method, mode and directions of each layer."""
+        return {t.name: self._plans[t.name] for t in self.taps}
+
+    @property
+    def directions_in_flight(self) -> int:
+        """Directions per pass of the matrix-free products (0: analytic only)."""
+        return self._in_flight if self._general else 0
+
+    @property
+    def estimated_peak_bytes(self) -> int:
+        """The budgeted peak of one chunk of the matrix-free path."""
+        if not self._general:
+            return 0
+        itemsize = 8 if self.dtype == "float64" else 4
+        storage = 0
+        for t in self._exact_taps:
+            k = self._directions[t.name]
+            accumulate = self._use_gram and (
+                t.units <= k if self._mode == "forward" else k <= t.units
             )
-        return [
-            LayerInfo(t.name, t.class_name, t.units, t.input_dim, methods[t.name])
-            for t in self.taps
-        ]
+            storage += exact_storage_bytes(t.units, k, itemsize, accumulate=accumulate)
+        flight = max(self._in_flight, self.sketch_block if self._random_taps else 0)
+        return self.batch_size * (storage + flight * self._per_replica_bytes)
+
+    @property
+    def layer_infos(self) -> list[LayerInfo]:
+        infos = []
+        for t in self.taps:
+            plan = self._plans[t.name]
+            infos.append(
+                LayerInfo(
+                    t.name,
+                    t.class_name,
+                    t.units,
+                    t.input_dim,
+                    plan.method,
+                    mode=plan.mode,
+                    directions=plan.directions or min(t.input_dim, self._forest_width(t.name))
+                    if plan.method == "analytic"
+                    else plan.directions,
+                    failure_probability=(
+                        self.failure_probability if plan.method == "randomized" else 0.0
+                    ),
+                )
+            )
+        return infos
 
     @property
     def trace_count(self) -> int:
@@ -202,10 +583,47 @@ class LocalRankEstimator:
 
     # -- the traced measurement ------------------------------------------------
 
-    def _chunk(self, x):
-        held = ()
-        if isinstance(x, (list, tuple)):  # [wrt tensor, *held model inputs]
-            x, *held = x
+    def _basis(self, held=()):
+        """`[n_1, n0]` orthonormal rows spanning the row space of `K_1`.
+
+        `held`: the held inputs of one sample (`K_1` does not depend on them,
+        but the model needs them to run)."""
+        tap = self._root.tap
+        x0 = tf.zeros([1, *self.selection.input_shape], self.dtype)
+        eye = tf.eye(tap.units, dtype=self.dtype)[None]
+        fn = _outputs_fn(self._tap_inputs[tap.name], [tap], tuple(held))
+        rows = vjp(fn, x0, eye)[0]  # K_1: [n1, n0]
+        return tf.cast(row_space_basis(rows), self.dtype)
+
+    def _summaries(self, s, tap):
+        n0 = self.selection.input_dim
+        ranks, margins, near = [], [], []
+        for tol in self.tolerances:
+            ranks.append(rank_from_singular_values(s, tol, shape=(tap.units, n0), dtype=self.dtype))
+            thr = tolerance_threshold(s, tol, shape=(tap.units, n0), dtype=self.dtype)
+            ratio = tf.abs(s - thr[:, None]) / tf.where(thr > 0, thr, 1)[:, None]
+            margin = tf.reduce_min(
+                tf.concat([ratio, tf.fill([tf.shape(s)[0], 1], tf.cast(np.inf, s.dtype))], -1),
+                axis=-1,
+            )
+            margins.append(tf.where(thr > 0, margin, tf.cast(np.nan, s.dtype)))
+            near.append(
+                tf.reduce_sum(tf.cast((ratio <= NEAR_THRESHOLD) & (thr[:, None] > 0), tf.int32), -1)
+            )
+        stats = tuple(
+            tf.cast(tf.reshape(fn(s), [-1]), tf.float64) for fn in self.spectral_stats.values()
+        )
+        return (
+            tf.stack(ranks),
+            effective_rank(s),
+            stable_rank(s),
+            tf.cast(tf.stack(margins), tf.float64),
+            tf.stack(near),
+            *stats,
+        )
+
+    def _chunk(self, x, basis=None, constants=None):
+        x, held = _split(x)  # [wrt tensor, *held model inputs] or one tensor
         x = tf.cast(x, self.dtype)
         batch = tf.shape(x)[0]
         n0 = self.selection.input_dim
@@ -220,27 +638,196 @@ class LocalRankEstimator:
                     via_gram=self._via_gram,
                 )
             )
-        if self._general:
-            jacobians = preactivation_jacobians(
-                self._inputs_model, self._general_taps, x, mode=self._mode, held=held
-            )
-            for tap, jac in zip(self._general_taps, jacobians):
-                spectra[tap.name] = singular_values(jac, via_gram=self._via_gram)
+        if self._exact_taps:
+            if constants is None:
+                constants = self._constant_spectra([x[:1], *(h[:1] for h in held)], basis)
+            spectra.update(self._exact_spectra(x, held, basis, constants))
         out = {}
         for tap in self.taps:
-            s = spectra[tap.name]
-            ranks = [
-                rank_from_singular_values(s, tol, shape=(tap.units, n0), dtype=self.dtype)
-                for tol in self.tolerances
-            ]
-            out[tap.name] = (tf.stack(ranks), effective_rank(s), stable_rank(s))
+            if tap.name in spectra:
+                out[tap.name] = self._summaries(spectra[tap.name], tap)
         return out
 
-    def _run(self, chunk):
+    def _constant_spectra(self, x1, basis):
+        """`{name: [1, k]}` singular values of the constant taps at one sample
+        (`x1`: `[wrt value, *held inputs]` of one sample, or one tensor)."""
+        x1, held = _split(x1)
+        x1 = tf.cast(x1, self.dtype)
+        root = self._root
+        block = max(1, self._in_flight * self.batch_size)
+        out = {}
+        for tap in self._constant_taps:
+            model = self._tap_inputs[tap.name]
+            reduced = root is not None and tap.name in root.covered
+
+            fn = _outputs_fn(model, [tap], held)
+            b = basis if reduced else None
+            k = self._directions[tap.name]
+            if self._mode == "forward":
+                s = forward_spectra(
+                    fn, x1, b, [tap.units], block=min(block, k), use_gram=self._use_gram
+                )[0]
+            else:
+                s = reverse_spectra(
+                    fn, x1, b, tap.units, block=min(block, tap.units), use_gram=self._use_gram
+                )
+            out[tap.name] = s
+        return out
+
+    def _exact_spectra(self, x, held, basis, constants):
+        n0 = self.selection.input_dim
+        root = self._root
+        block = self._in_flight
+        spectra = {}
+        batch = tf.shape(x)[0]
+        for name, s in constants.items():
+            spectra[name] = tf.broadcast_to(s, tf.stack([batch, tf.shape(s)[1]]))
+        taps = [t for t in self._exact_taps if t not in self._constant_taps]
+
+        def tap_basis(tap):
+            return basis if root is not None and tap.name in root.covered else None
+
+        if not taps:
+            return spectra
+        if self._mode == "forward":
+            for reduced, group, model in self._forward_groups:
+                values = forward_spectra(
+                    _outputs_fn(model, group, held),
+                    x,
+                    basis if reduced else None,
+                    [t.units for t in group],
+                    block=min(block, self._root.tap.units if reduced else n0),
+                    use_gram=self._use_gram,
+                )
+                spectra.update({t.name: v for t, v in zip(group, values)})
+            return spectra
+        previous = None
+        for tap in taps:  # one tap at a time: their loops must not overlap
+            model = self._tap_inputs[tap.name]
+            deps = [] if previous is None else [previous]
+            with tf.control_dependencies(deps):
+                s = reverse_spectra(
+                    _outputs_fn(model, [tap], held),
+                    tf.identity(x),
+                    tap_basis(tap),
+                    tap.units,
+                    block=min(block, tap.units),
+                    use_gram=self._use_gram,
+                )
+            spectra[tap.name] = s
+            previous = s
+        return spectra
+
+    # -- the randomized path (eager loop over sketch rounds) -------------------
+
+    def _make_operators(self, tap):
+        model = self._tap_inputs[tap.name]
+        reduced = self._root is not None and tap.name in self._root.covered
+        k = self._directions[tap.name]
+        n0 = self.selection.input_dim
+        x_spec = tf.TensorSpec([None, *self.selection.input_shape], self.dtype)
+        held_spec = tuple(self._held_specs)
+
+        def matvec(x, v, basis, held):
+            if reduced:
+                v = tf.linalg.matmul(v, basis)
+            return jvp(_outputs_fn(model, [tap], held), x, v)[0]
+
+        def rmatvec(x, u, basis, held):
+            g = vjp(_outputs_fn(model, [tap], held), x, u)
+            if reduced:
+                g = tf.linalg.matmul(g, basis, transpose_b=True)
+            return g
+
+        # Fixed signatures: the sketch calls these with several widths.
+        basis_spec = tf.TensorSpec([k, n0] if reduced else [0], self.dtype)
+        return (
+            tf.function(
+                matvec,
+                autograph=False,
+                input_signature=[
+                    x_spec, tf.TensorSpec([None, None, k], self.dtype), basis_spec, held_spec
+                ],
+            ),
+            tf.function(
+                rmatvec,
+                autograph=False,
+                input_signature=[
+                    x_spec,
+                    tf.TensorSpec([None, None, tap.units], self.dtype),
+                    basis_spec,
+                    held_spec,
+                ],
+            ),
+        )
+
+    @property
+    def _held_specs(self) -> list[tf.TensorSpec]:
+        """Specs of the held model inputs (float ones in the compute dtype)."""
+        inputs = functional_graph(self.model).inputs
+        specs = []
+        for i in self.wrt.held:
+            t = inputs[i]
+            dtype = self.dtype if str(t.dtype).startswith("float") else str(t.dtype)
+            specs.append(tf.TensorSpec([None, *t.shape[1:]], dtype))
+        return specs
+
+    def _randomized(self, x, basis, chunk_index: int) -> dict:
+        out = {}
+        atol_min = min(t.atol for t in self.tolerances)
+        x, held = _split(x)
+        x = tf.constant(x, self.dtype)
+        held = tuple(
+            tf.cast(tf.constant(h), spec.dtype) for h, spec in zip(held, self._held_specs)
+        )
+        batch = int(x.shape[0])
+        for index, tap in enumerate(self._random_taps):
+            matvec, rmatvec = self._operators[tap.name]
+            reduced = self._root is not None and tap.name in self._root.covered
+            b = basis if reduced else tf.zeros([0], self.dtype)
+            k = self._directions[tap.name]
+            room = self.memory_budget - batch * self.sketch_block * self._per_replica_bytes
+            max_size = max(self.sketch_block, room // max(1, batch * 16 * (tap.units + k)))
+            seed = np.random.SeedSequence([self.seed, index, chunk_index]).generate_state(1)[0]
+            sketch = certified_sketch(
+                lambda v, b=b, mv=matvec: mv(x, tf.cast(v, self.dtype), b, held),
+                lambda u, b=b, rmv=rmatvec: rmv(x, tf.cast(u, self.dtype), b, held),
+                batch=batch,
+                shape=(tap.units, k),
+                target=RESIDUAL_FRACTION * atol_min,
+                failure_probability=self.failure_probability,
+                block=self.sketch_block,
+                power_iterations=self.power_iterations,
+                seed=int(seed),
+                max_size=int(max_size),
+            )
+            s = sketch.singular_values
+            low, high, margins, near = [], [], [], []
+            for tol in self.tolerances:
+                lo, hi = robust_rank_interval(s, sketch.residual_bound, tol.atol, min(tap.units, k))
+                low.append(lo)
+                high.append(hi)
+                ratio = np.abs(s - tol.atol) / tol.atol
+                margins.append(np.min(ratio, axis=-1, initial=np.inf))
+                near.append((ratio <= NEAR_THRESHOLD).sum(axis=-1))
+            nan = np.full(batch, np.nan)
+            out[tap.name] = (
+                np.stack(low),
+                nan,
+                nan,
+                np.stack(margins),
+                np.stack(near),
+                *([nan] * len(self.spectral_stats)),
+                np.stack(high),
+                np.full(batch, sketch.sketch_size),
+            )
+        return out
+
+    def _run(self, chunk, basis=None, constants=None):
         if self._strategy is None:
             if isinstance(chunk, list):
-                return self._fn([tf.constant(c) for c in chunk])
-            return self._fn(tf.constant(chunk))
+                return self._fn([tf.constant(c) for c in chunk], basis, constants)
+            return self._fn(tf.constant(chunk), basis, constants)
         n = self._strategy.num_replicas_in_sync
         if isinstance(chunk, list):
             raise ValueError("Models with held inputs are not measured under a strategy.")
@@ -248,25 +835,31 @@ class LocalRankEstimator:
         values = self._strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])
         )
-        per_replica = self._strategy.run(self._fn, args=(values,))
+        per_replica = self._strategy.run(self._fn, args=(values, basis, constants))
         local = self._strategy.experimental_local_results(per_replica)
         return {
             name: tuple(
-                tf.concat([r[name][i] for r in local], axis=-1) for i in range(3)
+                tf.concat([r[name][i] for r in local], axis=-1)
+                for i in range(len(local[0][name]))
             )
             for name in local[0]
         }
 
-    def measure_tensor(self, x: tf.Tensor) -> dict[str, tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+    def measure_tensor(self, x: tf.Tensor) -> dict[str, tuple[tf.Tensor, ...]]:
         """Graph-friendly measurement of one batch (usable inside `tf.function`).
 
-        No input checks and no chunking: `x` is one batch.
+        No input checks and no chunking: `x` is one batch (a tensor, or
+        `[wrt values, *held inputs]` as `check_samples` returns them). Layers
+        planned for the randomized method are not measured here.
 
         Returns:
             `{layer: (ranks [num_tolerances, B] int32, effective rank [B],
-            stable rank [B])}`.
+            stable rank [B], margin [num_tolerances, B], near-threshold counts
+            [num_tolerances, B], *spectral stats [B])}`.
         """
-        return self._fn(x)
+        _, held = _split(x)
+        basis = self._basis([h[:1] for h in held]) if self._root is not None else None
+        return self._fn(x, basis)
 
     # -- the public call ---------------------------------------------------------
 
@@ -276,7 +869,9 @@ class LocalRankEstimator:
         """Measure on samples `x`; one `LocalRankResult` per tolerance.
 
         Args:
-            x: `[N, *input_shape]` float array, tensor or `tf.data.Dataset`.
+            x: `[N, *input_shape]` float array, tensor or `tf.data.Dataset`;
+                a list or dict of arrays (one per model input) with held
+                inputs or an intermediate `wrt`.
             verbose: 1 shows a progress bar over chunks. Default 0.
             max_samples: use at most this many samples. Default None: all.
         """
@@ -295,10 +890,19 @@ class LocalRankEstimator:
         samples = as_samples(x, input_shape=self.selection.input_shape, max_samples=max_samples)
         return samples.astype(self.dtype, copy=False)
 
-    def measure(self, samples: np.ndarray, *, verbose: int = 0) -> list[LocalRankResult]:
+    def measure(self, samples, *, verbose: int = 0) -> list[LocalRankResult]:
         """Measure on samples already checked by `check_samples`."""
         if self._work_model is not None and self._work_model is not self.model:
             self._work_model.set_weights(self.model.get_weights())
+        first = _take(samples, 0, 1, 1)  # one sample: the constant parts
+        if isinstance(first, list):
+            first = [tf.constant(c) for c in first]
+        else:
+            first = tf.constant(first)
+        basis = self._basis_fn(_split(first)[1]) if self._root is not None else None
+        constants = (
+            self._constant_fn(first, basis) if self._constant_fn is not None else None
+        )
         n = len(samples[0]) if isinstance(samples, list) else len(samples)
         size = min(self.batch_size, n)
         if self._strategy is not None:
@@ -306,34 +910,91 @@ class LocalRankEstimator:
             size = max(r, size - size % r)
         chunks = math.ceil(n / size)
         bar = keras.utils.Progbar(chunks, unit_name="chunk") if verbose else None
-        collected = {t.name: ([], [], []) for t in self.taps}
+        width = 5 + len(self.spectral_stats)
+        collected = {t.name: [[] for _ in range(width + 2)] for t in self.taps}
         for i in range(chunks):
             chunk = _take(samples, i * size, (i + 1) * size, size)
             valid = min(size, n - i * size)
-            out = self._run(chunk)
-            for name, (ranks, eff, stab) in out.items():
-                collected[name][0].append(ranks.numpy()[:, :valid])
-                collected[name][1].append(eff.numpy()[:valid])
-                collected[name][2].append(stab.numpy()[:valid])
+            out = {}
+            if self._forest or self._exact_taps:
+                for name, values in self._run(chunk, basis, constants).items():
+                    out[name] = tuple(np.asarray(v) for v in values)
+            if self._random_taps:
+                out.update(self._randomized(chunk, basis, i))
+            for name, values in out.items():
+                if len(values) == width:  # exact: the upper bound is the rank
+                    values = (*values, values[0], np.zeros(size))
+                for j, v in enumerate(values):
+                    collected[name][j].append(v[..., :valid])
             if bar is not None:
                 bar.update(i + 1)
         merged = {
-            name: [np.concatenate(parts, axis=-1) for parts in triple]
-            for name, triple in collected.items()
+            name: [np.concatenate(parts, axis=-1) for parts in parts_list]
+            for name, parts_list in collected.items()
         }
         infos = self.layer_infos
-        return [
-            LocalRankResult(
-                layers=infos,
-                per_sample={name: m[0][j].astype(np.int64) for name, m in merged.items()},
-                effective_rank_per_sample={name: m[1] for name, m in merged.items()},
-                stable_rank_per_sample={name: m[2] for name, m in merged.items()},
-                tolerance=tol,
-                dtype=self.dtype,
-                skipped=self.selection.skipped,
+        stat_names = list(self.spectral_stats)
+        results = []
+        for j, tol in enumerate(self.tolerances):
+            results.append(
+                LocalRankResult(
+                    layers=infos,
+                    per_sample={name: m[0][j].astype(np.int64) for name, m in merged.items()},
+                    effective_rank_per_sample={name: m[1] for name, m in merged.items()},
+                    stable_rank_per_sample={name: m[2] for name, m in merged.items()},
+                    tolerance=tol,
+                    dtype=self.dtype,
+                    skipped=self.selection.skipped,
+                    margin_per_sample={name: m[3][j] for name, m in merged.items()},
+                    near_threshold_per_sample={
+                        name: m[4][j].astype(np.int64) for name, m in merged.items()
+                    },
+                    stats={
+                        stat: {name: m[5 + s] for name, m in merged.items()}
+                        for s, stat in enumerate(stat_names)
+                    },
+                    upper_per_sample={
+                        name: m[width][j].astype(np.int64) for name, m in merged.items()
+                    },
+                    sketch_size_per_sample={name: m[width + 1] for name, m in merged.items()},
+                )
             )
-            for j, tol in enumerate(self.tolerances)
-        ]
+        return results
+
+
+#: Estimators kept per model by `local_rank`, so repeated calls reuse one trace.
+_CACHE_ATTR = "_keras_localrank_estimators"
+_CACHE_SIZE = 8
+
+
+def _cached_estimator(model, key, build):
+    """The estimator for `(model, key)`, built once and kept on the model.
+
+    Stored with `object.__setattr__` so Keras does not track it (nothing is
+    saved with the model); the cache lives as long as the model.
+    """
+    if not isinstance(model, keras.Model):
+        return build()
+    cache = getattr(model, _CACHE_ATTR, None)
+    if cache is None:
+        cache = {}
+        object.__setattr__(model, _CACHE_ATTR, cache)
+    if key not in cache:
+        if len(cache) >= _CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = build()
+    return cache[key]
+
+
+def _layers_key(layers):
+    if layers is None:
+        return None
+    if isinstance(layers, (str, keras.layers.Layer)):
+        layers = [layers]
+    layers = list(layers)
+    return tuple(
+        ("name", item) if isinstance(item, str) else ("layer", id(item)) for item in layers
+    ), layers
 
 
 def local_rank(
@@ -349,9 +1010,15 @@ def local_rank(
     jit_compile: bool = False,
     max_samples: int | None = None,
     verbose: int = 0,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    failure_probability: float = 1e-3,
+    seed: int = 0,
     wrt: int | str | None = None,
 ) -> LocalRankResult:
     """Local rank `E_x[rank(J_l(x))]` of each layer's pre-activation Jacobian.
+
+    Repeated calls on one model with the same options reuse one estimator
+    (and its traced function): no retracing.
 
     Args:
         model: a built functional or Sequential `keras.Model`.
@@ -364,11 +1031,15 @@ def local_rank(
         dtype: `"float32"` or `"float64"` Jacobians. Default None (float32
             unless the model input is float64).
         batch_size: samples per chunk; bounds memory. Default None: automatic.
-        method: `"auto"`, `"analytic"`, `"autodiff"`, `"autodiff-reverse"`,
-            `"autodiff-forward"`. Default `"auto"`.
+        method: `"auto"`, `"analytic"`, `"exact"`, `"randomized"`,
+            `"autodiff"`, `"autodiff-reverse"`, `"autodiff-forward"` (see
+            `LocalRankEstimator`). Default `"auto"`.
         jit_compile: run the measurement under XLA. Default False.
         max_samples: use at most this many samples. Default None: all.
         verbose: 1 shows a progress bar. Default 0.
+        memory_budget: bytes one chunk may use. Default 2 GiB.
+        failure_probability: `delta` of randomized estimates. Default 1e-3.
+        seed: seed of randomized estimates. Default 0.
         wrt: the tensor to differentiate: None (the only float model input),
             a model input's index or name, or the name of a layer call whose
             output is used (`"embedding"`). With several inputs, pass `x` as
@@ -379,10 +1050,13 @@ def local_rank(
 
     Raises:
         TypeError: `model` is not a Keras model; non-float `x` or model input;
-            bad `layers` entries; non-numeric `atol`/`rtol`.
+            bad `layers` entries; non-numeric `atol`/`rtol`; non-integer
+            `memory_budget`/`seed`.
         ValueError: NaN/Inf, empty or wrongly shaped `x`; an unbuilt model; a
             bad or (with several float inputs) missing `wrt`; unknown layer
-            names; no measurable layer; negative `atol`/`rtol`; bad `method`/`batch_size`/`dtype`.
+            names; no measurable layer; negative `atol`/`rtol`; bad `method`/`batch_size`/`dtype`;
+            a `memory_budget` too small for one sample; `method="randomized"`
+            without `atol`; `failure_probability` outside (0, 1).
 
     Example:
         >>> import keras, numpy as np, keras_localrank as klr
@@ -392,17 +1066,44 @@ def local_rank(
         >>> sorted(result.mean)
         ['dense', 'dense_1']
     """
-    estimator = LocalRankEstimator(
-        model,
-        layers,
-        tolerances=(Tolerance(atol=atol, rtol=rtol),),
-        dtype=dtype,
-        batch_size=batch_size,
-        method=method,
-        jit_compile=jit_compile,
-        input_shape=_input_shape_hint(model, x),
-        wrt=wrt,
+    tolerance = Tolerance(atol=atol, rtol=rtol)
+    input_shape = _input_shape_hint(model, x)
+    layers_key = _layers_key(layers)
+    key = (
+        None if layers_key is None else layers_key[0],
+        tolerance,
+        dtype,
+        batch_size,
+        method,
+        bool(jit_compile),
+        input_shape,
+        memory_budget,
+        failure_probability,
+        seed,
+        wrt,
     )
+
+    def build():
+        return LocalRankEstimator(
+            model,
+            layers,
+            tolerances=(tolerance,),
+            dtype=dtype,
+            batch_size=batch_size,
+            method=method,
+            jit_compile=jit_compile,
+            input_shape=input_shape,
+            memory_budget=memory_budget,
+            failure_probability=failure_probability,
+            seed=seed,
+            wrt=wrt,
+        )
+
+    try:
+        hash(key)
+    except TypeError:  # unhashable option values: validated by the estimator
+        return build()(x, verbose=verbose, max_samples=max_samples)[0]
+    estimator = _cached_estimator(model, key, build)
     return estimator(x, verbose=verbose, max_samples=max_samples)[0]
 
 
@@ -418,6 +1119,7 @@ def _input_shape_hint(model, x):
 def _take(samples, start: int, stop: int, size: int):
     """Rows `start:stop` of an array or of each array of a list, padded to
     `size` rows by repeating the first (one shape: one trace, XLA-friendly)."""
+
     def one(a):
         part = a[start:stop]
         if len(part) < size:

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from keras_localrank.taps import Tap, preactivation
 
-__all__ = ["choose_mode", "preactivation_jacobians"]
+__all__ = ["choose_mode", "preactivation_jacobians", "preactivations"]
 
 
 def choose_mode(taps: Sequence[Tap]) -> str:
@@ -29,7 +29,12 @@ def choose_mode(taps: Sequence[Tap]) -> str:
     return "forward" if n0 < sum(t.units for t in taps) else "reverse"
 
 
-def _preactivations(inputs_model, taps, x, held=()):
+def preactivations(inputs_model, taps, x, held=()):
+    """Flattened pre-activations `[B, n_l]` of every tap at inputs `x`.
+
+    `held`: model inputs held at their values, passed after `x` to
+    `inputs_model`, with `x`'s batch size.
+    """
     inputs = inputs_model([x, *held] if held else x, training=False)
     if not isinstance(inputs, (list, tuple)):
         inputs = [inputs]
@@ -69,7 +74,7 @@ def preactivation_jacobians(
     if mode == "reverse":
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
-            preacts = _preactivations(inputs_model, taps, x, held)
+            preacts = preactivations(inputs_model, taps, x, held)
         jacobians = [tape.batch_jacobian(p, x) for p in preacts]
         del tape
         return [tf.reshape(j, [batch, t.units, n0]) for j, t in zip(jacobians, taps)]
@@ -80,7 +85,7 @@ def preactivation_jacobians(
         with tf.autodiff.ForwardAccumulator(
             repeated, tf.reshape(basis, tf.shape(repeated))
         ) as acc:
-            preacts = _preactivations(inputs_model, taps, repeated, held)
+            preacts = preactivations(inputs_model, taps, repeated, held)
         out = []
         for p, t in zip(preacts, taps):
             jvp = tf.reshape(acc.jvp(p), [batch, n0, t.units])

@@ -24,7 +24,15 @@ class LayerInfo:
         class_name: layer class.
         units: `n_l`, pre-activation values per sample.
         input_dim: `n0`, model input values per sample.
-        method: `"analytic"` or `"autodiff-reverse"` / `"autodiff-forward"`.
+        method: `"analytic"` (Dense-chain factors), `"exact"` (Gram of
+            matrix-free products) or `"randomized"` (certified sketch).
+        mode: `"forward"` / `"reverse"` products (`"forward+reverse"` for the
+            sketch), None for analytic.
+        directions: `k`, input directions pushed through the network (`n0`,
+            or fewer after the reduction through a constant first layer).
+        failure_probability: for `"randomized"`, the probability `delta` that
+            a sample's certified interval `[rank, upper]` misses its true
+            robust rank; 0 for the exact methods.
     """
 
     name: str
@@ -32,6 +40,9 @@ class LayerInfo:
     units: int
     input_dim: int
     method: str
+    mode: str | None = None
+    directions: int = 0
+    failure_probability: float = 0.0
 
     @property
     def bound(self) -> int:
@@ -53,6 +64,12 @@ def _std(v: np.ndarray) -> float:
     return float(np.std(v, ddof=1)) if v.size > 1 else 0.0
 
 
+def _nanmin(v: np.ndarray) -> float:
+    kept = np.asarray(v, np.float64)
+    kept = kept[~np.isnan(kept)]
+    return float(kept.min()) if kept.size else float("nan")
+
+
 class LocalRankResult:
     """Local rank of each measured layer: `E_x[rank(J_l(x))]` and friends.
 
@@ -64,6 +81,20 @@ class LocalRankResult:
         tolerance: the `Tolerance` the ranks use.
         dtype: the dtype the Jacobians were computed in.
         skipped: `{layer: reason}` for layers that could not be measured.
+        upper_per_sample: `{layer: int array}`, a certified upper bound on the
+            rank (equal to `per_sample` for the exact methods; for the
+            randomized method the true robust rank lies in
+            `[per_sample, upper_per_sample]` with probability at least
+            `1 - failure_probability`).
+        margin_per_sample: `{layer: float array}`, `min_i |s_i - tol| / tol`:
+            how far the singular value closest to the threshold is from it
+            (NaN when the threshold is 0).
+        near_threshold_per_sample: `{layer: int array}`, singular values
+            within 10% of the threshold (ranks that rounding could flip).
+        stats: `{stat: {layer: float array}}` from `spectral_stats` (NaN on
+            randomized layers).
+        sketch_size_per_sample: `{layer: array}`, basis size of the randomized
+            sketch (0 for the exact methods).
     """
 
     def __init__(
@@ -76,6 +107,11 @@ class LocalRankResult:
         tolerance: Tolerance,
         dtype: str,
         skipped: dict[str, str] | None = None,
+        upper_per_sample: dict[str, np.ndarray] | None = None,
+        margin_per_sample: dict[str, np.ndarray] | None = None,
+        near_threshold_per_sample: dict[str, np.ndarray] | None = None,
+        stats: dict[str, dict[str, np.ndarray]] | None = None,
+        sketch_size_per_sample: dict[str, np.ndarray] | None = None,
     ):
         self.layers = list(layers)
         self.per_sample = per_sample
@@ -84,6 +120,13 @@ class LocalRankResult:
         self.tolerance = tolerance
         self.dtype = dtype
         self.skipped = dict(skipped or {})
+        self.upper_per_sample = upper_per_sample or dict(per_sample)
+        nan = {k: np.full(len(v), np.nan) for k, v in per_sample.items()}
+        zero = {k: np.zeros(len(v), np.int64) for k, v in per_sample.items()}
+        self.margin_per_sample = margin_per_sample or nan
+        self.near_threshold_per_sample = near_threshold_per_sample or zero
+        self.stats = dict(stats or {})
+        self.sketch_size_per_sample = sketch_size_per_sample or zero
 
     @property
     def layer_names(self) -> list[str]:
@@ -114,8 +157,25 @@ class LocalRankResult:
         """Mean stable rank per layer."""
         return {k: float(np.mean(v)) for k, v in self.stable_rank_per_sample.items()}
 
+    @property
+    def upper(self) -> dict[str, float]:
+        """Mean certified upper bound per layer (equals `mean` when exact)."""
+        return {k: float(np.mean(v)) for k, v in self.upper_per_sample.items()}
+
+    @property
+    def margin(self) -> dict[str, float]:
+        """Smallest relative distance of a singular value to the threshold."""
+        return {k: _nanmin(v) for k, v in self.margin_per_sample.items()}
+
+    @property
+    def near_threshold(self) -> dict[str, float]:
+        """Mean count of singular values within 10% of the threshold."""
+        return {k: float(np.mean(v)) for k, v in self.near_threshold_per_sample.items()}
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer: name, class, units, bound, statistics, tolerance."""
+        """One row per layer: name, class, units, bound, statistics, tolerance,
+        method and its error statement, margin to the threshold, and the
+        mean of every spectral statistic."""
         stats = {
             "mean": self.mean,
             "std": self.std,
@@ -124,7 +184,13 @@ class LocalRankResult:
             "max": self.max,
             "effective_rank": self.effective_rank,
             "stable_rank": self.stable_rank,
+            "upper": self.upper,
+            "margin": self.margin,
+            "near_threshold": self.near_threshold,
         }
+        for name, per_layer in self.stats.items():
+            stats[name] = {k: float(np.mean(v)) for k, v in per_layer.items()}
+        sketch = {k: float(np.mean(v)) for k, v in self.sketch_size_per_sample.items()}
         rows = []
         for info in self.layers:
             row = {
@@ -141,6 +207,10 @@ class LocalRankResult:
                     "atol": self.tolerance.atol,
                     "rtol": self.tolerance.rtol,
                     "method": info.method,
+                    "mode": info.mode,
+                    "directions": info.directions,
+                    "failure_probability": info.failure_probability,
+                    "sketch_size": sketch[info.name],
                     "dtype": self.dtype,
                 }
             )

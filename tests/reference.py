@@ -223,3 +223,91 @@ def function_jacobians(fn, x) -> dict[str, np.ndarray]:
     }
     del tape
     return jacobians
+
+
+
+
+def _float64_clone(model: keras.Model) -> keras.Model:
+    """The same functional model computing in float64 (weights copied)."""
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float64"})
+
+    inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype="float64")
+    copy = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
+    copy.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
+    return copy
+
+
+def _linear_copy(layer, in_shape):
+    """A float64 copy of `layer` with its activation removed (same weights)."""
+    config = dict(layer.get_config())
+    if "activation" in config:
+        config["activation"] = "linear"
+    copy = layer.__class__.from_config(config)
+    copy.build((None, *in_shape))
+    copy.set_weights([np.asarray(w, np.float64) for w in layer.get_weights()])
+    return copy
+
+
+def finite_difference_jacobians(
+    model: keras.Model, x: np.ndarray, names, *, step: float = 1e-6
+) -> dict[str, np.ndarray]:
+    """`{name: [N, n_l, n0]}` float64 pre-activation Jacobians of any functional
+    model by central differences (no automatic differentiation).
+
+    The model is cloned in float64; each named layer's pre-activation is its
+    float64 copy with the activation removed, applied to the layer's input;
+    `mha/<part>` names a projection of a `MultiHeadAttention` call (see
+    `attention_projections`).
+    Truncation error is `O(step^2)` and rounding `O(eps64 / step)`, both far
+    below any float32 rank threshold; use smooth activations (or inputs away
+    from kinks) in the models this checks.
+    """
+    m64 = _float64_clone(model)
+    # One pre-activation function per name, on the float64 tensors it reads:
+    # a layer's input, or the query/value/key of a `MultiHeadAttention` call
+    # for its projections `mha/<part>` (spelled out by `attention_projections`).
+    sources, fns = [], []
+    for name in names:
+        outer, _, part = name.partition("/")
+        layer = m64.get_layer(outer)
+        if part:
+            if not isinstance(layer, keras.layers.MultiHeadAttention):
+                raise ValueError(f"No finite-difference reference for {name!r}.")
+            args = layer._inbound_nodes[0].arguments
+            bound = dict(zip(("query", "value", "key"), args.args))
+            bound.update({k: v for k, v in args.kwargs.items() if k in ("query", "value", "key")})
+            if bound.get("key") is None:
+                bound["key"] = bound["value"]
+            start = len(sources)
+            sources += [bound["query"], bound["value"], bound["key"]]
+            fns.append(
+                lambda t, s=start, m=layer, p=part: attention_projections(
+                    m, t[s], t[s + 1], t[s + 2]
+                )[p]
+            )
+        else:
+            linear = _linear_copy(layer, tuple(layer.input.shape[1:]))
+            start = len(sources)
+            fns.append(lambda t, s=start, lin=linear: lin(t[s]))
+            sources.append(layer.input)
+    feats = keras.Model(m64.inputs[0], sources)
+
+    def pre(z):
+        inputs = feats(z, training=False)
+        if not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        return [np.asarray(fn(inputs)).reshape(len(z), -1) for fn in fns]
+
+    x = np.asarray(x, np.float64)
+    shape = x.shape[1:]
+    n0 = math.prod(shape)
+    out = {name: [] for name in names}
+    eye = np.eye(n0).reshape((n0, *shape)) * step
+    for sample in x:
+        plus = pre(sample[None] + eye)
+        minus = pre(sample[None] - eye)
+        for name, p, m in zip(names, plus, minus):
+            out[name].append(((p - m) / (2 * step)).T)  # [n_l, n0]
+    return {name: np.stack(v) for name, v in out.items()}

@@ -1,0 +1,128 @@
+"""Memory budgeting of a measurement: samples per chunk and directions in flight.
+
+The peak of a matrix-free measurement is dominated by two terms:
+
+- *activations*: forward mode pushes `B * d` replicas (`B` samples, `d`
+  directions each) through the whole network, holding primal and tangent
+  values of every layer output; reverse mode holds the tape of `B * d`
+  replicas. Both are estimated as `3 * itemsize * sum(layer output sizes)`
+  bytes per replica, from the model's own layer output shapes (nested models
+  included);
+- *results*: per sample, either a float64 Gram in the smaller dimension, or
+  the reduced Jacobian (when it must be assembled) plus its Gram.
+
+`plan_sizes` picks `B` and `d` so that their sum stays within the budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from keras_localrank.validation import check_int
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "activation_elements",
+    "check_memory_budget",
+    "exact_storage_bytes",
+    "plan_sizes",
+]
+
+#: Default bound on the peak memory growth of one measurement (bytes).
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+#: Replica cost factor: primal + tangent (or tape) + temporaries.
+ACTIVATION_FACTOR = 3
+
+
+def check_memory_budget(value) -> int:
+    """`memory_budget` in bytes: a positive int (a budget too small for one
+    sample is reported by the planner, which knows the model).
+
+    Raises:
+        TypeError: not an int.
+        ValueError: below 1.
+    """
+    return check_int("memory_budget", value, minimum=1)
+
+
+def _output_elements(layer_or_model, seen: set) -> int:
+    total = 0
+    graph = getattr(layer_or_model, "_functional", None) or layer_or_model
+    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
+    if nodes_by_depth is None:
+        return 0
+    for nodes in nodes_by_depth.values():
+        for node in nodes:
+            op = node.operation
+            if id(op) in seen or isinstance(op, keras.layers.InputLayer):
+                continue
+            seen.add(id(op))
+            for t in node.output_tensors:
+                dims = [d if d is not None else 1 for d in t.shape[1:]]
+                total += math.prod(dims)
+            if isinstance(op, keras.Model):
+                total += _output_elements(op, seen)
+    return total
+
+
+def activation_elements(model) -> int:
+    """Values per sample of all layer outputs of `model` (nested models included).
+
+    Undefined dimensions count as 1; the input itself is counted once.
+    """
+    inputs = sum(math.prod(d or 1 for d in t.shape[1:]) for t in model.inputs)
+    return inputs + _output_elements(model, set())
+
+
+def exact_storage_bytes(units: int, directions: int, itemsize: int, *, accumulate: bool) -> int:
+    """Per-sample bytes kept by the exact path for one layer.
+
+    Args:
+        units: `n_l`.
+        directions: `k`, the width of the reduced Jacobian.
+        itemsize: bytes of one value of the compute dtype.
+        accumulate: True when the Gram is accumulated block by block (the
+            products arrive along the larger dimension); False when the
+            reduced Jacobian is assembled first (stored blocks plus one copy).
+    """
+    small = min(units, directions)
+    gram = 8 * small * small
+    if accumulate:
+        return gram
+    return 2 * itemsize * units * directions + gram
+
+
+def plan_sizes(
+    *,
+    budget: int,
+    per_sample: int,
+    per_replica: int,
+    max_directions: int,
+    batch_size: int | None,
+    max_batch: int = 128,
+    min_directions: int = 32,
+) -> tuple[int, int] | None:
+    """Samples per chunk `B` and directions in flight `d` within `budget`.
+
+    `B * (per_sample + d * per_replica) <= budget`. `B` is the given
+    `batch_size`, else the largest (up to `max_batch`) that leaves room for
+    `min(max_directions, min_directions)` directions; `d` then takes what is
+    left (at most `max_directions`).
+
+    Returns:
+        `(B, d)`, or None when not even one sample with one direction fits.
+    """
+    per_replica = max(per_replica, 1)
+    want = min(max_directions, min_directions)
+    if batch_size is None:
+        unit = per_sample + want * per_replica
+        batch = max(1, min(max_batch, budget // max(unit, 1)))
+    else:
+        batch = batch_size
+    room = budget // batch - per_sample
+    directions = min(max_directions, room // per_replica)
+    if directions < 1:
+        return None
+    return int(batch), int(directions)
