@@ -34,12 +34,18 @@ flags.DEFINE_string("output", None, "Write the table to this .csv or .json file.
 flags.DEFINE_integer("epochs", 30, "Training epochs of the demo MLP.")
 flags.DEFINE_integer("seed", 0, "Seed of data, weights and training.")
 flags.DEFINE_enum(
-    "method", "auto", ["auto", "analytic", "autodiff", "autodiff-reverse", "autodiff-forward"],
+    "method",
+    "auto",
+    ["auto", "analytic", "exact", "randomized", "autodiff", "autodiff-reverse",
+     "autodiff-forward"],
     "Jacobian path.",
 )
 flags.DEFINE_enum("dtype", None, ["float32", "float64"], "Precision of the Jacobians.")
 flags.DEFINE_integer("batch_size", None, "Samples per chunk (default: automatic).")
 flags.DEFINE_bool("jit_compile", False, "Run the measurement under XLA.")
+flags.DEFINE_string(
+    "wrt", None, "Layer whose output is differentiated (e.g. embedding for a text model)."
+)
 
 
 def main(argv):
@@ -55,6 +61,7 @@ def main(argv):
                 layers=FLAGS.layers, output=FLAGS.output, epochs=FLAGS.epochs,
                 seed=FLAGS.seed, method=FLAGS.method, dtype=FLAGS.dtype,
                 batch_size=FLAGS.batch_size, jit_compile=FLAGS.jit_compile,
+                wrt=FLAGS.wrt,
             )
         )
     except (ValueError, TypeError, OSError, ImportError) as e:

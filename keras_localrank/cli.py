@@ -45,6 +45,9 @@ class Config:
         epochs: training epochs of the demo MLP.
         seed: seed of data, weights and training.
         method, dtype, batch_size, jit_compile: passed to `local_rank`.
+        wrt: the tensor differentiated: None (the model input), or a layer
+            name whose output is used (`embedding` for a text model fed
+            integer token ids from an `.npz`).
     """
 
     model: str | None = None
@@ -61,6 +64,7 @@ class Config:
     dtype: str | None = None
     batch_size: int | None = None
     jit_compile: bool = False
+    wrt: str | None = None
 
     def __post_init__(self):
         self.samples = check_positive_int("samples", self.samples)
@@ -166,6 +170,7 @@ def _measure(model, x, config: Config) -> LocalRankResult:
         batch_size=config.batch_size,
         method=config.method,
         jit_compile=config.jit_compile,
+        wrt=config.wrt,
     )
 
 
@@ -208,6 +213,13 @@ def run(config: Config, *, echo=print) -> pd.DataFrame:
         echo("\nLocal rank after training:\n" + format_table(result))
     else:
         model = load_model(config.model)
+        if len(model.inputs) != 1:
+            raise ValueError(
+                "Expected a model with one input on the command line. Received: "
+                f"{config.model!r} with inputs {[t.name for t in model.inputs]}; measure "
+                "it from Python with one array per input and the input to "
+                "differentiate: keras_localrank.local_rank(model, [x1, x2], wrt=name)."
+            )
         x = load_samples(config.data, model.input_shape[1:], samples=config.samples,
                          seed=config.seed, data_path=config.data_path)
         echo(f"Model {config.model} on {len(x)} samples of {config.data}, {tol} rank{label}.")

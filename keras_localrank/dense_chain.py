@@ -116,12 +116,13 @@ def find_dense_forest(model, taps: Sequence[Tap]) -> dict[str, DenseLink]:
     """
     graph = model_graph(model)
     model_input = graph.inputs[0]
-    cache: dict[int, DenseLink | None] = {}
+    cache: dict[tuple[int, int], DenseLink | None] = {}
 
     def link_for(layer, tensor) -> DenseLink | None:
-        if id(layer) in cache:
-            return cache[id(layer)]
-        cache[id(layer)] = None  # guards against cycles; overwritten below
+        key = (id(layer), id(tensor))  # one link per call of a shared layer
+        if key in cache:
+            return cache[key]
+        cache[key] = None  # guards against cycles; overwritten below
         if not _is_plain_dense(layer) or len(tensor.shape) != 2:
             return None
         stages: list[Callable] = []
@@ -153,11 +154,13 @@ def find_dense_forest(model, taps: Sequence[Tap]) -> dict[str, DenseLink]:
                 if stage is not None:
                     stages.append(stage)
             tensor = node.input_tensors[0]
-        cache[id(layer)] = link
+        cache[key] = link
         return link
 
     forest = {}
     for tap in taps:
+        if tap.input is None:  # a part of an attention layer
+            continue
         link = link_for(tap.layer, tap.input)
         if link is not None:
             forest[tap.name] = link
@@ -240,12 +243,12 @@ def dense_forest_singular_values(
     """
     x_flat = tf.cast(x_flat, dtype)
     batch = tf.shape(x_flat)[0]
-    pre: dict[int, tf.Tensor] = {}  # id(layer) -> [B, n_l] pre-activation
-    factor: dict[int, tf.Tensor] = {}  # id(layer) -> [n_l, k] or [B, n_l, k]
+    pre: dict[int, tf.Tensor] = {}  # id(link) -> [B, n_l] pre-activation
+    factor: dict[int, tf.Tensor] = {}  # id(link) -> [n_l, k] or [B, n_l, k]
     spectra: dict[int, tf.Tensor] = {}
 
     def visit(link: DenseLink):
-        key = id(link.layer)
+        key = id(link)  # one link per call: a shared layer has several
         if key in pre:
             return
         kernel = tf.cast(link.layer.kernel, dtype)
@@ -262,7 +265,7 @@ def dense_forest_singular_values(
             spectra[key] = tf.broadcast_to(s, tf.stack([batch, tf.size(s)]))
         else:
             visit(link.parent)
-            parent_key = id(link.parent.layer)
+            parent_key = id(link.parent)
             inp, deriv = _apply_with_derivative(link.stages, pre[parent_key])
             f = factor[parent_key]
             g = deriv[:, :, None] * f  # (B, n_p, k)
@@ -278,5 +281,5 @@ def dense_forest_singular_values(
     result = {}
     for name, link in links.items():
         visit(link)
-        result[name] = spectra[id(link.layer)]
+        result[name] = spectra[id(link)]
     return result

@@ -21,9 +21,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
-from keras_localrank.factor import find_linear_root, row_space_basis
-from keras_localrank.inputs import as_samples, check_positive_int
-from keras_localrank.jacobians import choose_mode, preactivations
+from keras_localrank.factor import find_linear_root, is_constant_tap, row_space_basis
+from keras_localrank.graph import RECURRENT_LAYERS, CaptureModel, cast_model, functional_graph
+from keras_localrank.inputs import as_model_samples, as_samples, check_positive_int
+from keras_localrank.jacobians import preactivations
 from keras_localrank.matfree import forward_spectra, jvp, reverse_spectra, vjp
 from keras_localrank.memory import (
     ACTIVATION_FACTOR,
@@ -42,7 +43,7 @@ from keras_localrank.spectra import (
     stable_rank,
     tolerance_threshold,
 )
-from keras_localrank.taps import model_graph, select_taps, tap_inputs_model
+from keras_localrank.taps import select_taps, tap_inputs_model
 from keras_localrank.validation import check_choice, check_fraction, check_int
 
 __all__ = ["LocalRankEstimator", "local_rank"]
@@ -74,15 +75,7 @@ _RESERVED = frozenset(
 
 def _cast_model(model, dtype: str):
     """A copy of `model` computing in `dtype` (for float64 autodiff Jacobians)."""
-    graph = model_graph(model)
-    new_input = keras.Input(batch_shape=graph.inputs[0].shape, dtype=dtype)
-
-    def clone(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
-
-    copy = keras.models.clone_model(model, input_tensors=new_input, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
+    return cast_model(model, dtype)
 
 
 def _replicas(model):
@@ -97,13 +90,45 @@ def _replicas(model):
     return strategy
 
 
-def _has_recurrent_layers(model) -> bool:
-    """Recurrent layers break forward mode (their loop state is a variant)."""
-    recurrent = (keras.layers.RNN, keras.layers.Bidirectional)
-    return any(
-        isinstance(layer, recurrent)
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-    )
+def _needs_reverse_mode(model, taps, inputs_model) -> bool:
+    """True when forward mode cannot be used: a recurrent layer lies between
+    the differentiated tensor and a tap, or a capture model (which runs the
+    whole model, recurrent layers included) is used with a recurrent model.
+    TensorFlow's forward mode does not pass through recurrent loops."""
+    if not all(t.forward_mode_ok for t in taps):
+        return True
+    if isinstance(inputs_model, CaptureModel):
+        return any(
+            isinstance(layer, RECURRENT_LAYERS)
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+        )
+    return False
+
+
+def _repeat_held(held, z):
+    """Held inputs repeated like the rows of `z`: `z` stacks `d` rows per
+    sample (sample `b`, direction `i` at row `b * d + i`, as in `matfree.jvp`
+    and `matfree.vjp`), so each held row is repeated `d` times."""
+    if not held:
+        return ()
+    reps = tf.shape(z)[0] // tf.shape(held[0])[0]
+    return [tf.repeat(h, reps, axis=0) for h in held]
+
+
+def _outputs_fn(inputs_model, taps, held=()):
+    """`z -> [p_l(z)]` with the held inputs repeated to `z`'s rows."""
+
+    def fn(z):
+        return preactivations(inputs_model, taps, z, _repeat_held(held, z))
+
+    return fn
+
+
+def _split(x):
+    """`(wrt values, held inputs)` of a chunk (an array/tensor or a list)."""
+    if isinstance(x, (list, tuple)):
+        return x[0], tuple(x[1:])
+    return x, ()
 
 
 def _check_spectral_stats(stats) -> dict:
@@ -153,9 +178,11 @@ class LocalRankEstimator:
     """Measures local rank of chosen layers of a model, many times.
 
     Args:
-        model: a built functional or Sequential `keras.Model` with one float
-            input. Models built under a `tf.distribute` strategy are measured
-            with the chunk split over the strategy's replicas.
+        model: a built functional or Sequential `keras.Model` (nested models,
+            shared layers and several inputs are supported, see `wrt` and
+            docs/graph_coverage.md). Models built under a `tf.distribute`
+            strategy are measured with the chunk split over the strategy's
+            replicas.
         layers: names or layer objects to measure. Default None: all
             measurable layers (`Dense`, `EinsumDense`, convolutions,
             `RankProbe`).
@@ -191,6 +218,12 @@ class LocalRankEstimator:
             values `s` (`[B, k]`, zero-padded, float) to a per-sample `[B]`
             tensor; results carry them per layer (`result.stats[name]`). NaN
             on layers measured by the randomized method. Default None.
+        directions_per_pass: at most this many directions in flight per pass
+            (below what the budget allows). Default None: set by the budget.
+        wrt: the tensor to differentiate: None (the only float model input),
+            a model input's index or name (other inputs are held at their
+            sample values), or the name of a layer call whose output is used
+            (`"embedding"` for a text model). See `taps.select_taps`.
 
     Raises:
         TypeError, ValueError: see `local_rank`.
@@ -213,6 +246,8 @@ class LocalRankEstimator:
         sketch_block: int = 8,
         power_iterations: int = 1,
         spectral_stats: Mapping[str, Callable[[tf.Tensor], tf.Tensor]] | None = None,
+        directions_per_pass: int | None = None,
+        wrt: int | str | None = None,
     ):
         check_choice("method", method, _METHODS)
         if batch_size is not None:
@@ -225,6 +260,11 @@ class LocalRankEstimator:
         self.sketch_block = check_positive_int("sketch_block", sketch_block)
         self.power_iterations = check_int("power_iterations", power_iterations, minimum=0)
         self.spectral_stats = _check_spectral_stats(spectral_stats)
+        self._max_in_flight = (
+            None
+            if directions_per_pass is None
+            else check_positive_int("directions_per_pass", directions_per_pass)
+        )
         tolerances = tuple(tolerances)
         if not tolerances or not all(isinstance(t, Tolerance) for t in tolerances):
             raise TypeError(
@@ -232,15 +272,10 @@ class LocalRankEstimator:
             )
         self.model = model
         self.method = method
-        self.selection = select_taps(model, layers, input_shape=input_shape)
+        self.selection = select_taps(model, layers, input_shape=input_shape, wrt=wrt)
         self.taps = self.selection.taps
-        graph = model_graph(model)
-        input_dtype = graph.inputs[0].dtype
-        if not str(input_dtype).startswith("float"):
-            raise TypeError(
-                "Expected a model with a float input. Received: model input dtype "
-                f"{input_dtype}; local rank needs derivatives with respect to the input."
-            )
+        self.wrt = self.selection.wrt
+        input_dtype = self.wrt.dtype
         if dtype is None:
             dtype = "float64" if input_dtype == "float64" else "float32"
         check_choice("dtype", dtype, ("float32", "float64"))
@@ -252,7 +287,7 @@ class LocalRankEstimator:
         self._via_gram = not self.jit_compile
         self._use_gram = self._via_gram and dtype == "float32"
 
-        if method in ("auto", "analytic"):
+        if method in ("auto", "analytic") and self.selection.single_input:
             self._forest = find_dense_forest(model, self.taps)
         else:
             self._forest = {}
@@ -268,6 +303,7 @@ class LocalRankEstimator:
         self._work_model = None
         self._exact_taps: list = []
         self._random_taps: list = []
+        self._constant_taps: list = []
         self._root = None
         self._mode = None
         in_flight = 0
@@ -278,7 +314,10 @@ class LocalRankEstimator:
                 else _cast_model(model, dtype)
             )
             work_taps = select_taps(
-                self._work_model, [t.name for t in general], input_shape=input_shape
+                self._work_model,
+                [t.name for t in general],
+                input_shape=input_shape,
+                wrt=self.wrt.input_index if self.wrt.is_input else self.wrt.name,
             ).taps
             in_flight = self._plan_general(work_taps, method, batch_size)
         self._strategy = _replicas(model)
@@ -292,13 +331,23 @@ class LocalRankEstimator:
             n = self._strategy.num_replicas_in_sync
             self.batch_size = max(n, self.batch_size - self.batch_size % n)
         self._in_flight = in_flight
+        def chunk(x, basis=None, constants=None):
+            return self._chunk(x, basis, constants)
+
+        # A closure per estimator: TensorFlow pools the retracing statistics
+        # of all instances of a method, which warns once many estimators exist.
         self._fn = tf.function(
-            self._chunk,
+            chunk,
             jit_compile=self.jit_compile,
             autograph=False,
             reduce_retracing=True,
         )
         self._basis_fn = tf.function(self._basis, autograph=False) if self._root else None
+        self._constant_fn = (
+            tf.function(self._constant_spectra, autograph=False)
+            if self._general and self._constant_taps
+            else None
+        )
 
     # -- construction helpers -------------------------------------------------
 
@@ -309,16 +358,22 @@ class LocalRankEstimator:
         n0 = self.selection.input_dim
         itemsize = 8 if self.dtype == "float64" else 4
         budget = self.memory_budget
-        recurrent = _has_recurrent_layers(self._work_model)
+        recurrent = _needs_reverse_mode(
+            self._work_model, work_taps, tap_inputs_model(self._work_model, work_taps)
+        )
         per_replica = ACTIVATION_FACTOR * itemsize * activation_elements(self._work_model)
         self._per_replica_bytes = per_replica
 
         root = find_linear_root(self._work_model, work_taps)
         if root is not None:
-            kernel_bytes = root.tap.units * n0 * (itemsize + 8) * 2
-            root_in_flight = root.tap.units * per_replica
-            if kernel_bytes + root_in_flight > budget // 2:
+            # K_1 rows, their float64 QR and the basis are built once per call
+            # (n1 replicas of the first layers in flight); the basis is then
+            # held while chunks run.
+            once = root.tap.units * (n0 * (2 * itemsize + 16) + per_replica)
+            if once > budget // 2:
                 root = None
+            else:
+                budget -= root.tap.units * n0 * itemsize
         self._root = root
 
         def directions(tap):
@@ -339,22 +394,30 @@ class LocalRankEstimator:
                 "layers (LSTM/GRU/RNN) do not support; use method='exact'."
             )
 
+        def storage(tap, mode):
+            k = directions(tap)
+            along = tap.units <= k if mode == "forward" else k <= tap.units
+            accumulate = self._use_gram and along
+            return exact_storage_bytes(tap.units, k, itemsize, accumulate=accumulate)
+
+        if forced_mode:
+            modes = [forced_mode]
+        else:
+            modes = ["reverse"] if recurrent else ["forward", "reverse"]
         exact, random = [], []
         for tap in work_taps:
             k = directions(tap)
-            storage = exact_storage_bytes(
-                tap.units, k, itemsize, accumulate=self._use_gram and tap.units <= k
-            )
-            fits = storage + per_replica <= budget
+            need = min(storage(tap, m) for m in modes) + per_replica
+            fits = need <= budget
             if method == "randomized" or (method == "auto" and not fits and not recurrent):
                 random.append(tap)
             else:
                 if not fits:
                     raise ValueError(
                         f"Exact measurement of layer {tap.name!r} needs about "
-                        f"{(storage + per_replica) / 2**20:.0f} MiB per sample "
+                        f"{need / 2**20:.1f} MiB per sample "
                         f"(n_l={tap.units}, k={k}), more than memory_budget="
-                        f"{budget}. Pass a larger `memory_budget`, or "
+                        f"{self.memory_budget}. Pass a larger `memory_budget`, or "
                         "`method='randomized'` with an `atol`."
                     )
                 exact.append(tap)
@@ -370,22 +433,22 @@ class LocalRankEstimator:
 
         mode = forced_mode
         if mode is None and exact:
-            mode = "reverse" if recurrent else choose_mode(exact)
-            if not recurrent and root is not None:
+            if recurrent:
+                mode = "reverse"
+            else:  # the faster mode, unless only the other fits the budget
                 k = max(directions(t) for t in exact)
                 mode = "forward" if k < sum(t.units for t in exact) else "reverse"
+                other = "reverse" if mode == "forward" else "forward"
+
+                def total(m):
+                    return sum(storage(t, m) for t in exact) + per_replica
+
+                if total(mode) > budget >= total(other):
+                    mode = other
         self._mode = mode
 
         # Samples per chunk and directions in flight within the budget.
-        per_sample = sum(
-            exact_storage_bytes(
-                t.units, directions(t), itemsize,
-                accumulate=self._use_gram and (
-                    t.units <= directions(t) if mode == "forward" else directions(t) <= t.units
-                ),
-            )
-            for t in exact
-        )
+        per_sample = sum(storage(t, mode) for t in exact)
         for t in random:
             k = directions(t)
             sketch = 16 * (t.units + k) * min(t.units, k, 4 * self.sketch_block)
@@ -406,18 +469,23 @@ class LocalRankEstimator:
         )
         if sizes is None:
             raise ValueError(
-                f"memory_budget={budget} is too small for one sample of model "
+                f"memory_budget={self.memory_budget} is too small for one sample of model "
                 f"{self.model.name!r} with batch_size={batch_size} (about "
                 f"{(per_sample + per_replica) / 2**20:.1f} MiB per sample); pass a "
                 "larger `memory_budget` or a smaller `batch_size`."
             )
-        self._general_batch, in_flight = sizes
-        in_flight = min(in_flight, widest)
+        self._general_batch, affordable = sizes
+        in_flight = min(affordable, widest, self._max_in_flight or widest)
         if random:
-            self.sketch_block = max(1, min(self.sketch_block, in_flight))
+            self.sketch_block = max(
+                1, min(self.sketch_block, affordable, self._max_in_flight or affordable)
+            )
 
         self._exact_taps = exact
         self._random_taps = random
+        # Taps affine in the input have one Jacobian for all samples:
+        # measured once per call, on one sample.
+        self._constant_taps = [t for t in exact if is_constant_tap(self._work_model, t)]
         self._directions = {t.name: directions(t) for t in work_taps}
         for t in exact:
             self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
@@ -430,12 +498,12 @@ class LocalRankEstimator:
         self._tap_inputs = {
             t.name: tap_inputs_model(self._work_model, [t])
             for t in work_taps
-            if mode == "reverse" or t in random or (root is not None and t is root.tap)
+            if mode == "reverse" or t in random or t in self._constant_taps
         }
         self._work_taps = {t.name: t for t in work_taps}
         self._forward_groups = []
         if mode == "forward":
-            rest = [t for t in exact if root is None or t is not root.tap]
+            rest = [t for t in exact if t not in self._constant_taps]
             for reduced in (False, True):
                 group = [
                     t for t in rest
@@ -520,17 +588,16 @@ class LocalRankEstimator:
 
     # -- the traced measurement ------------------------------------------------
 
-    def _root_fn(self):
-        tap = self._root.tap
-        model = self._tap_inputs[tap.name]
-        return lambda z: preactivations(model, [tap], z)
+    def _basis(self, held=()):
+        """`[n_1, n0]` orthonormal rows spanning the row space of `K_1`.
 
-    def _basis(self):
-        """`[n_1, n0]` orthonormal rows spanning the row space of `K_1`."""
+        `held`: the held inputs of one sample (`K_1` does not depend on them,
+        but the model needs them to run)."""
         tap = self._root.tap
         x0 = tf.zeros([1, *self.selection.input_shape], self.dtype)
         eye = tf.eye(tap.units, dtype=self.dtype)[None]
-        rows = vjp(self._root_fn(), x0, eye)[0]  # K_1: [n1, n0]
+        fn = _outputs_fn(self._tap_inputs[tap.name], [tap], tuple(held))
+        rows = vjp(fn, x0, eye)[0]  # K_1: [n1, n0]
         return tf.cast(row_space_basis(rows), self.dtype)
 
     def _summaries(self, s, tap):
@@ -560,7 +627,8 @@ class LocalRankEstimator:
             *stats,
         )
 
-    def _chunk(self, x, basis=None):
+    def _chunk(self, x, basis=None, constants=None):
+        x, held = _split(x)  # [wrt tensor, *held model inputs] or one tensor
         x = tf.cast(x, self.dtype)
         batch = tf.shape(x)[0]
         n0 = self.selection.input_dim
@@ -576,37 +644,60 @@ class LocalRankEstimator:
                 )
             )
         if self._exact_taps:
-            spectra.update(self._exact_spectra(x, basis))
+            if constants is None:
+                constants = self._constant_spectra([x[:1], *(h[:1] for h in held)], basis)
+            spectra.update(self._exact_spectra(x, held, basis, constants))
         out = {}
         for tap in self.taps:
             if tap.name in spectra:
                 out[tap.name] = self._summaries(spectra[tap.name], tap)
         return out
 
-    def _exact_spectra(self, x, basis):
+    def _constant_spectra(self, x1, basis):
+        """`{name: [1, k]}` singular values of the constant taps at one sample
+        (`x1`: `[wrt value, *held inputs]` of one sample, or one tensor)."""
+        x1, held = _split(x1)
+        x1 = tf.cast(x1, self.dtype)
+        root = self._root
+        block = max(1, self._in_flight * self.batch_size)
+        out = {}
+        for tap in self._constant_taps:
+            model = self._tap_inputs[tap.name]
+            reduced = root is not None and tap.name in root.covered
+
+            fn = _outputs_fn(model, [tap], held)
+            b = basis if reduced else None
+            k = self._directions[tap.name]
+            if self._mode == "forward":
+                s = forward_spectra(
+                    fn, x1, b, [tap.units], block=min(block, k), use_gram=self._use_gram
+                )[0]
+            else:
+                s = reverse_spectra(
+                    fn, x1, b, tap.units, block=min(block, tap.units), use_gram=self._use_gram
+                )
+            out[tap.name] = s
+        return out
+
+    def _exact_spectra(self, x, held, basis, constants):
         n0 = self.selection.input_dim
         root = self._root
         block = self._in_flight
         spectra = {}
-        taps = list(self._exact_taps)
+        batch = tf.shape(x)[0]
+        for name, s in constants.items():
+            spectra[name] = tf.broadcast_to(s, tf.stack([batch, tf.shape(s)[1]]))
+        taps = [t for t in self._exact_taps if t not in self._constant_taps]
 
         def tap_basis(tap):
             return basis if root is not None and tap.name in root.covered else None
 
-        if root is not None and root.tap in taps:
-            # J_1 = K_1 is constant: measured once, on the first sample.
-            s = forward_spectra(
-                self._root_fn(), x[:1], basis, [root.tap.units],
-                block=block, use_gram=self._use_gram,
-            )[0]
-            spectra[root.tap.name] = tf.broadcast_to(s, tf.stack([tf.shape(x)[0], tf.shape(s)[1]]))
-            taps.remove(root.tap)
         if not taps:
             return spectra
         if self._mode == "forward":
             for reduced, group, model in self._forward_groups:
                 values = forward_spectra(
-                    lambda z, m=model, g=group: preactivations(m, g, z),
+                    _outputs_fn(model, group, held),
                     x,
                     basis if reduced else None,
                     [t.units for t in group],
@@ -621,7 +712,7 @@ class LocalRankEstimator:
             deps = [] if previous is None else [previous]
             with tf.control_dependencies(deps):
                 s = reverse_spectra(
-                    lambda z, m=model, t=tap: preactivations(m, [t], z),
+                    _outputs_fn(model, [tap], held),
                     tf.identity(x),
                     tap_basis(tap),
                     tap.units,
@@ -636,42 +727,76 @@ class LocalRankEstimator:
 
     def _make_operators(self, tap):
         model = self._tap_inputs[tap.name]
+        reduced = self._root is not None and tap.name in self._root.covered
+        k = self._directions[tap.name]
+        n0 = self.selection.input_dim
+        x_spec = tf.TensorSpec([None, *self.selection.input_shape], self.dtype)
+        held_spec = tuple(self._held_specs)
 
-        def fn(z):
-            return preactivations(model, [tap], z)
+        def matvec(x, v, basis, held):
+            if reduced:
+                v = tf.linalg.matmul(v, basis)
+            return jvp(_outputs_fn(model, [tap], held), x, v)[0]
 
-        def matvec(x, v, basis):
-            if basis is not None:
-                v = tf.linalg.matmul(tf.cast(v, x.dtype), basis)
-            return jvp(fn, x, v)[0]
-
-        def rmatvec(x, u, basis):
-            g = vjp(fn, x, u)
-            if basis is not None:
+        def rmatvec(x, u, basis, held):
+            g = vjp(_outputs_fn(model, [tap], held), x, u)
+            if reduced:
                 g = tf.linalg.matmul(g, basis, transpose_b=True)
             return g
 
+        # Fixed signatures: the sketch calls these with several widths.
+        basis_spec = tf.TensorSpec([k, n0] if reduced else [0], self.dtype)
         return (
-            tf.function(matvec, autograph=False, reduce_retracing=True),
-            tf.function(rmatvec, autograph=False, reduce_retracing=True),
+            tf.function(
+                matvec,
+                autograph=False,
+                input_signature=[
+                    x_spec, tf.TensorSpec([None, None, k], self.dtype), basis_spec, held_spec
+                ],
+            ),
+            tf.function(
+                rmatvec,
+                autograph=False,
+                input_signature=[
+                    x_spec,
+                    tf.TensorSpec([None, None, tap.units], self.dtype),
+                    basis_spec,
+                    held_spec,
+                ],
+            ),
         )
+
+    @property
+    def _held_specs(self) -> list[tf.TensorSpec]:
+        """Specs of the held model inputs (float ones in the compute dtype)."""
+        inputs = functional_graph(self.model).inputs
+        specs = []
+        for i in self.wrt.held:
+            t = inputs[i]
+            dtype = self.dtype if str(t.dtype).startswith("float") else str(t.dtype)
+            specs.append(tf.TensorSpec([None, *t.shape[1:]], dtype))
+        return specs
 
     def _randomized(self, x, basis, chunk_index: int) -> dict:
         out = {}
         atol_min = min(t.atol for t in self.tolerances)
+        x, held = _split(x)
         x = tf.constant(x, self.dtype)
+        held = tuple(
+            tf.cast(tf.constant(h), spec.dtype) for h, spec in zip(held, self._held_specs)
+        )
         batch = int(x.shape[0])
         for index, tap in enumerate(self._random_taps):
             matvec, rmatvec = self._operators[tap.name]
             reduced = self._root is not None and tap.name in self._root.covered
-            b = basis if reduced else None
+            b = basis if reduced else tf.zeros([0], self.dtype)
             k = self._directions[tap.name]
             room = self.memory_budget - batch * self.sketch_block * self._per_replica_bytes
             max_size = max(self.sketch_block, room // max(1, batch * 16 * (tap.units + k)))
             seed = np.random.SeedSequence([self.seed, index, chunk_index]).generate_state(1)[0]
             sketch = certified_sketch(
-                lambda v, b=b, mv=matvec: mv(x, tf.cast(v, self.dtype), b),
-                lambda u, b=b, rmv=rmatvec: rmv(x, tf.cast(u, self.dtype), b),
+                lambda v, b=b, mv=matvec: mv(x, tf.cast(v, self.dtype), b, held),
+                lambda u, b=b, rmv=rmatvec: rmv(x, tf.cast(u, self.dtype), b, held),
                 batch=batch,
                 shape=(tap.units, k),
                 target=RESIDUAL_FRACTION * atol_min,
@@ -703,15 +828,19 @@ class LocalRankEstimator:
             )
         return out
 
-    def _run(self, chunk: np.ndarray, basis=None):
+    def _run(self, chunk, basis=None, constants=None):
         if self._strategy is None:
-            return self._fn(tf.constant(chunk), basis)
+            if isinstance(chunk, list):
+                return self._fn([tf.constant(c) for c in chunk], basis, constants)
+            return self._fn(tf.constant(chunk), basis, constants)
         n = self._strategy.num_replicas_in_sync
+        if isinstance(chunk, list):
+            raise ValueError("Models with held inputs are not measured under a strategy.")
         parts = np.split(chunk, n)
         values = self._strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])
         )
-        per_replica = self._strategy.run(self._fn, args=(values, basis))
+        per_replica = self._strategy.run(self._fn, args=(values, basis, constants))
         local = self._strategy.experimental_local_results(per_replica)
         return {
             name: tuple(
@@ -724,15 +853,17 @@ class LocalRankEstimator:
     def measure_tensor(self, x: tf.Tensor) -> dict[str, tuple[tf.Tensor, ...]]:
         """Graph-friendly measurement of one batch (usable inside `tf.function`).
 
-        No input checks and no chunking: `x` is one batch. Layers planned for
-        the randomized method are not measured here.
+        No input checks and no chunking: `x` is one batch (a tensor, or
+        `[wrt values, *held inputs]` as `check_samples` returns them). Layers
+        planned for the randomized method are not measured here.
 
         Returns:
             `{layer: (ranks [num_tolerances, B] int32, effective rank [B],
             stable rank [B], margin [num_tolerances, B], near-threshold counts
             [num_tolerances, B], *spectral stats [B])}`.
         """
-        basis = self._basis() if self._root is not None else None
+        _, held = _split(x)
+        basis = self._basis([h[:1] for h in held]) if self._root is not None else None
         return self._fn(x, basis)
 
     # -- the public call ---------------------------------------------------------
@@ -743,23 +874,41 @@ class LocalRankEstimator:
         """Measure on samples `x`; one `LocalRankResult` per tolerance.
 
         Args:
-            x: `[N, *input_shape]` float array, tensor or `tf.data.Dataset`.
+            x: `[N, *input_shape]` float array, tensor or `tf.data.Dataset`;
+                a list or dict of arrays (one per model input) with held
+                inputs or an intermediate `wrt`.
             verbose: 1 shows a progress bar over chunks. Default 0.
             max_samples: use at most this many samples. Default None: all.
         """
         return self.measure(self.check_samples(x, max_samples=max_samples), verbose=verbose)
 
-    def check_samples(self, x, *, max_samples: int | None = None) -> np.ndarray:
-        """Validate `x` once (see `inputs.as_samples`) for repeated `measure` calls."""
+    def check_samples(self, x, *, max_samples: int | None = None):
+        """Validate `x` once (see `inputs.as_samples`) for repeated `measure` calls.
+
+        Returns an array, or `[wrt values, *held inputs]` when the model has
+        several inputs or `wrt` is an intermediate tensor.
+        """
+        if not self.selection.single_input:
+            return as_model_samples(
+                x, self.model, self.wrt, max_samples=max_samples, dtype=self.dtype
+            )
         samples = as_samples(x, input_shape=self.selection.input_shape, max_samples=max_samples)
         return samples.astype(self.dtype, copy=False)
 
-    def measure(self, samples: np.ndarray, *, verbose: int = 0) -> list[LocalRankResult]:
+    def measure(self, samples, *, verbose: int = 0) -> list[LocalRankResult]:
         """Measure on samples already checked by `check_samples`."""
         if self._work_model is not None and self._work_model is not self.model:
             self._work_model.set_weights(self.model.get_weights())
-        basis = self._basis_fn() if self._root is not None else None
-        n = len(samples)
+        first = _take(samples, 0, 1, 1)  # one sample: the constant parts
+        if isinstance(first, list):
+            first = [tf.constant(c) for c in first]
+        else:
+            first = tf.constant(first)
+        basis = self._basis_fn(_split(first)[1]) if self._root is not None else None
+        constants = (
+            self._constant_fn(first, basis) if self._constant_fn is not None else None
+        )
+        n = len(samples[0]) if isinstance(samples, list) else len(samples)
         size = min(self.batch_size, n)
         if self._strategy is not None:
             r = self._strategy.num_replicas_in_sync
@@ -769,13 +918,11 @@ class LocalRankEstimator:
         width = 5 + len(self.spectral_stats)
         collected = {t.name: [[] for _ in range(width + 2)] for t in self.taps}
         for i in range(chunks):
-            chunk = samples[i * size : (i + 1) * size]
-            valid = len(chunk)
-            if valid < size:  # pad to one shape: one trace, and XLA-friendly
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - valid, axis=0)])
+            chunk = _take(samples, i * size, (i + 1) * size, size)
+            valid = min(size, n - i * size)
             out = {}
             if self._forest or self._exact_taps:
-                for name, values in self._run(chunk, basis).items():
+                for name, values in self._run(chunk, basis, constants).items():
                     out[name] = tuple(np.asarray(v) for v in values)
             if self._random_taps:
                 out.update(self._randomized(chunk, basis, i))
@@ -871,6 +1018,7 @@ def local_rank(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     failure_probability: float = 1e-3,
     seed: int = 0,
+    wrt: int | str | None = None,
 ) -> LocalRankResult:
     """Local rank `E_x[rank(J_l(x))]` of each layer's pre-activation Jacobian.
 
@@ -878,8 +1026,9 @@ def local_rank(
     (and its traced function): no retracing.
 
     Args:
-        model: a built functional or Sequential `keras.Model` with one float input.
-        x: `[N, *input_shape]` samples: NumPy array, tensor or `tf.data.Dataset`.
+        model: a built functional or Sequential `keras.Model`.
+        x: `[N, *input_shape]` samples: NumPy array, tensor or `tf.data.Dataset`;
+            a list or dict of arrays (one per model input) with held inputs.
         layers: names or layers to measure. Default None: all measurable layers.
         atol: absolute singular-value threshold (the paper's robust rank
             `rank_eps` with `atol=eps`). Default None.
@@ -896,6 +1045,10 @@ def local_rank(
         memory_budget: bytes one chunk may use. Default 2 GiB.
         failure_probability: `delta` of randomized estimates. Default 1e-3.
         seed: seed of randomized estimates. Default 0.
+        wrt: the tensor to differentiate: None (the only float model input),
+            a model input's index or name, or the name of a layer call whose
+            output is used (`"embedding"`). With several inputs, pass `x` as
+            a list (model input order) or a dict (input names) of arrays.
 
     Returns:
         A `LocalRankResult`.
@@ -905,8 +1058,8 @@ def local_rank(
             bad `layers` entries; non-numeric `atol`/`rtol`; non-integer
             `memory_budget`/`seed`.
         ValueError: NaN/Inf, empty or wrongly shaped `x`; an unbuilt model; a
-            model with several inputs; unknown layer names; no measurable
-            layer; negative `atol`/`rtol`; bad `method`/`batch_size`/`dtype`;
+            bad or (with several float inputs) missing `wrt`; unknown layer
+            names; no measurable layer; negative `atol`/`rtol`; bad `method`/`batch_size`/`dtype`;
             a `memory_budget` too small for one sample; `method="randomized"`
             without `atol`; `failure_probability` outside (0, 1).
 
@@ -932,6 +1085,7 @@ def local_rank(
         memory_budget,
         failure_probability,
         seed,
+        wrt,
     )
 
     def build():
@@ -947,6 +1101,7 @@ def local_rank(
             memory_budget=memory_budget,
             failure_probability=failure_probability,
             seed=seed,
+            wrt=wrt,
         )
 
     try:
@@ -959,8 +1114,21 @@ def local_rank(
 
 def _input_shape_hint(model, x):
     """Per-sample shape from `x` for models whose input has None dimensions."""
-    graph = model_graph(model)
-    if all(d is not None for d in graph.inputs[0].shape[1:]):
+    graph = functional_graph(model)
+    if len(graph.inputs) != 1 or all(d is not None for d in graph.inputs[0].shape[1:]):
         return None
     shape = getattr(x, "shape", None)
     return tuple(shape[1:]) if shape is not None and len(shape) > 1 else None
+
+
+def _take(samples, start: int, stop: int, size: int):
+    """Rows `start:stop` of an array or of each array of a list, padded to
+    `size` rows by repeating the first (one shape: one trace, XLA-friendly)."""
+
+    def one(a):
+        part = a[start:stop]
+        if len(part) < size:
+            part = np.concatenate([part, np.repeat(part[:1], size - len(part), axis=0)])
+        return part
+
+    return [one(a) for a in samples] if isinstance(samples, list) else one(samples)

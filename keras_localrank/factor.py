@@ -21,9 +21,16 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap, model_graph
+from keras_localrank.graph import functional_graph
+from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap
 
-__all__ = ["LinearRoot", "AFFINE_LAYERS", "find_linear_root", "row_space_basis"]
+__all__ = [
+    "LinearRoot",
+    "AFFINE_LAYERS",
+    "find_linear_root",
+    "is_constant_tap",
+    "row_space_basis",
+]
 
 
 def _classes(*names):
@@ -67,6 +74,8 @@ def _history(tensor):
 
 def _is_affine_in_input(tensor, model_input) -> bool:
     """True if `tensor` is an affine function of the model input alone."""
+    if tensor is None:  # an attention projection: no single input tensor
+        return False
     while tensor is not model_input:
         op, node = _history(tensor)
         if op is None or len(node.input_tensors) != 1:
@@ -80,12 +89,20 @@ def _is_affine_in_input(tensor, model_input) -> bool:
     return True
 
 
-def _through(tensor, gate, model_input, memo) -> bool:
-    """True if every path from the model input to `tensor` passes `gate`."""
+def _through(tensor, gate, model_input, memo, held=frozenset()) -> bool:
+    """True if every path from the model input to `tensor` passes `gate`.
+
+    `held`: ids of the other model inputs (held at their values: constants).
+    Conservative: False for a tensor of a nested model's inner graph (its
+    paths end at the inner input)."""
+    if tensor is None:  # an attention projection: not analysed
+        return False
     if tensor is gate:
         return True
     if tensor is model_input:
         return False
+    if id(tensor) in held:
+        return True
     key = id(tensor)
     if key in memo:
         return memo[key]
@@ -95,8 +112,31 @@ def _through(tensor, gate, model_input, memo) -> bool:
         memo[key] = True  # a constant: does not depend on the input
         return True
     inputs = [t for t in node.input_tensors if hasattr(t, "_keras_history")]
-    memo[key] = bool(inputs) and all(_through(t, gate, model_input, memo) for t in inputs)
+    memo[key] = bool(inputs) and all(
+        _through(t, gate, model_input, memo, held) for t in inputs
+    )
     return memo[key]
+
+
+def _wrt_tensor(model, tap: Tap):
+    """The differentiated tensor of the tap's measurement: a model input (the
+    only one, or `wrt`'s), or the output of the `wrt` layer call."""
+    wrt = tap.wrt
+    inputs = functional_graph(model).inputs
+    if wrt is None:
+        return inputs[0]
+    if wrt.is_input:
+        return inputs[wrt.input_index]
+    return wrt.call.outputs[0]
+
+
+def is_constant_tap(model, tap: Tap) -> bool:
+    """True if the tap's pre-activation is affine in the differentiated tensor
+    alone (constant `J`): the tap's input is reached from it through
+    single-input affine layers only (so held inputs do not enter). Taps inside
+    nested models and attention projections are conservatively not constant.
+    """
+    return _is_affine_in_input(tap.input, _wrt_tensor(model, tap))
 
 
 def find_linear_root(model, taps: Sequence[Tap]) -> LinearRoot | None:
@@ -110,8 +150,10 @@ def find_linear_root(model, taps: Sequence[Tap]) -> LinearRoot | None:
         A `LinearRoot`, or None when no tap is affine in the input with
         `n_1 < n0` (only then does the reduction save work).
     """
-    graph = model_graph(model)
-    model_input = graph.inputs[0]
+    if not taps:
+        return None
+    model_input = _wrt_tensor(model, taps[0])
+    held = frozenset(id(t) for t in functional_graph(model).inputs if t is not model_input)
     best = None
     for tap in taps:
         if tap.units >= tap.input_dim or not _is_affine_in_input(tap.input, model_input):
@@ -122,7 +164,9 @@ def find_linear_root(model, taps: Sequence[Tap]) -> LinearRoot | None:
         gate = nodes[0].output_tensors[0]
         memo: dict = {}
         covered = {tap.name} | {
-            t.name for t in taps if t is not tap and _through(t.input, gate, model_input, memo)
+            t.name
+            for t in taps
+            if t is not tap and _through(t.input, gate, model_input, memo, held)
         }
         key = (len(covered), -tap.units)
         if best is None or key > best[0]:

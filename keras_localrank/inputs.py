@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras_localrank.validation import check_positive_int
 
 # `check_positive_int` is re-exported for older imports; it lives in `validation`.
-__all__ = ["as_samples", "check_positive_int"]
+__all__ = ["as_model_samples", "as_samples", "check_positive_int"]
 
 
 def _check_batched(dataset: tf.data.Dataset, input_shape, name: str) -> None:
@@ -144,3 +144,97 @@ def as_samples(
             f"first at index {int(bad[0])}."
         )
     return arr
+
+
+def _inputs_list(x, inputs) -> list:
+    """`x` as one entry per model input (a list in input order, a dict by
+    input name, or one array for a one-input model)."""
+    names = [t.name for t in inputs]
+    if isinstance(x, tf.data.Dataset):
+        raise TypeError(
+            "Expected `x` as a list or dict of arrays for a model measured with "
+            "held inputs or an intermediate `wrt`. Received: a tf.data.Dataset; "
+            "materialise it first."
+        )
+    if isinstance(x, dict):
+        unknown = sorted(set(x) - set(names))
+        missing = [n for n in names if n not in x]
+        if unknown or missing:
+            raise ValueError(
+                f"Expected `x` keys {names} (the model inputs). Received: keys "
+                f"{sorted(x)}."
+            )
+        return [x[n] for n in names]
+    if isinstance(x, (list, tuple)):
+        if len(x) != len(inputs):
+            raise ValueError(
+                f"Expected `x` with one array per model input ({len(inputs)}: {names}). "
+                f"Received: {len(x)} arrays."
+            )
+        return list(x)
+    if len(inputs) == 1:
+        return [x]
+    raise TypeError(
+        f"Expected `x` as a list or dict of arrays, one per model input {names}. "
+        f"Received: x of type {type(x).__name__}."
+    )
+
+
+def as_model_samples(x, model, wrt, *, max_samples: int | None = None, dtype="float32"):
+    """Samples of a measurement with held inputs or an intermediate `wrt`.
+
+    Args:
+        x: one array per model input: a list (model input order), a dict
+            (input names), or one array for a one-input model.
+        model: the model.
+        wrt: the `graph.Wrt` of the measurement.
+        max_samples: keep at most this many samples.
+        dtype: dtype of the differentiated tensor and of held float inputs.
+
+    Returns:
+        `[wrt values, *held inputs]` NumPy arrays with one leading sample axis
+        (held inputs in the order of `wrt.held`).
+
+    Raises:
+        TypeError: `x` of the wrong structure or dtype.
+        ValueError: wrong keys, counts, shapes, sample counts, NaN or Inf.
+    """
+    from keras_localrank.graph import functional_graph, wrt_values
+
+    inputs = functional_graph(model).inputs
+    arrays = []
+    for tensor, value in zip(inputs, _inputs_list(x, inputs)):
+        name = f"x[{tensor.name!r}]"
+        if str(tensor.dtype).startswith("float"):
+            arr = as_samples(
+                value, input_shape=tuple(tensor.shape[1:]), max_samples=max_samples, name=name
+            ).astype(dtype, copy=False)
+        else:
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "iub":
+                raise TypeError(
+                    f"Expected integer `{name}` for the {tensor.dtype} model input. "
+                    f"Received: dtype {arr.dtype}."
+                )
+            if max_samples is not None:
+                arr = arr[: int(max_samples)]
+            expected = tuple(tensor.shape[1:])
+            if arr.ndim != len(expected) + 1 or any(
+                e is not None and e != g for e, g in zip(expected, arr.shape[1:])
+            ):
+                raise ValueError(
+                    f"Expected `{name}` of shape (N, {', '.join(map(str, expected))}). "
+                    f"Received: shape {arr.shape}."
+                )
+        arrays.append(arr)
+    counts = {len(a) for a in arrays}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(
+            "Expected the same non-zero number of samples for every model input. "
+            f"Received: {[len(a) for a in arrays]}."
+        )
+    if wrt.is_input:
+        first = arrays[wrt.input_index]
+    else:
+        first = wrt_values(model, wrt, arrays).astype(dtype, copy=False)
+    return [first, *(arrays[i] for i in wrt.held)]

@@ -24,12 +24,18 @@ def choose_mode(taps: Sequence[Tap]) -> str:
     `"reverse"`: forward costs about `n0` forward passes for all taps at once,
     reverse about `n_l` backward passes per tap."""
     n0 = taps[0].input_dim
+    if not all(getattr(t, "forward_mode_ok", True) for t in taps):
+        return "reverse"  # forward mode does not pass through recurrent loops
     return "forward" if n0 < sum(t.units for t in taps) else "reverse"
 
 
-def preactivations(inputs_model, taps, x):
-    """Flattened pre-activations `[B, n_l]` of every tap at inputs `x`."""
-    inputs = inputs_model(x, training=False)
+def preactivations(inputs_model, taps, x, held=()):
+    """Flattened pre-activations `[B, n_l]` of every tap at inputs `x`.
+
+    `held`: model inputs held at their values, passed after `x` to
+    `inputs_model`, with `x`'s batch size.
+    """
+    inputs = inputs_model([x, *held] if held else x, training=False)
     if not isinstance(inputs, (list, tuple)):
         inputs = [inputs]
     return [
@@ -39,7 +45,12 @@ def preactivations(inputs_model, taps, x):
 
 
 def preactivation_jacobians(
-    inputs_model, taps: Sequence[Tap], x: tf.Tensor, *, mode: str = "reverse"
+    inputs_model,
+    taps: Sequence[Tap],
+    x: tf.Tensor,
+    *,
+    mode: str = "reverse",
+    held: Sequence[tf.Tensor] = (),
 ) -> list[tf.Tensor]:
     """Per-sample Jacobians `d p_l(x) / d x`, flattened.
 
@@ -49,6 +60,8 @@ def preactivation_jacobians(
         taps: the taps, in the order of `inputs_model`'s outputs.
         x: `[B, *input_shape]` inputs in the compute dtype.
         mode: `"reverse"` (default) or `"forward"`.
+        held: model inputs held at their values (not differentiated), passed
+            after `x` to `inputs_model`, with `x`'s batch size.
 
     Returns:
         One `[B, n_l, n0]` tensor per tap.
@@ -61,17 +74,18 @@ def preactivation_jacobians(
     if mode == "reverse":
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
-            preacts = preactivations(inputs_model, taps, x)
+            preacts = preactivations(inputs_model, taps, x, held)
         jacobians = [tape.batch_jacobian(p, x) for p in preacts]
         del tape
         return [tf.reshape(j, [batch, t.units, n0]) for j, t in zip(jacobians, taps)]
     if mode == "forward":
         repeated = tf.repeat(x, n0, axis=0)  # sample b, direction i at b * n0 + i
+        held = [tf.repeat(h, n0, axis=0) for h in held]
         basis = tf.tile(tf.eye(n0, dtype=x.dtype), [batch, 1])
         with tf.autodiff.ForwardAccumulator(
             repeated, tf.reshape(basis, tf.shape(repeated))
         ) as acc:
-            preacts = preactivations(inputs_model, taps, repeated)
+            preacts = preactivations(inputs_model, taps, repeated, held)
         out = []
         for p, t in zip(preacts, taps):
             jvp = tf.reshape(acc.jvp(p), [batch, n0, t.units])

@@ -34,17 +34,17 @@ __all__ = [
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 #: Replica cost factor: primal + tangent (or tape) + temporaries.
 ACTIVATION_FACTOR = 3
-_MIN_BUDGET = 2**20
 
 
 def check_memory_budget(value) -> int:
-    """`memory_budget` in bytes: an int >= 1 MiB.
+    """`memory_budget` in bytes: a positive int (a budget too small for one
+    sample is reported by the planner, which knows the model).
 
     Raises:
         TypeError: not an int.
-        ValueError: below 1 MiB.
+        ValueError: below 1.
     """
-    return check_int("memory_budget", value, minimum=_MIN_BUDGET)
+    return check_int("memory_budget", value, minimum=1)
 
 
 def _output_elements(layer_or_model, seen: set) -> int:
@@ -124,7 +124,5 @@ def plan_sizes(
     room = budget // batch - per_sample
     directions = min(max_directions, room // per_replica)
     if directions < 1:
-        if batch_size is None or batch == 1:
-            return None
         return None
     return int(batch), int(directions)

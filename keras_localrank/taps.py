@@ -6,6 +6,9 @@ layer (the output before its own activation), or any tensor marked by a
 `keras_localrank.layers.RankProbe`. This module finds taps, validates the
 model, builds one feature model that returns every tapped layer's input, and
 recomputes each pre-activation from that input with the layer's own weights.
+The graph itself (nested models, shared layers, attention projections,
+several inputs, the differentiated tensor `wrt`) is read by
+`keras_localrank.graph`.
 
 Registry: `MEASURABLE_LAYERS` lists the supported layer classes; use
 `isinstance`, never class-name matching.
@@ -20,6 +23,17 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import keras
+
+from keras_localrank.graph import (
+    RECURRENT_LAYERS,
+    TRAVERSED_WEIGHTED_LAYERS,
+    CaptureModel,
+    LayerCall,
+    Wrt,
+    functional_graph,
+    layer_calls,
+    resolve_wrt,
+)
 
 __all__ = [
     "INFERENCE_IDENTITY_LAYERS",
@@ -81,23 +95,34 @@ def is_measurable(layer) -> bool:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Tap:
-    """One measured point of a model.
+    """One measured point of a model: one call of a measurable layer.
 
     Attributes:
         layer: the Keras layer.
-        input: the layer's input `KerasTensor` in the model's graph.
+        input: the call's input `KerasTensor` (in the graph of the model, or
+            of the nested model, that makes the call); None for the
+            projections inside a `MultiHeadAttention` call.
         units: `n_l`, the number of pre-activation values per sample.
-        input_dim: `n0`, the number of model-input values per sample.
+        input_dim: `n0`, the number of values per sample of the
+            differentiated (`wrt`) tensor.
+        name: the call's unique name (`graph.LayerCall.name`): the layer
+            name, `layer@k` for the k-th call of a shared layer,
+            `outer/inner` inside a nested model or an attention layer.
+        call: the `graph.LayerCall`.
+        wrt: the `graph.Wrt` the Jacobian is taken with respect to.
     """
 
     layer: keras.layers.Layer
     input: object
     units: int
     input_dim: int
+    name: str = ""
+    call: LayerCall | None = None
+    wrt: Wrt | None = None
 
-    @property
-    def name(self) -> str:
-        return self.layer.name
+    def __post_init__(self):
+        if not self.name:  # a hand-built tap: the layer's name
+            object.__setattr__(self, "name", self.layer.name)
 
     @property
     def class_name(self) -> str:
@@ -108,60 +133,59 @@ class Tap:
         """`min(n_l, n0)`, the largest possible rank of `J_l`."""
         return min(self.units, self.input_dim)
 
+    @property
+    def forward_mode_ok(self) -> bool:
+        """False when a recurrent layer lies between `wrt` and the tap:
+        TensorFlow's forward mode does not pass through their loops."""
+        return self.call is None or not self.call.through_recurrent
+
 
 @dataclasses.dataclass(frozen=True)
 class TapSelection:
-    """The taps of a model and the layers that were skipped (name -> reason)."""
+    """The taps of a model and the layers that were skipped (name -> reason).
+
+    Attributes:
+        taps: the measured calls.
+        skipped: `{call name: reason}` for every call not measured: the
+            requested ones that cannot be, and with the default selection
+            every weighted layer that is neither measured nor traversed by
+            design (normalisation, PReLU).
+        input_shape: per-sample shape of the differentiated tensor.
+        wrt: the `graph.Wrt` (None only for hand-built selections).
+    """
 
     taps: tuple[Tap, ...]
     skipped: dict[str, str]
     input_shape: tuple[int, ...]
+    wrt: Wrt | None = None
 
     @property
     def input_dim(self) -> int:
         return math.prod(self.input_shape)
 
+    @property
+    def single_input(self) -> bool:
+        """True when `wrt` is the model's only input (no held inputs)."""
+        return self.wrt is None or (self.wrt.is_input and not self.wrt.held)
+
 
 def model_graph(model):
-    """The functional graph of a Keras model (a built Sequential's inner graph).
+    """The functional graph of a one-input Keras model (see `graph.functional_graph`).
 
     Raises:
         TypeError: if `model` is not a `keras.Model`.
         ValueError: if the model is unbuilt, subclassed, or has several inputs.
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "Expected `model` to be a Keras 3 `keras.Model`. "
-            f"Received: model={model!r} of type {type(model).__name__}"
-        )
-    if isinstance(model, keras.Sequential):
-        graph = getattr(model, "_functional", None)
-        if graph is None or not model.built:
-            raise ValueError(
-                f"Expected a built model. Received: model={model.name!r}, which is "
-                "an unbuilt Sequential model; start it with `keras.Input(shape)`, "
-                "call `model.build(input_shape)`, or call it on data first."
-            )
-    else:
-        graph = model
-        if not hasattr(model, "_nodes_by_depth"):
-            raise ValueError(
-                "Expected a functional or Sequential model. Received: "
-                f"model={model.name!r}, a subclassed `{type(model).__name__}` whose "
-                "layer graph cannot be inspected; build it with the functional API."
-            )
+    graph = functional_graph(model)
     inputs = graph.inputs
     if len(inputs) != 1:
         raise ValueError(
-            "Models with several inputs are not supported yet. Received: "
+            "Expected a model with one input here. Received: "
             f"model={model.name!r} with {len(inputs)} inputs "
-            f"{[tuple(t.shape) for t in inputs]}."
+            f"{[tuple(t.shape) for t in inputs]}; local rank measures such models "
+            "with `wrt=` (the input to differentiate)."
         )
     return graph
-
-
-def _graph_nodes(graph) -> set:
-    return {node for nodes in graph._nodes_by_depth.values() for node in nodes}
 
 
 def _flat_size(shape: Sequence[int | None], what: str) -> int:
@@ -170,33 +194,140 @@ def _flat_size(shape: Sequence[int | None], what: str) -> int:
     return math.prod(shape)
 
 
+def _unmeasured_reason(call: LayerCall, wrt: Wrt) -> str | None:
+    """Why a call that is not a measurable layer is listed in `skipped`
+    (None: not listed, because it is traversed or has its parts measured)."""
+    layer = call.layer
+    if wrt.call is not None and (layer, call.index) == (wrt.call.layer, wrt.call.index):
+        return "its output is the differentiated tensor (`wrt`)"
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        return None  # its projections are measured as `<call>/<projection>`
+    if isinstance(layer, RECURRENT_LAYERS):
+        return (
+            f"{type(layer).__name__} is a recurrent layer whose gates are not "
+            "measured; add a `keras_localrank.layers.RankProbe` after it to "
+            "measure its output"
+        )
+    if isinstance(layer, keras.Model):
+        return (
+            f"subclassed model `{type(layer).__name__}`: its layers cannot be "
+            "inspected; build it with the functional API"
+        )
+    if isinstance(layer, keras.layers.Embedding):
+        if not call.depends:
+            return (
+                "Embedding of integer inputs is not differentiable; pass "
+                f"wrt={call.name!r} to measure the layers after it"
+            )
+        return "Embedding is not a measurable layer type"
+    if isinstance(layer, TRAVERSED_WEIGHTED_LAYERS) or not getattr(layer, "weights", ()):
+        return None
+    return f"{type(layer).__name__} is not a measurable layer type"
+
+
+def _call_problem(call: LayerCall, wrt: Wrt) -> str | None:
+    """Why a call of a measurable layer cannot be measured, or None."""
+    layer = call.layer
+    if call.top_level or call.inputs:
+        if len(call.inputs) != 1:
+            return "layer has several input tensors"
+    if getattr(layer, "quantization_mode", None) not in (None, "lora"):
+        return "quantized layers are not supported"
+    if any(d is None for d in call.output_shape):
+        return f"output shape {call.output_shape} is not fully defined"
+    if call.input_dtype and not call.input_dtype.startswith("float"):
+        return f"layer input has non-float dtype {call.input_dtype}"
+    if not call.depends:
+        return f"does not depend on the differentiated tensor {wrt.name!r} (`wrt`)"
+    return None
+
+
+def _inside(calls, name: str) -> list[LayerCall]:
+    """The calls made inside the call(s) named `name` (`name` or `name@k`)."""
+    return [
+        c
+        for c in calls
+        if any(seg.split("@")[0] == name for seg in c.name.split("/")[:-1])
+    ]
+
+
+def _resolve_layers(model, calls, layers) -> list[LayerCall]:
+    """The calls named by a `layers` argument (names, calls or layer objects)."""
+    if isinstance(layers, (str, keras.layers.Layer)):
+        layers = [layers]
+    by_name = {c.name: c for c in calls}
+    chosen: list[LayerCall] = []
+    for item in layers:
+        if isinstance(item, str):
+            if item in by_name:
+                found = [by_name[item]]
+            else:
+                found = [c for c in calls if c.layer.name == item and c.part_of is None]
+            if not any(is_measurable(c.layer) for c in found):
+                found = _inside(calls, item) or found  # a nested model or attention
+            if not found:
+                raise ValueError(
+                    f"Unknown layer name in `layers`. Received: {item!r}; "
+                    f"model {model.name!r} has layers {sorted(by_name)}."
+                )
+        elif isinstance(item, keras.layers.Layer):
+            found = [c for c in calls if c.layer is item]
+            if not found:
+                found = _inside(calls, item.name)
+            if not found:
+                raise ValueError(
+                    f"Layer {item.name!r} passed in `layers` is not a layer of "
+                    f"model {model.name!r}."
+                )
+        else:
+            raise TypeError(
+                "Expected `layers` to contain layer names or layers. "
+                f"Received: {item!r} of type {type(item).__name__}"
+            )
+        chosen.extend(c for c in found if all(c is not d for d in chosen))
+    return chosen
+
+
 def select_taps(
     model,
     layers: Iterable[str | keras.layers.Layer] | None = None,
     *,
     input_shape: Sequence[int] | None = None,
+    wrt: int | str | None = None,
 ) -> TapSelection:
     """Choose the taps of `model`.
 
     Args:
-        model: a built functional or Sequential `keras.Model` with one input.
-        layers: layer names or layer objects to measure. Default None: every
-            measurable layer (see `MEASURABLE_LAYERS`) and every `RankProbe`.
-        input_shape: the per-sample input shape, needed only when the model's
-            input has undefined (None) dimensions.
+        model: a built functional or Sequential `keras.Model`. Nested
+            functional/Sequential models are measured layer by layer, each
+            call of a shared layer separately, and the projections of every
+            `MultiHeadAttention` (names: see `keras_localrank.graph`).
+        layers: call names (`"dense"`, `"dense@1"`, `"base/conv"`,
+            `"mha/query"`), layer names (every call of that layer), names of
+            a nested model or attention call (every measurable call inside),
+            or layer objects. Default None: every measurable call (see
+            `MEASURABLE_LAYERS`) and every `RankProbe`.
+        input_shape: per-sample shape of the `wrt` input, needed only when
+            the model input has undefined (None) dimensions.
+        wrt: the tensor to differentiate with respect to: None (the only
+            float model input), a model input's index or name, or the name of
+            a layer call whose output is used (e.g. `"embedding"` for a text
+            model); other inputs are held at their sample values.
 
     Returns:
-        A `TapSelection`. Layers that cannot be measured (not a supported
-        type, called several times in the graph, nested models) are skipped
-        with a warning and named in `skipped`.
+        A `TapSelection`. Calls that cannot be measured are skipped with a
+        warning and named in `skipped` with the reason.
 
     Raises:
-        ValueError: unknown layer names, a model with no measurable layer.
-        TypeError: a `layers` entry that is neither a string nor a layer.
+        ValueError: unknown layer names, a bad `wrt`, a model with no
+            measurable layer.
+        TypeError: a `layers` entry that is neither a string nor a layer, a
+            `wrt` of the wrong type, or no `wrt` for a model without a float
+            input.
     """
-    graph = model_graph(model)
-    model_input = graph.inputs[0]
-    in_shape = tuple(model_input.shape[1:])
+    functional_graph(model)
+    resolved = resolve_wrt(model, wrt)
+    in_shape = tuple(resolved.shape)
     if any(d is None for d in in_shape):
         if input_shape is None:
             raise ValueError(
@@ -205,76 +336,53 @@ def select_taps(
             )
         in_shape = tuple(input_shape)
     input_dim = _flat_size(in_shape, "the model input")
+    calls = layer_calls(model, resolved)
 
-    all_layers = list(model.layers)
+    skipped: dict[str, str] = {}
     if layers is None:
-        chosen = [layer for layer in all_layers if is_measurable(layer)]
+        chosen = [c for c in calls if is_measurable(c.layer)]
+        for c in calls:
+            if not is_measurable(c.layer):
+                reason = _unmeasured_reason(c, resolved)
+                if reason is not None:
+                    skipped[c.name] = reason
         requested_explicitly = False
     else:
-        if isinstance(layers, (str, keras.layers.Layer)):
-            layers = [layers]
-        by_name = {layer.name: layer for layer in all_layers}
-        chosen = []
-        for item in layers:
-            if isinstance(item, str):
-                if item not in by_name:
-                    raise ValueError(
-                        f"Unknown layer name in `layers`. Received: {item!r}; "
-                        f"model {model.name!r} has layers {sorted(by_name)}."
-                    )
-                chosen.append(by_name[item])
-            elif isinstance(item, keras.layers.Layer):
-                if not any(item is layer for layer in all_layers):
-                    raise ValueError(
-                        f"Layer {item.name!r} passed in `layers` is not a layer of "
-                        f"model {model.name!r}."
-                    )
-                chosen.append(item)
-            else:
-                raise TypeError(
-                    "Expected `layers` to contain layer names or layers. "
-                    f"Received: {item!r} of type {type(item).__name__}"
-                )
+        chosen = _resolve_layers(model, calls, layers)
         requested_explicitly = True
 
-    nodes_in_graph = _graph_nodes(graph)
-    skipped: dict[str, str] = {}
     taps = []
-    for layer in chosen:
-        reason = None
-        nodes = [n for n in layer._inbound_nodes if n in nodes_in_graph]
-        if isinstance(layer, keras.Model):
-            reason = "nested model: pass the layers of the inner model instead"
-        elif not is_measurable(layer):
-            reason = f"{type(layer).__name__} is not a measurable layer type"
-        elif len(nodes) != 1:
-            reason = f"layer is called {len(nodes)} times in the graph (shared layer)"
-        elif len(nodes[0].input_tensors) != 1:
-            reason = "layer has several input tensors"
-        elif getattr(layer, "quantization_mode", None) not in (None, "lora"):
-            reason = "quantized layers are not supported"
-        if reason is None:
-            layer_input = nodes[0].input_tensors[0]
-            out_shape = tuple(nodes[0].output_tensors[0].shape[1:])
-            if any(d is None for d in out_shape):
-                reason = f"output shape {out_shape} is not fully defined"
-            elif not layer_input.dtype.startswith("float"):
-                reason = f"layer input has non-float dtype {layer_input.dtype}"
-        if reason is not None:
-            skipped[layer.name] = reason
-            warnings.warn(
-                f"Skipping layer {layer.name!r}: {reason}.",
-                stacklevel=3 if requested_explicitly else 2,
+    for call in chosen:
+        if not is_measurable(call.layer):
+            reason = _unmeasured_reason(call, resolved) or (
+                f"{type(call.layer).__name__} is not a measurable layer type"
             )
+        else:
+            reason = _call_problem(call, resolved)
+        if reason is not None:
+            skipped[call.name] = reason
             continue
         taps.append(
             Tap(
-                layer=layer,
-                input=layer_input,
-                units=math.prod(out_shape),
+                layer=call.layer,
+                input=call.inputs[0] if call.inputs else None,
+                units=math.prod(call.output_shape),
                 input_dim=input_dim,
+                name=call.name,
+                call=call,
+                wrt=resolved,
             )
         )
+    if skipped:
+        if requested_explicitly:
+            for name, reason in skipped.items():
+                warnings.warn(f"Skipping layer {name!r}: {reason}.", stacklevel=2)
+        else:
+            warnings.warn(
+                f"Not measured ({len(skipped)}): "
+                + "; ".join(f"{name!r}: {reason}" for name, reason in skipped.items()),
+                stacklevel=2,
+            )
     if not taps:
         raise ValueError(
             f"Model {model.name!r} has no measurable layer"
@@ -283,13 +391,29 @@ def select_taps(
             + ", ".join(c.__name__ for c in MEASURABLE_LAYERS)
             + ", RankProbe."
         )
-    return TapSelection(taps=tuple(taps), skipped=skipped, input_shape=in_shape)
+    return TapSelection(taps=tuple(taps), skipped=skipped, input_shape=in_shape, wrt=resolved)
 
 
-def tap_inputs_model(model, taps: Sequence[Tap]) -> keras.Model:
-    """A functional model from the model input to each tapped layer's input."""
-    graph = model_graph(model)
-    return keras.Model(graph.inputs[0], [tap.input for tap in taps])
+def tap_inputs_model(model, taps: TapSelection | Sequence[Tap]) -> keras.Model:
+    """A model from the `wrt` tensor (and held inputs) to each tap's layer input.
+
+    When `wrt` is the model's only input and every tap is a node of the
+    model's own graph, this is a plain functional model called on `x`.
+    Otherwise it is a `graph.CaptureModel` called on `[x, *held]` (held
+    model inputs in the order of `wrt.held`, with `x`'s batch size), which
+    runs the original model's layers.
+    """
+    if isinstance(taps, TapSelection):
+        taps = taps.taps
+    taps = tuple(taps)
+    wrt = taps[0].wrt
+    graph = functional_graph(model)
+    plain = (
+        wrt is None or (wrt.is_input and not wrt.held)
+    ) and all(t.call is None or (t.call.top_level and t.input is not None) for t in taps)
+    if plain and len(graph.inputs) == 1:
+        return keras.Model(graph.inputs[0], [tap.input for tap in taps])
+    return CaptureModel(model, wrt, [t.call for t in taps])
 
 
 @contextlib.contextmanager

@@ -140,3 +140,174 @@ def numpy_ranks(jacobians: np.ndarray, *, atol=None, rtol=None, eps_dtype=np.flo
     s = np.linalg.svd(jacobians, compute_uv=False)
     tol = np.maximum(atol, (rtol or 0.0) * s.max(axis=1))
     return (s > tol[:, None]).sum(axis=1)
+
+
+# -- general graphs: a float64 forward pass written by hand --------------------
+#
+# For models that are not Sequential chains (nested models, shared layers,
+# several inputs, embeddings, attention), a test writes the forward pass by
+# hand with float64 copies of the model's layers (`float64_layer`) and plain
+# TensorFlow ops (`attention_projections` spells out multi-head attention),
+# returning every pre-activation; `function_jacobians` differentiates it in
+# float64. The package's graph reading and capture are not involved.
+
+
+def float64_layer(layer, *input_shapes, linear: bool = True):
+    """A float64 copy of `layer` with the same weights.
+
+    Args:
+        layer: a built Keras layer.
+        *input_shapes: per-sample input shape(s) to build the copy on.
+        linear: replace the activation by the identity (the copy then
+            returns the pre-activation). Default True.
+    """
+    import tensorflow as tf  # noqa: F401  (float64 kernels)
+
+    config = {**layer.get_config(), "dtype": "float64"}
+    if linear and "activation" in config:
+        config["activation"] = "linear"
+    copy = layer.__class__.from_config(config)
+    copy.build(*[(None, *s) for s in input_shapes])
+    copy.set_weights([np.asarray(w, np.float64) for w in layer.get_weights()])
+    return copy
+
+
+def activation_fn(layer):
+    """The layer's own activation (a Keras function on tensors)."""
+    return getattr(layer, "activation", None) or keras.activations.linear
+
+
+def attention_projections(mha, query, value, key=None):
+    """Multi-head attention spelled out in float64 TensorFlow ops.
+
+    Args:
+        mha: a built `keras.layers.MultiHeadAttention` (no masks, no gate,
+            dropout 0).
+        query, value, key: `[N, T, d]` float64 tensors (key defaults to value).
+
+    Returns:
+        `{"query", "key", "value", "attention_output": pre-activations}`;
+        the last is also the layer's output.
+    """
+    import tensorflow as tf
+
+    key = value if key is None else key
+    q_dense = float64_layer(mha._query_dense, tuple(query.shape[1:]))
+    k_dense = float64_layer(mha._key_dense, tuple(key.shape[1:]))
+    v_dense = float64_layer(mha._value_dense, tuple(value.shape[1:]))
+    q, k, v = q_dense(query), k_dense(key), v_dense(value)  # [N, T, heads, dim]
+    scores = tf.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(float(q.shape[-1]))
+    weights = tf.nn.softmax(scores, axis=-1)
+    attended = tf.einsum("nhqk,nkhd->nqhd", weights, v)
+    o_dense = float64_layer(mha._output_dense, tuple(attended.shape[1:]))
+    return {"query": q, "key": k, "value": v, "attention_output": o_dense(attended)}
+
+
+def function_jacobians(fn, x) -> dict[str, np.ndarray]:
+    """`{name: [N, n_l, n0]}` float64 Jacobians of a hand-written forward pass.
+
+    Args:
+        fn: maps a float64 `[N, *shape]` tensor to `{name: [N, ...]}`
+            pre-activations.
+        x: `[N, *shape]` values of the differentiated tensor.
+    """
+    import tensorflow as tf
+
+    x = tf.constant(np.asarray(x, np.float64))
+    n, n0 = int(x.shape[0]), math.prod(x.shape[1:])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        outs = {name: tf.reshape(p, [n, -1]) for name, p in fn(x).items()}
+    jacobians = {
+        name: tape.batch_jacobian(p, x).numpy().reshape(n, -1, n0) for name, p in outs.items()
+    }
+    del tape
+    return jacobians
+
+
+
+
+def _float64_clone(model: keras.Model) -> keras.Model:
+    """The same functional model computing in float64 (weights copied)."""
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float64"})
+
+    inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype="float64")
+    copy = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
+    copy.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
+    return copy
+
+
+def _linear_copy(layer, in_shape):
+    """A float64 copy of `layer` with its activation removed (same weights)."""
+    config = dict(layer.get_config())
+    if "activation" in config:
+        config["activation"] = "linear"
+    copy = layer.__class__.from_config(config)
+    copy.build((None, *in_shape))
+    copy.set_weights([np.asarray(w, np.float64) for w in layer.get_weights()])
+    return copy
+
+
+def finite_difference_jacobians(
+    model: keras.Model, x: np.ndarray, names, *, step: float = 1e-6
+) -> dict[str, np.ndarray]:
+    """`{name: [N, n_l, n0]}` float64 pre-activation Jacobians of any functional
+    model by central differences (no automatic differentiation).
+
+    The model is cloned in float64; each named layer's pre-activation is its
+    float64 copy with the activation removed, applied to the layer's input;
+    `mha/<part>` names a projection of a `MultiHeadAttention` call (see
+    `attention_projections`).
+    Truncation error is `O(step^2)` and rounding `O(eps64 / step)`, both far
+    below any float32 rank threshold; use smooth activations (or inputs away
+    from kinks) in the models this checks.
+    """
+    m64 = _float64_clone(model)
+    # One pre-activation function per name, on the float64 tensors it reads:
+    # a layer's input, or the query/value/key of a `MultiHeadAttention` call
+    # for its projections `mha/<part>` (spelled out by `attention_projections`).
+    sources, fns = [], []
+    for name in names:
+        outer, _, part = name.partition("/")
+        layer = m64.get_layer(outer)
+        if part:
+            if not isinstance(layer, keras.layers.MultiHeadAttention):
+                raise ValueError(f"No finite-difference reference for {name!r}.")
+            args = layer._inbound_nodes[0].arguments
+            bound = dict(zip(("query", "value", "key"), args.args))
+            bound.update({k: v for k, v in args.kwargs.items() if k in ("query", "value", "key")})
+            if bound.get("key") is None:
+                bound["key"] = bound["value"]
+            start = len(sources)
+            sources += [bound["query"], bound["value"], bound["key"]]
+            fns.append(
+                lambda t, s=start, m=layer, p=part: attention_projections(
+                    m, t[s], t[s + 1], t[s + 2]
+                )[p]
+            )
+        else:
+            linear = _linear_copy(layer, tuple(layer.input.shape[1:]))
+            start = len(sources)
+            fns.append(lambda t, s=start, lin=linear: lin(t[s]))
+            sources.append(layer.input)
+    feats = keras.Model(m64.inputs[0], sources)
+
+    def pre(z):
+        inputs = feats(z, training=False)
+        if not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        return [np.asarray(fn(inputs)).reshape(len(z), -1) for fn in fns]
+
+    x = np.asarray(x, np.float64)
+    shape = x.shape[1:]
+    n0 = math.prod(shape)
+    out = {name: [] for name in names}
+    eye = np.eye(n0).reshape((n0, *shape)) * step
+    for sample in x:
+        plus = pre(sample[None] + eye)
+        minus = pre(sample[None] - eye)
+        for name, p, m in zip(names, plus, minus):
+            out[name].append(((p - m) / (2 * step)).T)  # [n_l, n0]
+    return {name: np.stack(v) for name, v in out.items()}

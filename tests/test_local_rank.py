@@ -281,10 +281,11 @@ def test_unmeasurable_layer_is_skipped_with_warning():
     h = shared(shared(inp))
     out = keras.layers.Dense(2, name="head")(keras.layers.Dropout(0.1, name="drop")(h))
     model = keras.Model(inp, out)
-    with pytest.warns(UserWarning, match="shared"):
+    with pytest.warns(UserWarning, match="drop"):
         result = klr.local_rank(model, gaussian(5, 6), layers=["shared", "drop", "head"])
-    assert list(result.per_sample) == ["head"]
-    assert set(result.skipped) == {"shared", "drop"}
+    # A shared layer is measured once per call (`layer@k`).
+    assert list(result.per_sample) == ["shared@0", "shared@1", "head"]
+    assert set(result.skipped) == {"drop"}
 
 
 def test_progress_bar_only_when_verbose(capsys):

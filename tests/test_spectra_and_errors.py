@@ -146,10 +146,10 @@ def test_unbuilt_model():
         klr.local_rank(model, X)
 
 
-def test_several_inputs_not_supported_yet():
+def test_several_float_inputs_need_wrt():
     a, b = keras.Input((2,)), keras.Input((2,))
     model = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
-    with pytest.raises(ValueError, match="several inputs are not supported yet"):
+    with pytest.raises(ValueError, match="several float inputs.*pass `wrt`"):
         klr.local_rank(model, X)
 
 

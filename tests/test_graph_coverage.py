@@ -1,0 +1,441 @@
+"""Graph coverage: nested models, shared layers, several inputs, embeddings,
+attention, recurrent layers; every measured rank against explicit float64
+Jacobians of a forward pass written by hand (tests/reference.py)."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_localrank as klr
+from keras_localrank.layers import RankProbe
+from keras_localrank.taps import select_taps
+from tests.reference import (
+    activation_fn,
+    attention_projections,
+    float64_layer,
+    function_jacobians,
+    numpy_ranks,
+)
+
+
+def gaussian(n, *shape, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype("float32")
+
+
+def measure(model, x, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return klr.local_rank(model, x, **kwargs)
+
+
+def assert_ranks(result, jacobians, eps_dtype=np.float32):
+    assert set(result.per_sample) == set(jacobians)
+    for name, jac in jacobians.items():
+        np.testing.assert_array_equal(
+            result.per_sample[name], numpy_ranks(jac, eps_dtype=eps_dtype), err_msg=name
+        )
+
+
+def randomize_batchnorm(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([
+                rng.uniform(0.5, 2, gamma.shape), rng.normal(size=beta.shape),
+                rng.normal(size=mean.shape), rng.uniform(0.5, 2, var.shape),
+            ])
+
+
+# -- nested models --------------------------------------------------------------
+
+
+def nested_model():
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((5, 5, 2))
+    h = keras.layers.Conv2D(3, 3, activation="relu", name="conv")(inner_in)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(6, activation="tanh", name="dense")(h)
+    base = keras.Model(inner_in, h, name="base")
+    block = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4, activation="tanh", name="dense")],
+        name="block",
+    )
+    inp = keras.Input((5, 5, 2))
+    out = keras.layers.Dense(3, name="head")(block(base(inp)))
+    model = keras.Model(inp, out)
+    randomize_batchnorm(model)
+    return model, base, block
+
+
+def test_nested_models_are_measured_layer_by_layer():
+    model, base, block = nested_model()
+    x = gaussian(6, 5, 5, 2)
+    result = measure(model, x)
+    conv = float64_layer(base.get_layer("conv"), (5, 5, 2))
+    bn = float64_layer(base.get_layer("bn"), (3, 3, 3))
+    dense = float64_layer(base.get_layer("dense"), (27,))
+    block_dense = float64_layer(block.get_layer("dense"), (6,))
+    head = float64_layer(model.get_layer("head"), (4,))
+
+    def forward(x):
+        p_conv = conv(x)
+        h = tf.reshape(bn(tf.nn.relu(p_conv), training=False), [-1, 27])
+        p_dense = dense(h)
+        p_block = block_dense(tf.tanh(p_dense))
+        return {
+            "base/conv": p_conv, "base/dense": p_dense, "block/dense": p_block,
+            "head": head(tf.tanh(p_block)),
+        }
+
+    assert_ranks(result, function_jacobians(forward, x))
+    assert result.skipped == {}
+    # A nested model's name (or object) selects every measurable call inside it.
+    assert [t.name for t in select_taps(model, ["base"]).taps] == ["base/conv", "base/dense"]
+    assert [t.name for t in select_taps(model, [block]).taps] == ["block/dense"]
+
+
+def test_nested_model_in_float64_keeps_call_names():
+    model, _, _ = nested_model()
+    result = measure(model, gaussian(3, 5, 5, 2), dtype="float64")
+    assert list(result.per_sample) == ["base/conv", "base/dense", "block/dense", "head"]
+
+
+# -- shared layers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["auto", "autodiff"])
+def test_each_call_of_a_shared_layer_is_measured(method):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((6,))
+    shared = keras.layers.Dense(6, activation="tanh", name="shared")
+    narrow = keras.layers.Dense(6, activation="relu", name="narrow")
+    h = shared(narrow(shared(inp)))
+    out = keras.layers.Dense(2, name="head")(h)
+    model = keras.Model(inp, out)
+    # Few active ReLU units before the second call: its rank is capped by them.
+    narrow.set_weights([narrow.get_weights()[0], np.full(6, -0.6, "float32")])
+    x = gaussian(8, 6)
+    result = measure(model, x, method=method)
+    s64 = float64_layer(shared, (6,))
+    nar = float64_layer(narrow, (6,))
+    head = float64_layer(model.get_layer("head"), (6,))
+
+    def forward(x):
+        p0 = s64(x)
+        p_n = nar(tf.tanh(p0))
+        p1 = s64(tf.nn.relu(p_n))
+        return {"shared@0": p0, "narrow": p_n, "shared@1": p1, "head": head(tf.tanh(p1))}
+
+    jacobians = function_jacobians(forward, x)
+    assert_ranks(result, jacobians)
+    assert result.mean["shared@1"] < result.mean["shared@0"]
+
+
+def test_shared_layer_with_different_input_shapes():
+    keras.utils.set_random_seed(2)
+    conv = keras.layers.Conv1D(2, 3, activation="relu", name="conv")
+    inp = keras.Input((8, 2))
+    a = conv(inp)
+    b = conv(keras.layers.MaxPooling1D(2)(inp))
+    out = keras.layers.Dense(3, name="head")(keras.layers.Concatenate(axis=1)([a, b]))
+    model = keras.Model(inp, out)
+    x = gaussian(5, 8, 2)
+    result = measure(model, x)
+    c64 = float64_layer(conv, (8, 2))
+    head = float64_layer(model.get_layer("head"), (8, 2))
+
+    def forward(x):
+        pa = c64(x)
+        pb = c64(tf.nn.max_pool1d(x, 2, 2, "VALID"))
+        h = tf.concat([tf.nn.relu(pa), tf.nn.relu(pb)], axis=1)
+        return {"conv@0": pa, "conv@1": pb, "head": head(h)}
+
+    assert_ranks(result, function_jacobians(forward, x))
+    assert [info.units for info in result.layers] == [12, 4, 24]
+
+
+# -- several inputs ----------------------------------------------------------------
+
+
+def two_input_model():
+    keras.utils.set_random_seed(3)
+    a = keras.Input((5,), name="a")
+    b = keras.Input((3,), name="b")
+    ha = keras.layers.Dense(4, activation="tanh", name="da")(a)
+    hb = keras.layers.Dense(3, activation="tanh", name="db")(b)
+    h = keras.layers.Multiply()([keras.layers.Concatenate()([ha, hb]),
+                                 keras.layers.Concatenate()([hb, ha])])
+    out = keras.layers.Dense(6, name="head")(h)
+    return keras.Model([a, b], out)
+
+
+@pytest.mark.parametrize("wrt", ["a", 0])
+def test_several_inputs_other_inputs_held_at_their_values(wrt):
+    model = two_input_model()
+    xa, xb = gaussian(6, 5, seed=1), gaussian(6, 3, seed=2)
+    result = measure(model, [xa, xb], wrt=wrt)
+    da = float64_layer(model.get_layer("da"), (5,))
+    db = float64_layer(model.get_layer("db"), (3,))
+    head = float64_layer(model.get_layer("head"), (7,))
+    hb = tf.tanh(db(tf.constant(xb, tf.float64)))
+
+    def forward(x):
+        pa = da(x)
+        ha = tf.tanh(pa)
+        h = tf.concat([ha, hb], 1) * tf.concat([hb, ha], 1)
+        return {"da": pa, "head": head(h)}
+
+    assert_ranks(result, function_jacobians(forward, xa))
+    assert set(result.skipped) == {"db"}  # it does not depend on `a`
+    by_dict = measure(model, {"b": xb, "a": xa}, wrt=wrt)
+    np.testing.assert_array_equal(by_dict.per_sample["head"], result.per_sample["head"])
+
+
+def test_second_input_and_float64():
+    model = two_input_model()
+    xa, xb = gaussian(4, 5, seed=1), gaussian(4, 3, seed=2)
+    result = measure(model, [xa, xb], wrt="b", dtype="float64")
+    assert list(result.per_sample) == ["db", "head"]
+    assert result.layers[0].input_dim == 3
+    da = float64_layer(model.get_layer("da"), (5,))
+    db = float64_layer(model.get_layer("db"), (3,))
+    head = float64_layer(model.get_layer("head"), (7,))
+    ha = tf.tanh(da(tf.constant(xa, tf.float64)))
+
+    def forward(x):
+        pb = db(x)
+        hb = tf.tanh(pb)
+        return {"db": pb, "head": head(tf.concat([ha, hb], 1) * tf.concat([hb, ha], 1))}
+
+    assert_ranks(result, function_jacobians(forward, xb), eps_dtype=np.float64)
+
+
+# -- integer inputs: with respect to an embedding -------------------------------------
+
+
+def text_model():
+    keras.utils.set_random_seed(4)
+    tokens = keras.Input((7,), dtype="int32", name="tokens")
+    e = keras.layers.Embedding(30, 4, name="embedding")(tokens)
+    h = keras.layers.Conv1D(5, 3, activation="relu", name="conv")(e)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    out = keras.layers.Dense(3, name="head")(h)
+    return keras.Model(tokens, out)
+
+
+@pytest.mark.parametrize("mode", ["autodiff-reverse", "autodiff-forward"])
+def test_embedding_model_measured_with_respect_to_the_embedding(mode):
+    model = text_model()
+    tokens = np.random.default_rng(0).integers(0, 30, size=(6, 7))
+    result = measure(model, tokens, wrt="embedding", method=mode)
+    table = model.get_layer("embedding").get_weights()[0].astype(np.float64)
+    conv = float64_layer(model.get_layer("conv"), (7, 4))
+    head = float64_layer(model.get_layer("head"), (5,))
+
+    def forward(e):
+        p = conv(e)
+        return {"conv": p, "head": head(tf.reduce_mean(tf.nn.relu(p), axis=1))}
+
+    assert_ranks(result, function_jacobians(forward, table[tokens]))
+    assert result.layers[0].input_dim == 28
+    assert set(result.skipped) == {"embedding"}
+
+
+def test_integer_input_error_advice_works():
+    model = text_model()
+    tokens = np.random.default_rng(0).integers(0, 30, size=(3, 7))
+    with pytest.raises(TypeError, match="wrt='embedding'") as info:
+        klr.local_rank(model, tokens)
+    advice = str(info.value).split("e.g. ")[1].rstrip(".")
+    assert advice == "wrt='embedding'"
+    result = measure(model, tokens, wrt="embedding")  # the advice, followed
+    assert list(result.per_sample) == ["conv", "head"]
+
+
+# -- attention ---------------------------------------------------------------------
+
+
+def encoder_block(seq=4, dim=6):
+    keras.utils.set_random_seed(5)
+    x = keras.Input((seq, dim))
+    att = keras.layers.MultiHeadAttention(2, 2, name="mha")(x, x)
+    h = keras.layers.LayerNormalization(name="ln")(keras.layers.Add()([x, att]))
+    f = keras.layers.Dense(8, activation="relu", name="ffn1")(h)
+    out = keras.layers.Dense(dim, name="ffn2")(f)
+    return keras.Model(x, out)
+
+
+@pytest.mark.parametrize("mode", ["autodiff-reverse", "autodiff-forward"])
+def test_attention_projections_are_measured(mode):
+    model = encoder_block()
+    x = gaussian(4, 4, 6)
+    result = measure(model, x, method=mode)
+    mha = model.get_layer("mha")
+    ln = float64_layer(model.get_layer("ln"), (4, 6))
+    ffn1 = float64_layer(model.get_layer("ffn1"), (4, 6))
+    ffn2 = float64_layer(model.get_layer("ffn2"), (4, 8))
+
+    def forward(x):
+        parts = attention_projections(mha, x, x)
+        p1 = ffn1(ln(x + parts["attention_output"]))
+        out = {f"mha/{k}": v for k, v in parts.items()}
+        out.update({"ffn1": p1, "ffn2": ffn2(activation_fn(model.get_layer("ffn1"))(p1))})
+        return out
+
+    assert_ranks(result, function_jacobians(forward, x))
+    assert result.skipped == {}
+    assert [t.name for t in select_taps(model, ["mha"]).taps] == [
+        "mha/query", "mha/key", "mha/value", "mha/attention_output"]
+
+
+# -- honesty: what is not measured is listed, and the advice works ---------------------
+
+
+def test_recurrent_layer_is_listed_and_a_probe_after_it_is_measured():
+    keras.utils.set_random_seed(6)
+    x_in = keras.Input((2, 2))
+    # unroll=True: batch_jacobian through a while loop takes ~50 s to trace.
+    h = keras.layers.LSTM(3, return_sequences=True, unroll=True, name="lstm")(x_in)
+    out = keras.layers.Dense(4, name="head")(keras.layers.Flatten()(h))
+    model = keras.Model(x_in, out)
+    x = gaussian(3, 2, 2)
+    with pytest.warns(UserWarning, match="lstm"):
+        selection = select_taps(model)
+    assert "RankProbe" in selection.skipped["lstm"]
+    assert [t.name for t in selection.taps] == ["head"]
+    # The advice: a RankProbe after the LSTM measures its output. n0 = 4 is
+    # smaller than the measured outputs, which would pick forward mode; the
+    # estimator must use reverse mode through the recurrent loop.
+    h = RankProbe(name="probe")(model.get_layer("lstm").output)
+    probed = keras.Model(x_in, model.get_layer("head")(keras.layers.Flatten()(h)))
+    result = measure(probed, x)
+    assert [(info.method, info.mode) for info in result.layers] == [("exact", "reverse")] * 2
+    lstm = float64_layer(model.get_layer("lstm"), (2, 2), linear=False)
+    head = float64_layer(model.get_layer("head"), (6,))
+
+    def forward(x):
+        h = lstm(x)
+        return {"probe": h, "head": head(tf.reshape(h, [-1, 6]))}
+
+    assert_ranks(result, function_jacobians(forward, x))
+
+
+def test_subclassed_inner_model_is_listed():
+    class Inner(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((4,))
+    out = keras.layers.Dense(2, name="head")(Inner()(inp))
+    model = keras.Model(inp, out)
+    with pytest.warns(UserWarning, match="subclassed"):
+        result = klr.local_rank(model, gaussian(3, 4))
+    (name,) = result.skipped
+    assert "subclassed model" in result.skipped[name]
+    assert list(result.per_sample) == ["head"]
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+def test_bad_wrt_values_give_clear_errors():
+    model = two_input_model()
+    x = [gaussian(3, 5), gaussian(3, 3)]
+    with pytest.raises(ValueError, match="several float inputs.*'a'.*'b'"):
+        klr.local_rank(model, x)
+    with pytest.raises(ValueError, match=r"Expected `wrt` in \[0, 1\].*Received: wrt=2"):
+        klr.local_rank(model, x, wrt=2)
+    with pytest.raises(TypeError, match="Received: wrt=True of type bool"):
+        klr.local_rank(model, x, wrt=True)
+    with pytest.raises(TypeError, match="Received: wrt=1.5 of type float"):
+        klr.local_rank(model, x, wrt=1.5)
+    with pytest.raises(ValueError, match="Unknown `wrt`. Received: wrt='c'.*'da'"):
+        klr.local_rank(model, x, wrt="c")
+    with pytest.raises(ValueError, match="one array per model input"):
+        klr.local_rank(model, x[:1], wrt="a")
+    with pytest.raises(ValueError, match=r"Expected `x` keys \['a', 'b'\]"):
+        klr.local_rank(model, {"a": x[0]}, wrt="a")
+    with pytest.raises(ValueError, match="same non-zero number of samples"):
+        klr.local_rank(model, [x[0], x[1][:2]], wrt="a")
+    text = text_model()
+    with pytest.raises(ValueError, match="float tensor.*'tokens'.*wrt='embedding'"):
+        klr.local_rank(text, np.zeros((2, 7), "int32"), wrt="tokens")
+
+
+def test_wrt_naming_a_shared_layer_lists_its_calls():
+    keras.utils.set_random_seed(8)
+    tokens = keras.Input((3,), dtype="int32")
+    emb = keras.layers.Embedding(10, 2, name="emb")
+    h = keras.layers.Concatenate()([emb(tokens), emb(tokens[:, ::-1])])
+    model = keras.Model(tokens, keras.layers.Dense(2, name="head")(h))
+    x = np.random.default_rng(0).integers(0, 10, size=(3, 3))
+    with pytest.raises(ValueError, match=r"\['emb@0', 'emb@1'\]"):
+        klr.local_rank(model, x, wrt="emb")
+    result = measure(model, x, wrt="emb@1")
+    assert list(result.per_sample) == ["head"] and result.layers[0].input_dim == 6
+
+
+# -- command line -------------------------------------------------------------------
+
+
+def test_cli_two_input_model_clear_error_and_text_model_with_wrt(tmp_path):
+    from keras_localrank.cli import Config, run
+
+    path = str(tmp_path / "two.keras")
+    two_input_model().save(path)
+    with pytest.raises(ValueError, match=r"one input.*\['a', 'b'\].*wrt=name"):
+        run(Config(model=path, data="gaussian", samples=2), echo=lambda s: None)
+    text = str(tmp_path / "text.keras")
+    text_model().save(text)
+    data = str(tmp_path / "tokens.npz")
+    np.savez(data, x=np.random.default_rng(0).integers(0, 30, size=(4, 7)).astype("int32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        frame = run(Config(model=text, data=data, samples=4, wrt="embedding"),
+                    echo=lambda s: None)
+    assert list(frame["layer"]) == ["conv", "head"]
+
+
+# -- convolution family, traversed layers --------------------------------------------
+
+
+def test_depthwise_separable_transpose_with_bn_residual_pooling_padding():
+    keras.utils.set_random_seed(9)
+    x_in = keras.Input((4, 4, 2))
+    a = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(x_in)
+    a = keras.layers.BatchNormalization(name="bn")(a)
+    b = keras.layers.Add()([x_in, a])
+    c = keras.layers.SeparableConv2D(3, 3, padding="same", activation="tanh", name="sep")(b)
+    d = keras.layers.Conv2DTranspose(2, 2, strides=2, activation="relu", name="tconv")(c)
+    e = keras.layers.AveragePooling2D(2)(keras.layers.ZeroPadding2D(1)(d))
+    out = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(e))
+    model = keras.Model(x_in, out)
+    randomize_batchnorm(model)
+    x = gaussian(5, 4, 4, 2)
+    result = measure(model, x)
+    dw = float64_layer(model.get_layer("dw"), (4, 4, 2))
+    bn = float64_layer(model.get_layer("bn"), (4, 4, 2))
+    sep = float64_layer(model.get_layer("sep"), (4, 4, 2))
+    tconv = float64_layer(model.get_layer("tconv"), (4, 4, 3))
+    head = float64_layer(model.get_layer("head"), (50,))
+
+    def forward(x):
+        p_dw = dw(x)
+        p_sep = sep(x + bn(tf.nn.relu(p_dw), training=False))
+        p_t = tconv(tf.tanh(p_sep))
+        h = tf.pad(tf.nn.relu(p_t), [[0, 0], [1, 1], [1, 1], [0, 0]])
+        h = tf.nn.avg_pool2d(h, 2, 2, "VALID")
+        return {"dw": p_dw, "sep": p_sep, "tconv": p_t, "head": head(tf.reshape(h, [-1, 50]))}
+
+    assert_ranks(result, function_jacobians(forward, x))
+    assert result.skipped == {}
