@@ -131,10 +131,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/information_mlp", "Output directory.")
-flags.DEFINE_integer("epochs", Config.epochs, "Training epochs.")
-flags.DEFINE_integer("seed", Config.seed, "Seed of data, initialisation and training.")
-flags.DEFINE_list("sigmas", [str(s) for s in Config.sigmas], "Noise levels.")
+
+
+def define_flags() -> None:
+    """The script's flags; defined only when run as a script, so importing the
+    study (tests, other scripts) does not claim flag names in the process."""
+    flags.DEFINE_string("workdir", "runs/information_mlp", "Output directory.")
+    flags.DEFINE_integer("epochs", Config.epochs, "Training epochs.")
+    flags.DEFINE_integer("seed", Config.seed, "Seed of data, initialisation and training.")
+    flags.DEFINE_list("sigmas", [str(s) for s in Config.sigmas], "Noise levels.")
 
 
 def main(argv):
@@ -154,4 +159,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
