@@ -38,11 +38,9 @@ convolution and the head, to validate the script in minutes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -54,7 +52,9 @@ from absl import app, flags  # noqa: E402
 
 import keras_localrank as klr  # noqa: E402
 from keras_localrank import datasets  # noqa: E402
+from experiments.common import PeakRSS  # noqa: E402
 from keras_localrank.io import atomic_write_json  # noqa: E402
+from keras_localrank.taps import preactivation  # noqa: E402
 
 MODELS = (
     "mnist_convnet",
@@ -85,56 +85,7 @@ flags.DEFINE_integer("seed", 0, "Seed of weights, data and training.")
 # -- memory ----------------------------------------------------------------------------
 
 
-class PeakRSS:
-    """Largest resident-set growth (MiB) while the context is active."""
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 # -- the baseline: materialised Jacobians + decomposition (kept here) -----------------------
-
-
-@contextlib.contextmanager
-def _linear_activation(layer):
-    if not hasattr(layer, "activation"):
-        yield
-        return
-    saved = layer.activation
-    layer.activation = keras.activations.linear
-    try:
-        yield
-    finally:
-        layer.activation = saved
-
-
-def _preactivation(layer, h):
-    if isinstance(layer, klr.layers.RankProbe):
-        return h
-    with _linear_activation(layer):
-        return layer.call(tf.cast(h, layer.compute_dtype))
 
 
 def baseline_local_rank(model, x, layer_names, *, atol=None, batch_size=None):
@@ -166,7 +117,7 @@ def baseline_local_rank(model, x, layer_names, *, atol=None, batch_size=None):
         hs = features(inputs, training=False)
         hs = hs if isinstance(hs, (list, tuple)) else [hs]
         batch = tf.shape(inputs)[0]
-        return [tf.reshape(_preactivation(la, h), [batch, -1]) for la, h in zip(layers, hs)]
+        return [tf.reshape(preactivation(la, h), [batch, -1]) for la, h in zip(layers, hs)]
 
     @tf.function(autograph=False)
     def chunk(xb):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_localrank as klr  # noqa: E402
-from experiments.common import build_mlp  # noqa: E402
+from experiments.common import PeakRSS, build_mlp  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("samples", 512, "Number of input samples.")
@@ -158,35 +157,6 @@ def torch_fn(model: keras.Model):
             return [torch.linalg.matrix_rank(j).numpy() for j in jac(torch.from_numpy(x))]
 
     return ranks
-
-
-class PeakRSS:
-    """Largest resident-set growth (MiB) while the context is active."""
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def timed(fn, repeats: int):

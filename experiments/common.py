@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 
@@ -110,3 +112,32 @@ def build_mlp(input_dim: int, widths: list[int], seed: int) -> keras.Model:
         act = "relu" if i < len(widths) - 1 else None
         layers.append(keras.layers.Dense(w, activation=act, kernel_initializer="he_normal"))
     return keras.Sequential(layers)
+
+
+class PeakRSS:
+    """Largest resident-set growth (MiB) while the context is active."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
