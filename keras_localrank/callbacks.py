@@ -7,7 +7,6 @@ measurement is one call on a fixed, pre-validated probe set.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,7 +20,7 @@ import tensorflow as tf
 from keras_localrank import names
 from keras_localrank.estimate import LocalRankEstimator
 from keras_localrank.inputs import as_samples
-from keras_localrank.io import atomic_write_json, atomic_write_text
+from keras_localrank.io import read_rows, write_rows
 from keras_localrank.scheduled import ScheduledCallback
 from keras_localrank.spectra import Tolerance
 from keras_localrank.validation import check_finite_float
@@ -315,17 +314,8 @@ class LocalRankCallback(ScheduledCallback):
         return pd.DataFrame(self.trace, columns=TRACE_COLUMNS)
 
     def _save_trace(self):
-        if self.trace_path.endswith(".csv"):
-            atomic_write_text(self.trace_path, self.trace_frame().to_csv(index=False))
-        else:
-            atomic_write_json(self.trace_path, self.trace)
+        write_rows(self.trace_path, self.trace, TRACE_COLUMNS)
 
     def _load_trace(self) -> list[dict]:
-        if not self.trace_path or not os.path.exists(self.trace_path):
-            return list(self.trace)
-        if self.trace_path.endswith(".csv"):
-            frame = pd.read_csv(self.trace_path)
-            frame = frame.astype(object).where(frame.notna(), None)
-            return frame.to_dict(orient="records")
-        with open(self.trace_path, encoding="utf-8") as f:
-            return json.load(f)
+        rows = read_rows(self.trace_path) if self.trace_path else None
+        return list(self.trace) if rows is None else rows

@@ -10,7 +10,6 @@ callback (`ScheduledCallback`: the step is `model.optimizer.iterations`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -24,7 +23,7 @@ import tensorflow as tf
 from keras_localrank import information as info
 from keras_localrank.estimate import LocalRankEstimator
 from keras_localrank.inputs import as_samples
-from keras_localrank.io import atomic_write_json, atomic_write_text
+from keras_localrank.io import read_rows, write_rows
 from keras_localrank.names import information_key
 from keras_localrank.scheduled import ScheduledCallback
 from keras_localrank.taps import model_graph, preactivation, select_taps, tap_inputs_model
@@ -393,15 +392,8 @@ class InformationCallback(ScheduledCallback):
         return pd.DataFrame(self.trace, columns=TRACE_COLUMNS)
 
     def _save_trace(self):
-        if self.trace_path.endswith(".csv"):
-            atomic_write_text(self.trace_path, self.trace_frame().to_csv(index=False))
-        else:
-            atomic_write_json(self.trace_path, self.trace)
+        write_rows(self.trace_path, self.trace, TRACE_COLUMNS)
 
     def _load_trace(self) -> list[dict]:
-        if not self.trace_path or not os.path.exists(self.trace_path):
-            return []
-        if self.trace_path.endswith(".csv"):
-            return pd.read_csv(self.trace_path).to_dict(orient="records")
-        with open(self.trace_path, encoding="utf-8") as f:
-            return json.load(f)
+        rows = read_rows(self.trace_path) if self.trace_path else None
+        return [] if rows is None else rows

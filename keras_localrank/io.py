@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UnreadableFileError", "atomic_write_json", "atomic_write_text", "read_npz"]
+__all__ = [
+    "UnreadableFileError",
+    "atomic_write_json",
+    "atomic_write_text",
+    "read_npz",
+    "read_rows",
+    "write_rows",
+]
 
 
 class UnreadableFileError(ValueError):
@@ -104,3 +111,29 @@ def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def write_rows(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Write a trace (a list of row dicts) atomically: CSV for `.csv`, else JSON."""
+    if os.fspath(path).endswith(".csv"):
+        import pandas as pd
+
+        atomic_write_text(path, pd.DataFrame(list(rows), columns=list(columns)).to_csv(index=False))
+    else:
+        atomic_write_json(path, list(rows))
+
+
+def read_rows(path: str | os.PathLike) -> list[dict] | None:
+    """A trace written by `write_rows`, or None when `path` does not exist.
+
+    Missing CSV cells come back as None (as they were written), not NaN.
+    """
+    if not os.path.exists(path):
+        return None
+    if os.fspath(path).endswith(".csv"):
+        import pandas as pd
+
+        frame = pd.read_csv(path)
+        return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
