@@ -40,11 +40,11 @@ import numpy as np
 from compress.channels import prune_constant_channels
 from compress.conv import ConvFactors, channel_projection_factors, conv_positions, factorize_convs
 from compress.costs import get_cost
-from compress.folding import fold_batchnorm
+from compress.folding import plan_rewrite
 from compress.graph import rebuild
 from compress.outcome import Compressed
 from compress.policies import Candidate, ParamFraction, RankPolicy, get_policy
-from compress.registry import CONV_FACTORIZABLE_LAYERS, rewritable_layers
+from compress.registry import CONV_FACTORIZABLE_LAYERS
 from compress.statistics import calibration_statistics, jacobian_gram
 from compress.surgery import consumer_of, factorize, prune_units
 from keras_localrank.estimate import local_rank
@@ -330,22 +330,9 @@ def local_rank_compress(
     _check_calibration(x)
     model_graph(model)
     original = cost.model(model)
-    notes: dict[str, str] = {}
-    folded: dict[str, str] = {}
-    work = model
-    if fold_bn:
-        work, record = fold_batchnorm(model)
-        folded = dict(record.folded)
-        notes.update({k: f"not folded: {v}" for k, v in record.skipped.items()})
-    dense, convs, skipped = rewritable_layers(work, layers)
-    if not dense and not convs:
-        raise ValueError(
-            f"Model {model.name!r} has no compressible layer: expected at least one "
-            "Dense, Conv1D or Conv2D layer"
-            + (f" (not rewritten: {skipped})" if skipped else "")
-            + ". Received layers: "
-            f"{[type(layer).__name__ for layer in model.layers]}."
-        )
+    plan = plan_rewrite(model, layers, fold_bn=fold_bn)
+    work, folded, notes = plan.model, plan.folded, dict(plan.notes)
+    dense, convs, skipped = plan.dense, plan.convs, plan.skipped
     dense_names = [layer.name for layer in dense]
     conv_names = [layer.name for layer in convs]
     names = dense_names + conv_names

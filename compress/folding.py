@@ -146,3 +146,49 @@ def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, FoldRecord]:
     if not remove:
         return model, record
     return rebuild(model, replace=replace, remove=remove), record
+
+
+@dataclasses.dataclass(frozen=True)
+class RewritePlan:
+    """A model ready for rewriting: BatchNorm folded, its layers sorted.
+
+    Attributes:
+        model: the model to rewrite (BatchNorm folded when asked).
+        folded: BatchNorm layer -> the layer it was folded into.
+        notes: layer -> remark for the outcome (BatchNorm left unfolded).
+        dense, convs: the Dense and convolution layers to rewrite.
+        skipped: weight layers left alone -> the reason.
+    """
+
+    model: object
+    folded: dict
+    notes: dict
+    dense: list
+    convs: list
+    skipped: dict
+
+
+def plan_rewrite(model, layers=None, *, fold_bn: bool = True) -> RewritePlan:
+    """Fold BatchNorm (if `fold_bn`) and choose the layers a rewrite may change.
+
+    Raises:
+        ValueError: the model has no Dense, Conv1D or Conv2D layer to rewrite
+            (the message names the layers left alone and why).
+    """
+    from compress.registry import rewritable_layers
+
+    work, folded, notes = model, {}, {}
+    if fold_bn:
+        work, record = fold_batchnorm(model)
+        folded = dict(record.folded)
+        notes = {k: f"not folded: {v}" for k, v in record.skipped.items()}
+    dense, convs, skipped = rewritable_layers(work, layers)
+    if not dense and not convs:
+        raise ValueError(
+            f"Model {model.name!r} has no compressible layer: expected at least one "
+            "Dense, Conv1D or Conv2D layer"
+            + (f" (not rewritten: {skipped})" if skipped else "")
+            + ". Received layers: "
+            f"{[type(layer).__name__ for layer in model.layers]}."
+        )
+    return RewritePlan(work, folded, notes, dense, convs, skipped)

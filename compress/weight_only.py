@@ -28,11 +28,10 @@ from compress.conv import (
     tucker2_factors,
 )
 from compress.costs import get_cost
-from compress.folding import fold_batchnorm
+from compress.folding import plan_rewrite
 from compress.graph import rebuild
 from compress.outcome import Compressed
 from compress.policies import Candidate, ParamFraction, RankPolicy, get_policy
-from compress.registry import rewritable_layers
 from compress.surgery import factorize
 from keras_localrank.validation import check_choice
 
@@ -115,17 +114,9 @@ def weight_factorize(
     if not isinstance(policy, RankPolicy):
         policy = ParamFraction(policy) if isinstance(policy, (int, float)) else get_policy(policy)
     original = cost.model(model)
-    work, folded, notes = model, {}, {}
-    if fold_bn:
-        work, record = fold_batchnorm(model)
-        folded = dict(record.folded)
-        notes.update({k: f"not folded: {v}" for k, v in record.skipped.items()})
-    dense, convs, skipped = rewritable_layers(work, layers)
-    if not dense and not convs:
-        raise ValueError(
-            f"Model {model.name!r} has no compressible layer: expected at least one "
-            f"Dense, Conv1D or Conv2D layer (not rewritten: {skipped})."
-        )
+    plan = plan_rewrite(model, layers, fold_bn=fold_bn)
+    work, folded, notes = plan.model, plan.folded, dict(plan.notes)
+    dense, convs, skipped = plan.dense, plan.convs, plan.skipped
     candidates, svds, schemes = [], {}, {}
     for layer in dense:
         kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
