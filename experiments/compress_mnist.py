@@ -48,19 +48,26 @@ from keras_localrank.validation import (  # noqa: E402
 )
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_path", None, "Offline .npz with x and y (else keras.datasets).")
-flags.DEFINE_string("workdir", "runs/compress_mnist", "Run directory (reuse it to resume).")
-flags.DEFINE_multi_float("budget", [0.5, 0.3, 0.2, 0.1, 0.05, 0.02], "Parameter fractions.")
-flags.DEFINE_multi_string("arch", ["1024x2", "200x4"], "Hidden layers: WIDTHxDEPTH.")
-flags.DEFINE_integer("epochs", 8, "Training epochs of the original models.")
-flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs after compression.")
-flags.DEFINE_float("finetune_lr", None, "Fine-tuning learning rate (default: compiled LR / 10).")
-flags.DEFINE_float("validation_fraction", 0.1, "Training samples held out for choices.")
-flags.DEFINE_enum("allocation", "greedy", ["greedy", "energy"], "local_rank budget allocation.")
-flags.DEFINE_integer("calibration_samples", 1024, "Calibration samples.")
-flags.DEFINE_integer("latency_runs", 10, "Timed inference runs per model.")
-flags.DEFINE_integer("seed", 0, "Seed.")
-common.define_executor_flags()
+
+
+def define_flags() -> None:
+    """The script's flags; defined only when run as a script, so importing the
+    sweep (tests, Ray workers) does not claim flag names in the process."""
+    flags.DEFINE_string("data_path", None, "Offline .npz with x and y (else keras.datasets).")
+    flags.DEFINE_string("workdir", "runs/compress_mnist", "Run directory (reuse it to resume).")
+    flags.DEFINE_multi_float("budget", [0.5, 0.3, 0.2, 0.1, 0.05, 0.02], "Parameter fractions.")
+    flags.DEFINE_multi_string("arch", ["1024x2", "200x4"], "Hidden layers: WIDTHxDEPTH.")
+    flags.DEFINE_integer("epochs", 8, "Training epochs of the original models.")
+    flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs after compression.")
+    flags.DEFINE_float(
+        "finetune_lr", None, "Fine-tuning learning rate (default: compiled LR / 10)."
+    )
+    flags.DEFINE_float("validation_fraction", 0.1, "Training samples held out for choices.")
+    flags.DEFINE_enum("allocation", "greedy", ["greedy", "energy"], "local_rank budget allocation.")
+    flags.DEFINE_integer("calibration_samples", 1024, "Calibration samples.")
+    flags.DEFINE_integer("latency_runs", 10, "Timed inference runs per model.")
+    flags.DEFINE_integer("seed", 0, "Seed.")
+    common.define_executor_flags()
 
 
 def parse_arch(arch: str) -> tuple[int, int]:
@@ -313,4 +320,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run(main)

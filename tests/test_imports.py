@@ -99,3 +99,18 @@ def test_other_keras_backends_stop_at_import_with_one_sentence(tmp_path):
                   KERAS_BACKEND="tensorflow", KERAS_HOME=str(home))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "tensorflow"
+
+
+def test_study_modules_import_beside_the_measurement_cli():
+    # Regression: experiment modules that tests and Ray workers import defined
+    # absl flags at import, clashing with `keras_localrank.__main__` (--epochs,
+    # --data_path) in one process (DuplicateFlagError).
+    code = (
+        "import keras_localrank.__main__, experiments.compress_mnist, "
+        "experiments.information_mlp; print('ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
