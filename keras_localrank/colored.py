@@ -1,0 +1,444 @@
+"""Colored (compressed) forward mode for spatially local Jacobians.
+
+A convolution reached from the input through spatially local layers
+(convolutions, pooling, padding, cropping, element-wise layers, residual
+adds, channel concatenations) has a sparse Jacobian: the output at spatial
+position `o` depends only on the input positions in a window
+
+    [S_i * o_i + lo_i, S_i * o_i + hi_i]   (one interval per spatial axis),
+
+of size `R_i = hi_i - lo_i + 1`. Colouring each input coordinate by its
+position modulo `R_i` on every spatial axis and by its channel (Curtis, Powell
+& Reid 1974) gives colours whose coordinates never meet in one window: each
+row of `J` has at most one non-zero of each colour. One Jacobian-vector
+product per colour (the sum of that colour's basis vectors) then recovers
+every entry: `J[row, j] = (J v_c)[row]` for the unique input `j` of colour
+`c` in the row's window. `prod(R_i) * channels` products replace `n0`.
+
+The window is derived from the layers' configurations (kernel sizes, strides,
+dilations, padding), never from numerical zeros at a probe point: a layer
+this module does not understand gives no window, and the caller falls back
+to dense products.
+
+The Gram `J^T J` (`n0 x n0`) is assembled without any `n_l x n0` matrix:
+rows at one output position share one window, so the local Grams
+`V_o^T V_o` (`V_o`: the `C_out x colours` block of position `o`) are formed
+in float64 and scattered into `J^T J` by a segment sum over in-window pairs.
+
+Plain functions (graph analysis in NumPy at plan time, products and Grams on
+tensors inside `tf.function`).
+
+References:
+    Curtis, Powell & Reid, "On the estimation of sparse Jacobian matrices",
+    IMA J. Appl. Math. 13 (1974), https://doi.org/10.1093/imamat/13.1.117.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_localrank.matfree import gram_singular_values, jvp
+from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap
+
+__all__ = [
+    "Window",
+    "Coloring",
+    "receptive_window",
+    "tap_coloring",
+    "colored_products",
+    "colored_gram",
+    "colored_spectra",
+    "recover_jacobian",
+]
+
+
+def _classes(*names):
+    return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
+
+
+#: Layers with a kernel window: (kernel_size, strides, dilation_rate, padding).
+_WINDOW_LAYERS = _classes(
+    "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D",
+    "SeparableConv1D", "SeparableConv2D",
+)
+_POOLING_LAYERS = _classes(
+    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+    "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
+)
+_PADDING_LAYERS = _classes("ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D")
+_CROPPING_LAYERS = _classes("Cropping1D", "Cropping2D", "Cropping3D")
+#: Element-wise at inference (or mixing channels at one position only).
+_POINTWISE_LAYERS = (
+    *INFERENCE_IDENTITY_LAYERS,
+    *_classes(
+        "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "BatchNormalization",
+        "Rescaling", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+    ),
+)
+#: Merges of same-shaped tensors (element-wise).
+_MERGE_LAYERS = _classes("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Input positions read by output position `o`, per spatial axis `i`:
+    `[stride[i] * o[i] + lo[i], stride[i] * o[i] + hi[i]]`."""
+
+    stride: tuple[int, ...]
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return tuple(h - lo + 1 for lo, h in zip(self.lo, self.hi))
+
+    @classmethod
+    def identity(cls, rank: int) -> Window:
+        return cls((1,) * rank, (0,) * rank, (0,) * rank)
+
+    def then(self, kernel, strides, dilation, pad_before) -> Window:
+        """The window after a layer whose output `o` reads its input positions
+        `[s * o - pad, s * o - pad + (k - 1) * d]` on each axis."""
+        stride, lo, hi = [], [], []
+        for big_s, a, b, k, s, d, p in zip(
+            self.stride, self.lo, self.hi, kernel, strides, dilation, pad_before
+        ):
+            stride.append(big_s * s)
+            lo.append(a - big_s * p)
+            hi.append(b + big_s * ((k - 1) * d - p))
+        return Window(tuple(stride), tuple(lo), tuple(hi))
+
+
+def _union(windows: list[Window]) -> Window | None:
+    if len({w.stride for w in windows}) != 1:
+        return None  # branches with different strides: not one window shape
+    lo = tuple(map(min, zip(*(w.lo for w in windows))))
+    hi = tuple(map(max, zip(*(w.hi for w in windows))))
+    return Window(windows[0].stride, lo, hi)
+
+
+def _same_pad(n: int, k: int, s: int, d: int) -> int:
+    """Padding before the first position for `padding="same"` (TensorFlow's rule)."""
+    out = -(-n // s)
+    total = max((out - 1) * s + (k - 1) * d + 1 - n, 0)
+    return total // 2
+
+
+def _spatial(shape) -> tuple[int, ...] | None:
+    dims = tuple(shape[1:-1])
+    return None if any(d is None for d in dims) else dims
+
+
+def _kernel_geometry(layer, in_spatial, rank):
+    """`(kernel, strides, dilation, pad_before)` of a windowed layer, or None."""
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return None
+    if isinstance(layer, _WINDOW_LAYERS):
+        kernel, strides = tuple(layer.kernel_size), tuple(layer.strides)
+        dilation = tuple(layer.dilation_rate)
+    else:
+        kernel, strides = tuple(layer.pool_size), tuple(layer.strides)
+        dilation = (1,) * rank
+    if not len(kernel) == len(strides) == len(dilation) == rank:
+        return None
+    padding = str(layer.padding).lower()
+    if padding == "valid":
+        pad = (0,) * rank
+    elif padding == "same":
+        pad = tuple(_same_pad(n, k, s, d) for n, k, s, d in zip(in_spatial, kernel, strides, dilation))
+    elif padding == "causal" and rank == 1:
+        pad = ((kernel[0] - 1) * dilation[0],)
+    else:
+        return None
+    return kernel, strides, dilation, pad
+
+
+def _pairs(value, rank):
+    """`((before, after), ...)` from a padding/cropping config."""
+    if rank == 1 and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (tuple(value),)
+    return tuple(tuple(v) for v in value)
+
+
+def _is_channel_axis(axis, rank: int) -> bool:
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return [a % (rank + 2) for a in axes] == [rank + 1]
+
+
+def _layer_window(layer, window: Window, in_shape, rank: int) -> Window | None:
+    """The window of a single-input layer's output, from its input's window."""
+    in_spatial = _spatial(in_shape)
+    if in_spatial is None or len(in_spatial) != rank:
+        return None
+    if isinstance(layer, (*_WINDOW_LAYERS, *_POOLING_LAYERS)):
+        geometry = _kernel_geometry(layer, in_spatial, rank)
+        return None if geometry is None else window.then(*geometry)
+    if isinstance(layer, (*_PADDING_LAYERS, *_CROPPING_LAYERS)):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return None
+        padding = isinstance(layer, _PADDING_LAYERS)
+        pairs = _pairs(layer.padding if padding else layer.cropping, rank)
+        before = tuple(p[0] if padding else -p[0] for p in pairs)
+        return window.then((1,) * rank, (1,) * rank, (1,) * rank, before)
+    if isinstance(layer, _POINTWISE_LAYERS):
+        if isinstance(layer, keras.layers.BatchNormalization) and getattr(
+            layer, "renorm", False
+        ):
+            return None
+        return window
+    if isinstance(layer, (keras.layers.LayerNormalization, keras.layers.Softmax)):
+        return window if _is_channel_axis(layer.axis, rank) else None
+    if isinstance(layer, keras.layers.Dense):
+        return window  # applied to the channel axis at every position
+    from keras_localrank.layers import RankProbe
+
+    if isinstance(layer, RankProbe):
+        return window
+    return None
+
+
+def _history(tensor):
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None, None
+    op, node_index, _ = history
+    return op, op._inbound_nodes[node_index]
+
+
+def receptive_window(model_input, tap: Tap) -> Window | None:
+    """The input window of the tap's pre-activation, or None (not local).
+
+    Derived structurally from layer configurations along every path from
+    `model_input` to the tap (never from numerical values). None when any
+    layer on a path is not understood (full dependence assumed), when the
+    tensors are not channels-last with the input's number of spatial axes,
+    or when branches merge with different strides.
+
+    Args:
+        model_input: the differentiated `KerasTensor` (a model input).
+        tap: a top-level tap (its `input` is a tensor of the same graph).
+    """
+    shape = tuple(model_input.shape)
+    rank = len(shape) - 2
+    if rank < 1 or tap.input is None or _spatial(shape) is None:
+        return None
+    memo: dict[int, Window | None] = {}
+
+    def window_of(tensor):
+        if tensor is model_input:
+            return Window.identity(rank)
+        key = id(tensor)
+        if key in memo:
+            return memo[key]
+        memo[key] = None  # cycle guard
+        result = None
+        op, node = _history(tensor)
+        if op is not None and not isinstance(op, keras.Model) and len(tensor.shape) == rank + 2:
+            inputs = list(node.input_tensors)
+            if len(inputs) == 1:
+                w = window_of(inputs[0])
+                if w is not None:
+                    result = _layer_window(op, w, inputs[0].shape, rank)
+            elif isinstance(op, (*_MERGE_LAYERS, keras.layers.Concatenate)):
+                same = all(tuple(t.shape[1:-1]) == tuple(tensor.shape[1:-1]) for t in inputs)
+                channel = not isinstance(op, keras.layers.Concatenate) or _is_channel_axis(
+                    op.axis, rank
+                )
+                if same and channel:
+                    windows = [window_of(t) for t in inputs]
+                    if all(w is not None for w in windows):
+                        result = _union(windows)
+        memo[key] = result
+        return result
+
+    inner = window_of(tap.input)
+    if inner is None:
+        return None
+    return _layer_window(tap.layer, inner, tap.input.shape, rank)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Coloring:
+    """A colouring of the input coordinates for one tap.
+
+    Attributes:
+        window: the tap's receptive window.
+        input_shape: `(N_1, ..., N_d, C)`, the per-sample input shape.
+        output_shape: `(M_1, ..., M_d, C_out)`, the tap's per-sample output shape.
+        periods: colours per spatial axis, `min(R_i, N_i)`.
+    """
+
+    window: Window
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    periods: tuple[int, ...]
+
+    @property
+    def num_colors(self) -> int:
+        return math.prod(self.periods) * self.input_shape[-1]
+
+    @property
+    def positions(self) -> int:
+        """`P`, output positions."""
+        return math.prod(self.output_shape[:-1])
+
+    @property
+    def input_dim(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def units(self) -> int:
+        return math.prod(self.output_shape)
+
+    def directions(self) -> np.ndarray:
+        """`[num_colors, n0]` 0/1 rows: the sum of each colour's basis vectors."""
+        spatial, channels = self.input_shape[:-1], self.input_shape[-1]
+        grids = np.meshgrid(*(np.arange(n) for n in spatial), np.arange(channels), indexing="ij")
+        residues = [g % t for g, t in zip(grids[:-1], self.periods)]
+        color = np.ravel_multi_index((*residues, grids[-1]), (*self.periods, channels))
+        out = np.zeros((self.num_colors, self.input_dim), np.float32)
+        out[color.ravel(), np.arange(self.input_dim)] = 1.0
+        return out
+
+    def indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(index, valid)`, both `[P, num_colors]`: the flat input index that
+        colour `c` reads at output position `p`, and whether it exists."""
+        spatial, channels = self.input_shape[:-1], self.input_shape[-1]
+        out_spatial = self.output_shape[:-1]
+        o = np.stack(np.meshgrid(*(np.arange(m) for m in out_spatial), indexing="ij"), -1)
+        o = o.reshape(-1, len(spatial))  # [P, d]
+        r = np.stack(np.meshgrid(*(np.arange(t) for t in self.periods), indexing="ij"), -1)
+        r = r.reshape(-1, len(spatial))  # [colours per channel, d]
+        pos, valid = [], np.ones((len(o), len(r)), bool)
+        for i, (n, t) in enumerate(zip(spatial, self.periods)):
+            start = self.window.stride[i] * o[:, i] + self.window.lo[i]  # [P]
+            if t >= n:  # every position has its own colour on this axis
+                p = np.broadcast_to(r[None, :, i], valid.shape)
+            else:
+                p = start[:, None] + (r[None, :, i] - start[:, None]) % t
+            valid &= (p >= 0) & (p < n)
+            pos.append(np.clip(p, 0, n - 1))
+        index = np.ravel_multi_index(tuple(pos), spatial)  # [P, colours per channel]
+        index = index[:, :, None] * channels + np.arange(channels)  # [P, r, C]
+        valid = np.repeat(valid[:, :, None], channels, axis=2)
+        return index.reshape(len(o), -1), valid.reshape(len(o), -1)
+
+    def pair_segments(self) -> np.ndarray:
+        """`[P * colours^2]` segment ids `i * n0 + j` of the in-window pairs
+        (`n0^2` for pairs with a missing input)."""
+        index, valid = self.indices()
+        n0 = self.input_dim
+        dtype = np.int32 if n0 * n0 < 2**31 - 1 else np.int64
+        seg = index[:, :, None].astype(np.int64) * n0 + index[:, None, :]
+        seg = np.where(valid[:, :, None] & valid[:, None, :], seg, n0 * n0)
+        return seg.reshape(-1).astype(dtype)
+
+
+def tap_coloring(model_input, tap: Tap, output_shape) -> Coloring | None:
+    """The colouring of a tap, or None when its Jacobian is not known to be local.
+
+    Args:
+        model_input: the differentiated `KerasTensor` (a model input).
+        tap: the tap.
+        output_shape: the tap's per-sample output shape `(M_1, ..., M_d, C_out)`.
+    """
+    window = receptive_window(model_input, tap)
+    if window is None:
+        return None
+    input_shape = tuple(model_input.shape[1:])
+    output_shape = tuple(output_shape)
+    if len(output_shape) != len(input_shape):
+        return None
+    periods = tuple(min(r, n) for r, n in zip(window.size, input_shape[:-1]))
+    return Coloring(window, input_shape, output_shape, periods)
+
+
+def colored_products(fn, x: tf.Tensor, directions: tf.Tensor, *, block: int) -> tf.Tensor:
+    """`J(x) v_c` for every colour `c`, `block` colours in flight per pass.
+
+    Args:
+        fn: maps `[N, *input_shape]` inputs to a one-element list `[[N, n_l]]`.
+        x: `[B, *input_shape]` points.
+        directions: `[num_colors, n0]` colour rows (`Coloring.directions`).
+        block: colours per pass (`B * block` replicas in flight).
+
+    Returns:
+        `[B, num_colors, n_l]` products, in `x.dtype`.
+    """
+    num_colors, n0 = int(directions.shape[0]), int(directions.shape[1])
+    num = -(-num_colors // block)
+    padded = tf.reshape(
+        tf.pad(tf.cast(directions, x.dtype), [[0, num * block - num_colors], [0, 0]]),
+        [num, block, n0],
+    )
+    batch = tf.shape(x)[0]
+    stored = tf.TensorArray(x.dtype, size=num, element_shape=None)
+
+    def body(i, s):
+        v = tf.broadcast_to(padded[i], tf.stack([batch, block, n0]))
+        return i + 1, s.write(i, jvp(fn, x, v)[0])
+
+    _, stored = tf.while_loop(
+        lambda i, _: i < num, body, (tf.constant(0), stored), parallel_iterations=1
+    )
+    t = tf.transpose(stored.stack(), [1, 0, 2, 3])  # [B, num, block, n_l]
+    shape = tf.shape(t)
+    return tf.reshape(t, [shape[0], shape[1] * shape[2], shape[3]])[:, :num_colors]
+
+
+def colored_gram(products: tf.Tensor, segments: tf.Tensor, coloring: Coloring) -> tf.Tensor:
+    """`J^T J` (`[B, n0, n0]`, float64) from the colour products.
+
+    Args:
+        products: `[B, num_colors, n_l]` from `colored_products`.
+        segments: `Coloring.pair_segments()`.
+        coloring: the colouring.
+    """
+    nc, positions = coloring.num_colors, coloring.positions
+    n0 = coloring.input_dim
+    batch = tf.shape(products)[0]
+    v = tf.reshape(tf.cast(products, tf.float64), [batch, nc, positions, -1])
+    v = tf.transpose(v, [0, 2, 1, 3])  # [B, P, colours, C_out]
+    local = tf.linalg.matmul(v, v, transpose_b=True)  # [B, P, colours, colours]
+    data = tf.transpose(tf.reshape(local, [batch, positions * nc * nc]))
+    gram = tf.math.unsorted_segment_sum(data, segments, n0 * n0 + 1)[: n0 * n0]
+    return tf.reshape(tf.transpose(gram), [batch, n0, n0])
+
+
+def colored_spectra(
+    fn, x: tf.Tensor, coloring: Coloring, directions: tf.Tensor, segments: tf.Tensor,
+    *, block: int,
+) -> tf.Tensor:
+    """Exact singular values (`[B, n0]`, float64, from the Gram) of a local
+    tap's Jacobian by colored forward mode (`n_l >= n0`)."""
+    products = colored_products(fn, x, directions, block=block)
+    return gram_singular_values(colored_gram(products, segments, coloring))
+
+
+def recover_jacobian(products: tf.Tensor, coloring: Coloring) -> tf.Tensor:
+    """The dense Jacobian `[B, n_l, n0]` recovered from the colour products
+    (for checks and small layers; the Gram path never forms it).
+
+    Entry `(row, j)` with `row = (p, u)` (output position `p`, channel `u`)
+    and `j` the input of colour `c` in the window of `p` is
+    `products[:, c, row]`; every other entry is structurally zero.
+    """
+    index, valid = coloring.indices()
+    nc, positions = coloring.num_colors, coloring.positions
+    c_out = coloring.output_shape[-1]
+    n0 = coloring.input_dim
+    batch = tf.shape(products)[0]
+    v = tf.reshape(products, [batch, nc, positions, c_out])
+    v = tf.transpose(v, [0, 2, 3, 1])  # [B, P, C_out, colours]
+    rows = np.arange(positions)[:, None, None] * c_out + np.arange(c_out)[None, :, None]
+    flat = rows * n0 + index[:, None, :]  # [P, C_out, colours]
+    keep = np.broadcast_to(valid[:, None, :], flat.shape)
+    values = tf.boolean_mask(tf.transpose(tf.reshape(v, [batch, -1])), keep.reshape(-1))
+    ids = flat.reshape(-1)[keep.reshape(-1)]
+    dense = tf.math.unsorted_segment_sum(values, ids, positions * c_out * n0)
+    return tf.reshape(tf.transpose(dense), [batch, positions * c_out, n0])
