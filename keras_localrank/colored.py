@@ -52,6 +52,7 @@ __all__ = [
     "tap_coloring",
     "colored_products",
     "colored_gram",
+    "positions_per_block",
     "colored_spectra",
     "recover_jacobian",
 ]
@@ -295,15 +296,17 @@ class Coloring:
     def units(self) -> int:
         return math.prod(self.output_shape)
 
-    def directions(self) -> np.ndarray:
-        """`[num_colors, n0]` 0/1 rows: the sum of each colour's basis vectors."""
+    def color_ids(self) -> np.ndarray:
+        """`[n0]` colour of every input coordinate (C order over the input shape)."""
         spatial, channels = self.input_shape[:-1], self.input_shape[-1]
         grids = np.meshgrid(*(np.arange(n) for n in spatial), np.arange(channels), indexing="ij")
         residues = [g % t for g, t in zip(grids[:-1], self.periods)]
         color = np.ravel_multi_index((*residues, grids[-1]), (*self.periods, channels))
-        out = np.zeros((self.num_colors, self.input_dim), np.float32)
-        out[color.ravel(), np.arange(self.input_dim)] = 1.0
-        return out
+        return color.reshape(-1).astype(np.int32)
+
+    def directions(self) -> np.ndarray:
+        """`[num_colors, n0]` 0/1 rows: the sum of each colour's basis vectors."""
+        return np.eye(self.num_colors, dtype=np.float32)[:, self.color_ids()]
 
     def indices(self) -> tuple[np.ndarray, np.ndarray]:
         """`(index, valid)`, both `[P, num_colors]`: the flat input index that
@@ -327,16 +330,6 @@ class Coloring:
         index = index[:, :, None] * channels + np.arange(channels)  # [P, r, C]
         valid = np.repeat(valid[:, :, None], channels, axis=2)
         return index.reshape(len(o), -1), valid.reshape(len(o), -1)
-
-    def pair_segments(self) -> np.ndarray:
-        """`[P * colours^2]` segment ids `i * n0 + j` of the in-window pairs
-        (`n0^2` for pairs with a missing input)."""
-        index, valid = self.indices()
-        n0 = self.input_dim
-        dtype = np.int32 if n0 * n0 < 2**31 - 1 else np.int64
-        seg = index[:, :, None].astype(np.int64) * n0 + index[:, None, :]
-        seg = np.where(valid[:, :, None] & valid[:, None, :], seg, n0 * n0)
-        return seg.reshape(-1).astype(dtype)
 
 
 def tap_coloring(model_input, tap: Tap, output_shape) -> Coloring | None:
@@ -391,33 +384,84 @@ def colored_products(fn, x: tf.Tensor, directions: tf.Tensor, *, block: int) -> 
     return tf.reshape(t, [shape[0], shape[1] * shape[2], shape[3]])[:, :num_colors]
 
 
-def colored_gram(products: tf.Tensor, segments: tf.Tensor, coloring: Coloring) -> tf.Tensor:
+#: Bytes of float64 local Grams formed per sample at once by `colored_gram`.
+LOCAL_GRAM_BYTES = 2**26
+
+
+def positions_per_block(coloring: Coloring) -> int:
+    """Output positions whose local Grams are formed at once (bounded memory)."""
+    per_position = 8 * coloring.num_colors**2
+    return int(max(1, min(coloring.positions, LOCAL_GRAM_BYTES // per_position)))
+
+
+def colored_gram(
+    products: tf.Tensor, index: tf.Tensor, valid: tf.Tensor, coloring: Coloring
+) -> tf.Tensor:
     """`J^T J` (`[B, n0, n0]`, float64) from the colour products.
+
+    The local Grams `V_p^T V_p` of blocks of output positions are scattered
+    into `J^T J` by a segment sum over in-window input pairs `(i, j)`; at
+    most `LOCAL_GRAM_BYTES` of them per sample exist at once.
 
     Args:
         products: `[B, num_colors, n_l]` from `colored_products`.
-        segments: `Coloring.pair_segments()`.
+        index, valid: `Coloring.indices()` (`[P, num_colors]`).
         coloring: the colouring.
     """
     nc, positions = coloring.num_colors, coloring.positions
     n0 = coloring.input_dim
+    block = positions_per_block(coloring)
+    num = -(-positions // block)
+    pad = num * block - positions
     batch = tf.shape(products)[0]
     v = tf.reshape(tf.cast(products, tf.float64), [batch, nc, positions, -1])
-    v = tf.transpose(v, [0, 2, 1, 3])  # [B, P, colours, C_out]
-    local = tf.linalg.matmul(v, v, transpose_b=True)  # [B, P, colours, colours]
-    data = tf.transpose(tf.reshape(local, [batch, positions * nc * nc]))
-    gram = tf.math.unsorted_segment_sum(data, segments, n0 * n0 + 1)[: n0 * n0]
-    return tf.reshape(tf.transpose(gram), [batch, n0, n0])
+    v = tf.pad(tf.transpose(v, [2, 0, 1, 3]), [[0, pad], [0, 0], [0, 0], [0, 0]])
+    v = tf.reshape(v, [num, block, batch, nc, -1])  # [blocks, P_b, B, colours, C_out]
+    wide = n0 * n0 >= 2**31 - 1
+    itype = tf.int64 if wide else tf.int32
+    index = tf.reshape(tf.pad(tf.cast(index, itype), [[0, pad], [0, 0]]), [num, block, nc])
+    valid = tf.reshape(tf.pad(tf.cast(valid, tf.bool), [[0, pad], [0, 0]]), [num, block, nc])
+    dump = tf.constant(n0 * n0, itype)
+
+    def body(i, acc):
+        vi = v[i]
+        local = tf.linalg.matmul(vi, vi, transpose_b=True)  # [P_b, B, colours, colours]
+        data = tf.transpose(local, [0, 2, 3, 1])  # [P_b, colours, colours, B]
+        seg = index[i][:, :, None] * tf.constant(n0, itype) + index[i][:, None, :]
+        ok = valid[i][:, :, None] & valid[i][:, None, :]
+        seg = tf.reshape(tf.where(ok, seg, dump), [-1])
+        data = tf.reshape(data, tf.stack([-1, batch]))
+        return i + 1, acc + tf.math.unsorted_segment_sum(data, seg, n0 * n0 + 1)
+
+    init = tf.zeros(tf.stack([n0 * n0 + 1, batch]), tf.float64)
+    _, acc = tf.while_loop(
+        lambda i, _: i < num,
+        body,
+        (tf.constant(0), init),
+        shape_invariants=(tf.TensorShape([]), tf.TensorShape([n0 * n0 + 1, None])),
+        parallel_iterations=1,
+    )
+    return tf.reshape(tf.transpose(acc[: n0 * n0]), tf.stack([batch, n0, n0]))
 
 
 def colored_spectra(
-    fn, x: tf.Tensor, coloring: Coloring, directions: tf.Tensor, segments: tf.Tensor,
-    *, block: int,
+    fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int
 ) -> tf.Tensor:
-    """Exact singular values (`[B, n0]`, float64, from the Gram) of a local
-    tap's Jacobian by colored forward mode (`n_l >= n0`)."""
+    """Exact singular values (`[B, n0]`, float64, from the Gram `J^T J`) of a
+    local tap's Jacobian by colored forward mode.
+
+    Args:
+        fn: maps `[N, *input_shape]` inputs to `[[N, n_l]]`.
+        x: `[B, *input_shape]` points.
+        coloring: the tap's colouring.
+        tables: `(color_ids, index, valid)` tensors from
+            `Coloring.color_ids()` and `Coloring.indices()`.
+        block: colours per pass.
+    """
+    color_ids, index, valid = tables
+    directions = tf.transpose(tf.one_hot(color_ids, coloring.num_colors, dtype=x.dtype))
     products = colored_products(fn, x, directions, block=block)
-    return gram_singular_values(colored_gram(products, segments, coloring))
+    return gram_singular_values(colored_gram(products, index, valid, coloring))
 
 
 def recover_jacobian(products: tf.Tensor, coloring: Coloring) -> tf.Tensor:

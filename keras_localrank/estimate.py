@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_localrank.colored import colored_spectra, positions_per_block, tap_coloring
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
 from keras_localrank.factor import find_linear_root, is_constant_tap, row_space_basis
 from keras_localrank.graph import RECURRENT_LAYERS, CaptureModel, cast_model, functional_graph
@@ -31,6 +32,7 @@ from keras_localrank.memory import (
     DEFAULT_MEMORY_BUDGET,
     activation_elements,
     check_memory_budget,
+    colored_storage_bytes,
     exact_storage_bytes,
     plan_sizes,
 )
@@ -162,9 +164,12 @@ class LayerPlan:
 
     Attributes:
         method: `"analytic"`, `"exact"` or `"randomized"`.
-        mode: `"forward"` / `"reverse"` products, or None (analytic).
+        mode: `"forward"` / `"reverse"` products, `"colored"` (compressed
+            forward mode of a spatially local layer, see `colored`), or None
+            (analytic).
         directions: `k`, the input directions pushed through the network
-            (`n0`, or `n_1` when reduced through a constant first layer).
+            (`n0`, `n_1` when reduced through a constant first layer, or the
+            number of colours).
         in_flight: directions per pass (the memory knob).
     """
 
@@ -306,6 +311,8 @@ class LocalRankEstimator:
         self._constant_taps: list = []
         self._root = None
         self._mode = None
+        self._colorings: dict = {}
+        self._dense_taps: list = []
         in_flight = 0
         if general:
             self._work_model = (
@@ -431,6 +438,12 @@ class LocalRankEstimator:
                     "(pass `atol`, a larger `memory_budget`, or method='exact')."
                 )
 
+        # Spatially local layers (convolutions reached through local layers)
+        # by colored forward mode, when it pushes fewer directions.
+        self._colorings = self._plan_colored(exact, forced_mode, recurrent, directions, budget)
+        colored_taps = [t for t in exact if t.name in self._colorings]
+        exact = [t for t in exact if t.name not in self._colorings]
+
         mode = forced_mode
         if mode is None and exact:
             if recurrent:
@@ -449,6 +462,7 @@ class LocalRankEstimator:
 
         # Samples per chunk and directions in flight within the budget.
         per_sample = sum(storage(t, mode) for t in exact)
+        per_sample += sum(self._colored_bytes(t) for t in colored_taps)
         for t in random:
             k = directions(t)
             sketch = 16 * (t.units + k) * min(t.units, k, 4 * self.sketch_block)
@@ -459,6 +473,11 @@ class LocalRankEstimator:
             )
         else:
             widest = self.sketch_block
+        if colored_taps:
+            widest = max(
+                [self._colorings[t.name].num_colors for t in colored_taps]
+                + ([widest] if exact else [])
+            )
         sizes = plan_sizes(
             budget=budget,
             per_sample=per_sample,
@@ -481,6 +500,8 @@ class LocalRankEstimator:
                 1, min(self.sketch_block, affordable, self._max_in_flight or affordable)
             )
 
+        self._dense_taps = exact
+        exact = [t for t in work_taps if t in exact or t in colored_taps]
         self._exact_taps = exact
         self._random_taps = random
         # Taps affine in the input have one Jacobian for all samples:
@@ -488,7 +509,12 @@ class LocalRankEstimator:
         self._constant_taps = [t for t in exact if is_constant_tap(self._work_model, t)]
         self._directions = {t.name: directions(t) for t in work_taps}
         for t in exact:
-            self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
+            if t.name in self._colorings:
+                k = self._colorings[t.name].num_colors
+                self._directions[t.name] = k
+                self._plans[t.name] = LayerPlan("exact", "colored", k, min(in_flight, k))
+            else:
+                self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
         for t in random:
             self._plans[t.name] = LayerPlan(
                 "randomized", "forward+reverse", directions(t), self.sketch_block
@@ -498,12 +524,15 @@ class LocalRankEstimator:
         self._tap_inputs = {
             t.name: tap_inputs_model(self._work_model, [t])
             for t in work_taps
-            if mode == "reverse" or t in random or t in self._constant_taps
+            if mode == "reverse"
+            or t in random
+            or t in self._constant_taps
+            or t.name in self._colorings
         }
         self._work_taps = {t.name: t for t in work_taps}
         self._forward_groups = []
         if mode == "forward":
-            rest = [t for t in exact if t not in self._constant_taps]
+            rest = [t for t in self._dense_taps if t not in self._constant_taps]
             for reduced in (False, True):
                 group = [
                     t for t in rest
@@ -515,6 +544,49 @@ class LocalRankEstimator:
         if random:
             self._operators = {t.name: self._make_operators(t) for t in random}
         return in_flight
+
+    def _plan_colored(self, exact, forced_mode, recurrent, directions, budget) -> dict:
+        """`{tap name: Coloring}` of the exact taps measured by colored forward
+        mode: a structurally local Jacobian (see `colored.receptive_window`)
+        with `n_l >= n0` (the Gram `J^T J` is in the smaller dimension), fewer
+        colours than the dense path's directions, and a fit in the budget.
+        Only for float32 Jacobians through the float64 Gram (the path whose
+        spectra it reproduces), one differentiated model input, and the
+        automatic product mode."""
+        if forced_mode or recurrent or not self._use_gram or not self.selection.single_input:
+            return {}
+        model_input = functional_graph(self._work_model).inputs[0]
+        out = {}
+        for tap in exact:
+            if tap.call is None or not tap.call.top_level or tap.units < tap.input_dim:
+                continue
+            coloring = tap_coloring(model_input, tap, tap.call.output_shape)
+            if coloring is None or coloring.num_colors >= directions(tap):
+                continue
+            if self._colored_bytes(tap, coloring) + self._per_replica_bytes > budget:
+                continue
+            out[tap.name] = coloring
+        return out
+
+    def _colored_bytes(self, tap, coloring=None) -> int:
+        coloring = coloring or self._colorings[tap.name]
+        return colored_storage_bytes(
+            units=tap.units,
+            input_dim=tap.input_dim,
+            num_colors=coloring.num_colors,
+            local_gram_bytes=8 * coloring.num_colors**2 * positions_per_block(coloring),
+            itemsize=8 if self.dtype == "float64" else 4,
+        )
+
+    def _colored_tables(self, name):
+        """Constant tables of a colored tap (built in the traced graph)."""
+        coloring = self._colorings[name]
+        index, valid = coloring.indices()
+        return (
+            tf.constant(coloring.color_ids()),
+            tf.constant(index.astype(np.int64 if coloring.input_dim**2 >= 2**31 - 1 else np.int32)),
+            tf.constant(valid),
+        )
 
     def _auto_batch_size(self) -> int:
         n0 = self.selection.input_dim
@@ -548,8 +620,10 @@ class LocalRankEstimator:
         if not self._general:
             return 0
         itemsize = 8 if self.dtype == "float64" else 4
-        storage = 0
-        for t in self._exact_taps:
+        storage = sum(
+            self._colored_bytes(t) for t in self._exact_taps if t.name in self._colorings
+        )
+        for t in self._dense_taps:
             k = self._directions[t.name]
             accumulate = self._use_gram and (
                 t.units <= k if self._mode == "forward" else k <= t.units
@@ -668,7 +742,15 @@ class LocalRankEstimator:
             fn = _outputs_fn(model, [tap], held)
             b = basis if reduced else None
             k = self._directions[tap.name]
-            if self._mode == "forward":
+            if tap.name in self._colorings:
+                s = colored_spectra(
+                    fn,
+                    x1,
+                    self._colorings[tap.name],
+                    self._colored_tables(tap.name),
+                    block=min(block, k),
+                )
+            elif self._mode == "forward":
                 s = forward_spectra(
                     fn, x1, b, [tap.units], block=min(block, k), use_gram=self._use_gram
                 )[0]
@@ -687,7 +769,21 @@ class LocalRankEstimator:
         batch = tf.shape(x)[0]
         for name, s in constants.items():
             spectra[name] = tf.broadcast_to(s, tf.stack([batch, tf.shape(s)[1]]))
-        taps = [t for t in self._exact_taps if t not in self._constant_taps]
+        previous = None
+        for tap in self._exact_taps:  # one at a time: their loops must not overlap
+            if tap.name not in self._colorings or tap in self._constant_taps:
+                continue
+            with tf.control_dependencies([] if previous is None else [previous]):
+                s = colored_spectra(
+                    _outputs_fn(self._tap_inputs[tap.name], [tap], held),
+                    tf.identity(x),
+                    self._colorings[tap.name],
+                    self._colored_tables(tap.name),
+                    block=min(block, self._directions[tap.name]),
+                )
+            spectra[tap.name] = s
+            previous = s
+        taps = [t for t in self._dense_taps if t not in self._constant_taps]
 
         def tap_basis(tap):
             return basis if root is not None and tap.name in root.covered else None
@@ -696,17 +792,18 @@ class LocalRankEstimator:
             return spectra
         if self._mode == "forward":
             for reduced, group, model in self._forward_groups:
-                values = forward_spectra(
-                    _outputs_fn(model, group, held),
-                    x,
-                    basis if reduced else None,
-                    [t.units for t in group],
-                    block=min(block, self._root.tap.units if reduced else n0),
-                    use_gram=self._use_gram,
-                )
+                with tf.control_dependencies([] if previous is None else [previous]):
+                    values = forward_spectra(
+                        _outputs_fn(model, group, held),
+                        tf.identity(x),
+                        basis if reduced else None,
+                        [t.units for t in group],
+                        block=min(block, self._root.tap.units if reduced else n0),
+                        use_gram=self._use_gram,
+                    )
                 spectra.update({t.name: v for t, v in zip(group, values)})
+                previous = values[0]
             return spectra
-        previous = None
         for tap in taps:  # one tap at a time: their loops must not overlap
             model = self._tap_inputs[tap.name]
             deps = [] if previous is None else [previous]

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "activation_elements",
     "check_memory_budget",
+    "colored_storage_bytes",
     "exact_storage_bytes",
     "plan_sizes",
 ]
@@ -92,6 +93,27 @@ def exact_storage_bytes(units: int, directions: int, itemsize: int, *, accumulat
     if accumulate:
         return gram
     return 2 * itemsize * units * directions + gram
+
+
+def colored_storage_bytes(
+    *, units: int, input_dim: int, num_colors: int, local_gram_bytes: int, itemsize: int
+) -> int:
+    """Per-sample bytes kept by the colored path for one layer.
+
+    The colour products (`num_colors x n_l`, stored blocks, their stack and a
+    float64 copy), one block of float64 local Grams (and its transpose), and
+    the `n0 x n0` float64 Gram (accumulator, update, and the
+    eigen-decomposition's copy).
+
+    Args:
+        units: `n_l`.
+        input_dim: `n0`.
+        num_colors: colours pushed (products per sample).
+        local_gram_bytes: bytes of one block of local Grams.
+        itemsize: bytes of one value of the compute dtype.
+    """
+    products = num_colors * units * (2 * itemsize + 8)
+    return products + 2 * local_gram_bytes + 3 * 8 * input_dim * input_dim
 
 
 def plan_sizes(
