@@ -151,7 +151,9 @@ def _kernel_geometry(layer, in_spatial, rank):
     if padding == "valid":
         pad = (0,) * rank
     elif padding == "same":
-        pad = tuple(_same_pad(n, k, s, d) for n, k, s, d in zip(in_spatial, kernel, strides, dilation))
+        pad = tuple(
+            _same_pad(n, k, s, d) for n, k, s, d in zip(in_spatial, kernel, strides, dilation)
+        )
     elif padding == "causal" and rank == 1:
         pad = ((kernel[0] - 1) * dilation[0],)
     else:
