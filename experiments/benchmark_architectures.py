@@ -262,6 +262,29 @@ RECIPES = {
 }
 
 
+def eigen_floor(model, result, repeats: int = 4) -> float:
+    """Seconds per sample spent by float64 eigen-decompositions alone: one
+    `min(n_l, n0)` Gram per exact layer that is not affine in the input (those
+    are measured once per call), timed on random Grams. No exact path that
+    decomposes the Gram per sample can go below it."""
+    from keras_localrank.factor import is_constant_tap
+
+    taps = {t.name: t for t in klr.taps.select_taps(model).taps}
+    total = 0.0
+    for info in result.layers:
+        tap = taps.get(info.name)
+        if info.method != "exact" or tap is None or is_constant_tap(model, tap):
+            continue
+        n = min(info.units, info.input_dim)
+        a = np.random.default_rng(0).standard_normal((repeats, n, n))
+        gram = tf.constant(a @ np.swapaxes(a, 1, 2))
+        tf.linalg.eigvalsh(gram[:1]).numpy()
+        start = time.perf_counter()
+        tf.linalg.eigvalsh(gram).numpy()
+        total += (time.perf_counter() - start) / repeats
+    return total
+
+
 def tail_layers(model) -> list[str]:
     """The last convolution and the head (tap names)."""
     names = [t.name for t in klr.taps.select_taps(model).taps]
@@ -325,6 +348,11 @@ def run_model(name: str) -> dict:
               f"on the common samples and layers: {'yes' if agree else 'NO'}")
         record.update(baseline_samples=base_samples, baseline_seconds=t_base,
                       baseline_peak_rss_mib=mem_b.growth_mib, ratio=ratio, agree=agree)
+        floor = eigen_floor(model, result)
+        if floor > 0:
+            print(f"   eigen-decomposition floor of the exact path: {floor:.3f} s/sample "
+                  f"(baseline / floor = {t_base / base_samples / floor:.1f}x at most)")
+            record.update(eigen_floor_seconds=floor)
     else:
         print("   baseline: not run (" + ("no top-level layer" if not base_layers
                                           else "out of reach or disabled") + ")")
