@@ -42,7 +42,7 @@ def _strided_pooling():
 
 
 def _residual_depthwise():
-    inp = keras.Input((9, 8, 2))
+    inp = keras.Input((7, 6, 2))
     h = L.Conv2D(6, 3, padding="same", activation="tanh")(inp)
     d = L.DepthwiseConv2D(3, padding="same", activation="tanh", name="dw")(h)
     h = L.Add()([h, d])
