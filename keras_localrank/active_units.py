@@ -230,7 +230,12 @@ class ActiveUnitCounter:
                 link, tuple(own), tuple(reversed(path)), tap.units, tap.input_dim
             )
         self.supported = [n for n in names if n in self._plans]
-        self._fn = tf.function(self._compute, autograph=False, reduce_retracing=True)
+        def compute(x):
+            return self._compute(x)
+
+        # A closure per counter: TensorFlow pools the retracing statistics of
+        # all instances of a method, which warns once many counters exist.
+        self._fn = tf.function(compute, autograph=False, reduce_retracing=True)
 
     def _compute(self, x):
         batch = tf.shape(x)[0]
