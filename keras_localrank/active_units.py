@@ -440,7 +440,12 @@ class DropDecomposition:
         )
 
     def to_dict(self, label: str = "") -> dict:
-        return {**dataclasses.asdict(self), "line": self.line(label)}
+        """The fields (NaN as None, for JSON) and `line`."""
+        fields = {
+            k: None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in dataclasses.asdict(self).items()
+        }
+        return {**fields, "line": self.line(label)}
 
 
 def decompose_drop(
