@@ -30,6 +30,8 @@ __all__ = [
     "unit_measurements",
     "verdicts",
     "plot_rank_bound",
+    "record_units",
+    "long_from_wide",
 ]
 
 DEFINITIONS = {
@@ -79,6 +81,51 @@ def unit_measurements(trace: pd.DataFrame) -> pd.DataFrame | None:
     )
     units = trace.groupby(["step", "layer"], sort=False)[list(names.UNIT_COLUMNS)].first()
     return units.join(deficits).reset_index()
+
+
+def record_units(record: dict, results, kinds) -> None:
+    """Add the unit-activity keys of measured results to a flat record.
+
+    Args:
+        record: a dict of `logs`-style keys (e.g. a sweep's run record).
+        results: `LocalRankResult`s, one per rank kind, on the same samples.
+        kinds: `(kind, atol)` of each result.
+
+    Adds `active_units/<layer>` (unless present), `dead_units/<layer>`,
+    `rank_bound/<layer>` and the deficit key per kind, for layers with a bound.
+    """
+    first = results[0]
+    for layer in first.layer_names:
+        if layer in first.active_skipped:
+            continue
+        record.setdefault(f"{names.ACTIVE_UNITS}/{layer}", first.active_units[layer])
+        record[f"{names.DEAD_UNITS}/{layer}"] = first.dead_units[layer]
+        record[f"{names.RANK_BOUND}/{layer}"] = first.rank_bound[layer]
+        for (kind, atol), result in zip(kinds, results):
+            record[names.deficit_key(layer, kind, atol)] = result.rank_deficit[layer]
+
+
+def long_from_wide(frame: pd.DataFrame, layers: Sequence[str], rank_columns: Sequence[str],
+                   *, x: str = "beta") -> pd.DataFrame:
+    """Rows per (x, seed, layer) from a wide table with `<column>/<layer>` keys.
+
+    Layers without a `rank_bound/<layer>` column are left out.
+    """
+    keep = [c for c in (x, "seed") if c in frame]
+    parts = []
+    for layer in layers:
+        if f"{names.RANK_BOUND}/{layer}" not in frame:
+            continue
+        columns = [*rank_columns, *unit_columns(rank_columns)]
+        part = frame[keep].copy()
+        part["layer"] = layer
+        for column in columns:
+            key = f"{column}/{layer}"
+            part[column] = frame[key] if key in frame else np.nan
+        parts.append(part)
+    if not parts:
+        return pd.DataFrame(columns=[*keep, "layer", *rank_columns, "rank_bound"])
+    return pd.concat(parts, ignore_index=True)
 
 
 def verdicts(
