@@ -254,3 +254,20 @@ def test_callback_keys_reach_history_csv_trace_and_tensorboard(tmp_path):
         assert len(tags[key]) == 2, key
     # Off by default: no new keys, the trace keeps its columns.
     assert not any(k.startswith(names.RANK_BOUND) for k in klr.LocalRankCallback(x).keys)
+
+
+def test_not_counted_layers_say_why():
+    model = forced_dead_model(np.random.default_rng(0))
+    x = np.random.default_rng(1).uniform(-1, 1, size=(8, N0)).astype("float32")
+    (result,) = klr.LocalRankEstimator(model, count_active=False)(x)
+    assert result.active_skipped == dict.fromkeys(["d1", "d2", "d3"], "count_active=False")
+    assert math.isnan(result.rank_bound["d2"]) and math.isnan(result.dead_units["d2"])
+    # Two inputs, one held: the chain is not fed by a single input.
+    a, b = keras.Input((4,)), keras.Input((3,))
+    h = keras.layers.Dense(5, activation="relu", name="h")(keras.layers.Concatenate()([a, b]))
+    two = keras.Model([a, b], keras.layers.Dense(2, name="o")(h))
+    rng = np.random.default_rng(2)
+    xa, xb = (rng.normal(size=(6, n)).astype("float32") for n in (4, 3))
+    result = klr.local_rank(two, [xa, xb], wrt=0)
+    assert result.active_skipped == dict.fromkeys(["h", "o"], "several model inputs")
+    assert np.isnan(result.to_frame()["rank_bound"]).all()
