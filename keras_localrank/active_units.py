@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -376,7 +377,11 @@ def active_units(
         dtype = "float64" if selection.wrt.dtype == "float64" else "float32"
     check_choice("dtype", dtype, ("float32", "float64"))
     samples = as_samples(x, input_shape=selection.input_shape).astype(dtype, copy=False)
-    all_taps = select_taps(model).taps if layers is not None else selection.taps
+    all_taps = selection.taps
+    if layers is not None:  # every Dense layer: which one feeds which
+        with warnings.catch_warnings():  # skipped layers were reported already
+            warnings.simplefilter("ignore")
+            all_taps = select_taps(model).taps
     counter = ActiveUnitCounter(model, selection.taps, all_taps=all_taps, dtype=dtype)
     names = [t.name for t in selection.taps]
     acc = ActiveUnitAccumulator(counter, names)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import keras
@@ -365,8 +366,10 @@ class LocalRankEstimator:
         if not self.selection.single_input:
             return None
         all_taps = self.taps
-        if layers is not None:
-            all_taps = select_taps(self.model, None, input_shape=input_shape).taps
+        if layers is not None:  # every Dense layer: which one feeds which
+            with warnings.catch_warnings():  # skipped layers were reported already
+                warnings.simplefilter("ignore")
+                all_taps = select_taps(self.model, None, input_shape=input_shape).taps
         return ActiveUnitCounter(self.model, self.taps, all_taps=all_taps, dtype=self.dtype)
 
     def _plan_general(self, work_taps, method: str, batch_size: int | None) -> int:
