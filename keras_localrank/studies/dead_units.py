@@ -176,6 +176,11 @@ def verdicts(
     return out
 
 
+def shaded_column(rank_columns: Sequence[str]) -> str:
+    """The rank whose gap to the bound is shaded: the first robust rank, else the first."""
+    return rank_columns[1] if len(rank_columns) > 1 else rank_columns[0]
+
+
 def plot_rank_bound(
     frame: pd.DataFrame,
     path: str | os.PathLike,
@@ -186,7 +191,8 @@ def plot_rank_bound(
     dpi: int = 70,
 ) -> None:
     """One PNG: a panel per layer with each rank column, the active-unit bound
-    and the gap between the bound and the lowest rank shaded (seed means).
+    and the gap between the bound and `shaded_column(rank_columns)` shaded
+    (seed means).
 
     Args:
         frame: rows with `x`, `layer`, the rank columns and `rank_bound`.
@@ -224,12 +230,13 @@ def plot_rank_bound(
             positive = xs[xs > 0]
             floor = positive.min() / 10 if positive.size else 1e-6
             xs = np.where(xs > 0, xs, floor)
-        ax.plot(xs, means["rank_bound"], "k--", label="active-unit bound")
         for column in rank_columns:
             ax.plot(xs, means[column], marker=".", markersize=3, label=column)
-        lowest = means[list(rank_columns)].min(axis=1)
-        ax.fill_between(xs, lowest, means["rank_bound"], alpha=0.15, color="grey",
-                        label="gap (low-rank structure)")
+        ax.plot(xs, means["rank_bound"], "k--", linewidth=1.5, zorder=5,
+                label="active-unit bound")
+        shaded = shaded_column(rank_columns)
+        ax.fill_between(xs, means[shaded], means["rank_bound"], alpha=0.2, color="grey",
+                        label=f"bound - {shaded}")
         ax.set_title(str(layer), fontsize=10)
         ax.set_xlabel("optimizer step" if x == "step" else "beta")
         if x == "step":
