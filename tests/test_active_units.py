@@ -271,3 +271,22 @@ def test_not_counted_layers_say_why():
     result = klr.local_rank(two, [xa, xb], wrt=0)
     assert result.active_skipped == dict.fromkeys(["h", "o"], "several model inputs")
     assert np.isnan(result.to_frame()["rank_bound"]).all()
+
+
+def test_chosen_layers_warn_only_about_themselves():
+    """Counting units selects every Dense layer of the model to find which feeds
+    which; that selection must not repeat the warning about unmeasurable layers
+    (a VIB's sampled decoder) when the user chose the layers."""
+    import warnings
+
+    from keras_localrank import vib
+
+    model = vib.build_vib_classifier((N0,), 3, encoder_units=(6, 5), bottleneck_units=2, seed=0)
+    x = np.random.default_rng(0).normal(size=(5, N0)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (result,) = vib.vib_local_rank(model, x, tolerances=(klr.Tolerance(),))
+    assert [str(w.message) for w in caught if "measured" in str(w.message)] == []
+    assert result.active_skipped == {}
+    expected = np.mean(np.minimum(5, result.active_per_sample["encoder_1"]))
+    assert result.rank_bound["encoder_2"] == expected
