@@ -36,6 +36,8 @@ TRACE_COLUMNS = [
     "step", "epoch", "layer", "kind", "atol", "mean", "std", "stderr", "min", "max",
     "effective_rank", "stable_rank", "seconds",
 ]
+#: Trace columns added by `active_units=True` (NaN on layers without them).
+ACTIVE_TRACE_COLUMNS = ["active_units", "dead_units", "rank_bound", "rank_deficit"]
 
 
 def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
@@ -115,6 +117,16 @@ class LocalRankCallback(ScheduledCallback):
             each `fit` (trace and TensorBoard only; it is not an epoch), at
             the current optimizer step, unless that step is already in the
             trace. Default False.
+        active_units: also log the unit activity of every layer on a Dense
+            chain fed by the input (see `keras_localrank.active_units`):
+            `active_units/<layer>` (mean active units per probe input),
+            `dead_units/<layer>` (units inactive on every probe input),
+            `rank_bound/<layer>` (mean active-unit bound on the rank) and the
+            rank deficit `bound - rank` per rank kind,
+            `rank_deficit/<layer>` and `robust_rank_deficit[@<atol>]/<layer>`;
+            the trace gains the columns `active_units`, `dead_units`,
+            `rank_bound`, `rank_deficit`, and TensorBoard the same scalars.
+            Default False.
         batch_size, method, dtype, jit_compile: passed to `LocalRankEstimator`.
         verbose: 0 (silent, default) or 1 (one line per measurement or skip).
 
@@ -154,6 +166,7 @@ class LocalRankCallback(ScheduledCallback):
         dtype: str | None = None,
         jit_compile: bool = False,
         verbose: int = 0,
+        active_units: bool = False,
     ):
         super().__init__(schedule, measure_on_train_begin=measure_on_train_begin)
         self._x = as_samples(x, input_shape=None, max_samples=max_samples)
@@ -178,6 +191,11 @@ class LocalRankCallback(ScheduledCallback):
             batch_size=batch_size, method=method, dtype=dtype, jit_compile=jit_compile
         )
         self.verbose = verbose
+        if not isinstance(active_units, bool):
+            raise TypeError(
+                f"Expected `active_units` to be a bool. Received: active_units={active_units!r}"
+            )
+        self.active_units = active_units
         self._estimator: LocalRankEstimator | None = None
         self._estimator_model = None
         self._writer = None
@@ -202,7 +220,28 @@ class LocalRankCallback(ScheduledCallback):
             [info.name for info in self._estimator.layer_infos] if self._estimator else []
         )
         keys = [f"{p}/{n}" for _, p, _ in self._tolerances() for n in layer_names]
+        keys += self._unit_keys()
         return keys + (["local_rank/skipped"] if self.max_overhead is not None else [])
+
+    def _deficit_prefix(self, kind, tol) -> str:
+        return names.deficit_column(kind, tol.atol, qualify=len(self.atols) > 1)
+
+    def _unit_keys(self) -> list[str]:
+        """The unit-activity keys (`active_units=True`), in layer order."""
+        if not self.active_units or self._estimator is None:
+            return []
+        layers = self._estimator.active_layers
+        keys = [f"{column}/{n}" for column in names.UNIT_COLUMNS for n in layers]
+        return keys + [
+            f"{self._deficit_prefix(kind, tol)}/{n}"
+            for kind, _, tol in self._tolerances()
+            for n in layers
+        ]
+
+    @property
+    def trace_columns(self) -> list[str]:
+        """The trace's columns (`ACTIVE_TRACE_COLUMNS` added by `active_units=True`)."""
+        return TRACE_COLUMNS + (ACTIVE_TRACE_COLUMNS if self.active_units else [])
 
     # -- Keras hooks ------------------------------------------------------------
 
@@ -212,6 +251,7 @@ class LocalRankCallback(ScheduledCallback):
                 self.model,
                 self.layers,
                 tolerances=[t for _, _, t in self._tolerances()],
+                count_active=self.active_units,
                 **self._estimator_kwargs,
             )
             self._estimator_model = self.model
@@ -275,20 +315,32 @@ class LocalRankCallback(ScheduledCallback):
         self._measured_seconds += seconds
         self._last_cost = seconds
         self.measurements += 1
-        for (kind, prefix, tol), result in zip(self._tolerances(), results):
+        active = self._estimator.active_layers if self.active_units else []
+        for i, ((kind, prefix, tol), result) in enumerate(zip(self._tolerances(), results)):
             stats = result.to_frame().set_index("layer")
+            deficit = self._deficit_prefix(kind, tol)
             for name in result.layer_names:
                 row = stats.loc[name]
                 self._latest[f"{prefix}/{name}"] = float(row["mean"])
+                units = (
+                    {c: float(row[c]) for c in ACTIVE_TRACE_COLUMNS} if self.active_units else {}
+                )
+                if name in active:
+                    for column in names.UNIT_COLUMNS:
+                        self._latest[f"{column}/{name}"] = units[column]
+                    self._latest[f"{deficit}/{name}"] = units["rank_deficit"]
                 self.trace.append(
                     {
                         "step": step, "epoch": epoch, "layer": name,
                         "kind": kind, "atol": tol.atol,
                         **{c: float(row[c]) for c in TRACE_COLUMNS[5:-1]},
                         "seconds": seconds,
+                        **units,
                     }
                 )
             self._write_tensorboard(prefix, result, step)
+            if active and self._writer is not None:
+                self._write_unit_scalars(deficit, result, active, step, first=i == 0)
         if self.trace_path and self._chief:  # under a multi-worker strategy
             self._save_trace()
         if self.verbose:
@@ -307,14 +359,23 @@ class LocalRankCallback(ScheduledCallback):
                         f"{prefix}_per_sample/{name}", result.per_sample[name].astype(np.float32)
                     )
 
+    def _write_unit_scalars(self, deficit, result, layers, step, *, first):
+        with self._writer.as_default(step=step):
+            for name in layers:
+                if first:  # the same for every rank kind: written once
+                    tf.summary.scalar(f"{names.ACTIVE_UNITS}/{name}", result.active_units[name])
+                    tf.summary.scalar(f"{names.DEAD_UNITS}/{name}", result.dead_units[name])
+                    tf.summary.scalar(f"{names.RANK_BOUND}/{name}", result.rank_bound[name])
+                tf.summary.scalar(f"{deficit}/{name}", result.rank_deficit[name])
+
     # -- the trace ------------------------------------------------------------------
 
     def trace_frame(self) -> pd.DataFrame:
         """Every measurement so far, one row per (step, layer, rank kind)."""
-        return pd.DataFrame(self.trace, columns=TRACE_COLUMNS)
+        return pd.DataFrame(self.trace, columns=self.trace_columns)
 
     def _save_trace(self):
-        write_rows(self.trace_path, self.trace, TRACE_COLUMNS)
+        write_rows(self.trace_path, self.trace, self.trace_columns)
 
     def _load_trace(self) -> list[dict]:
         rows = read_rows(self.trace_path) if self.trace_path else None

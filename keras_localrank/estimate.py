@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_localrank.active_units import ActiveUnitAccumulator, ActiveUnitCounter
 from keras_localrank.colored import colored_spectra, positions_per_block, tap_coloring
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
 from keras_localrank.factor import find_linear_root, is_constant_tap, row_space_basis
@@ -71,7 +73,8 @@ RESIDUAL_FRACTION = 0.5
 _RESERVED = frozenset(
     "layer class units input_dim bound samples mean std stderr min max "
     "effective_rank stable_rank atol rtol method mode dtype directions upper "
-    "failure_probability sketch_size margin near_threshold".split()
+    "failure_probability sketch_size margin near_threshold active_units dead_units "
+    "rank_bound rank_deficit".split()
 )
 
 
@@ -211,6 +214,10 @@ class LocalRankEstimator:
         memory_budget: bound, in bytes, on the memory one chunk may use
             (replicated activations of matrix-free products plus Grams and
             sketches). Default 2 GiB.
+        count_active: also count active units, dead units and the
+            active-unit rank bound (`keras_localrank.active_units`) of layers
+            on a Dense forest fed by the input (one extra forward pass per
+            chunk); other layers get NaN. Default True.
         failure_probability: `delta` of the randomized estimate: the chance
             that a certified interval misses the true robust rank of a
             sample. Default 1e-3.
@@ -253,6 +260,7 @@ class LocalRankEstimator:
         spectral_stats: Mapping[str, Callable[[tf.Tensor], tf.Tensor]] | None = None,
         directions_per_pass: int | None = None,
         wrt: int | str | None = None,
+        count_active: bool = True,
     ):
         check_choice("method", method, _METHODS)
         if batch_size is not None:
@@ -350,6 +358,8 @@ class LocalRankEstimator:
             reduce_retracing=True,
         )
         self._basis_fn = tf.function(self._basis, autograph=False) if self._root else None
+        self._count_active = bool(count_active)
+        self._counter = self._active_counter(layers, input_shape) if count_active else None
         self._constant_fn = (
             tf.function(self._constant_spectra, autograph=False)
             if self._general and self._constant_taps
@@ -357,6 +367,17 @@ class LocalRankEstimator:
         )
 
     # -- construction helpers -------------------------------------------------
+
+    def _active_counter(self, layers, input_shape) -> ActiveUnitCounter | None:
+        """The active-unit counter of the taps (None: several inputs)."""
+        if not self.selection.single_input:
+            return None
+        all_taps = self.taps
+        if layers is not None:  # every Dense layer: which one feeds which
+            with warnings.catch_warnings():  # skipped layers were reported already
+                warnings.simplefilter("ignore")
+                all_taps = select_taps(self.model, None, input_shape=input_shape).taps
+        return ActiveUnitCounter(self.model, self.taps, all_taps=all_taps, dtype=self.dtype)
 
     def _plan_general(self, work_taps, method: str, batch_size: int | None) -> int:
         """Choose exact/randomized and forward/reverse per layer, the reduction
@@ -603,6 +624,11 @@ class LocalRankEstimator:
         while link.parent is not None:
             link = link.parent
         return int(link.layer.kernel.shape[1])
+
+    @property
+    def active_layers(self) -> list[str]:
+        """Layers whose active units and active-unit bound are counted."""
+        return list(self._counter.supported) if self._counter is not None else []
 
     @property
     def plans(self) -> dict[str, LayerPlan]:
@@ -1014,6 +1040,10 @@ class LocalRankEstimator:
         bar = keras.utils.Progbar(chunks, unit_name="chunk") if verbose else None
         width = 5 + len(self.spectral_stats)
         collected = {t.name: [[] for _ in range(width + 2)] for t in self.taps}
+        names = [t.name for t in self.taps]
+        active = (
+            ActiveUnitAccumulator(self._counter, names) if self._counter is not None else None
+        )
         for i in range(chunks):
             chunk = _take(samples, i * size, (i + 1) * size, size)
             valid = min(size, n - i * size)
@@ -1023,6 +1053,8 @@ class LocalRankEstimator:
                     out[name] = tuple(np.asarray(v) for v in values)
             if self._random_taps:
                 out.update(self._randomized(chunk, basis, i))
+            if active is not None:
+                active.add(chunk, valid)
             for name, values in out.items():
                 if len(values) == width:  # exact: the upper bound is the rank
                     values = (*values, values[0], np.zeros(size))
@@ -1036,6 +1068,14 @@ class LocalRankEstimator:
         }
         infos = self.layer_infos
         stat_names = list(self.spectral_stats)
+        if active is not None:
+            active_per_sample, dead, bound = active.results(n)
+            active_skipped = dict(self._counter.skipped)
+        else:
+            active_per_sample = dead = bound = None
+            active_skipped = dict.fromkeys(
+                names, "several model inputs" if self._count_active else "count_active=False"
+            )
         results = []
         for j, tol in enumerate(self.tolerances):
             results.append(
@@ -1059,6 +1099,10 @@ class LocalRankEstimator:
                         name: m[width][j].astype(np.int64) for name, m in merged.items()
                     },
                     sketch_size_per_sample={name: m[width + 1] for name, m in merged.items()},
+                    active_per_sample=active_per_sample,
+                    dead_units=dead,
+                    bound_per_sample=bound,
+                    active_skipped=active_skipped,
                 )
             )
         return results

@@ -13,11 +13,31 @@ long-format traces.
 Information estimates (see `information`) are logged as
 `information/<estimator>@<parameter>=<value>/<layer>` for `I(X;T)` and
 `label_information/<estimator>@<parameter>=<value>/<layer>` for `I(T;Y)`.
+
+Unit activity (see `keras_localrank.active_units`) is logged as
+`active_units/<layer>` (mean active units per input), `dead_units/<layer>`
+(units inactive on every probe input), `rank_bound/<layer>` (mean active-unit
+bound on the layer's rank) and, per rank kind, the rank deficit
+`bound - rank` as `rank_deficit/<layer>` (exact) and
+`robust_rank_deficit[@<atol>]/<layer>` (robust).
 """
 
 from __future__ import annotations
 
-__all__ = ["EXACT", "ROBUST", "RANK_KINDS", "rank_column", "rank_key", "information_key"]
+__all__ = [
+    "EXACT",
+    "ROBUST",
+    "RANK_KINDS",
+    "ACTIVE_UNITS",
+    "DEAD_UNITS",
+    "RANK_BOUND",
+    "UNIT_COLUMNS",
+    "rank_column",
+    "rank_key",
+    "deficit_column",
+    "deficit_key",
+    "information_key",
+]
 
 EXACT = "exact"
 ROBUST = "robust"
@@ -45,6 +65,25 @@ def rank_column(kind: str, atol: float | None = None, *, qualify: bool = True) -
 def rank_key(layer: str, kind: str, atol: float | None = None, *, qualify: bool = True) -> str:
     """The Keras `logs` key of one layer's rank: `<rank_column>/<layer>`."""
     return f"{rank_column(kind, atol, qualify=qualify)}/{layer}"
+
+
+#: Column/prefix names of the unit activity of a layer (one value per layer,
+#: whatever the rank kind).
+ACTIVE_UNITS = "active_units"
+DEAD_UNITS = "dead_units"
+RANK_BOUND = "rank_bound"
+UNIT_COLUMNS = (ACTIVE_UNITS, DEAD_UNITS, RANK_BOUND)
+
+
+def deficit_column(kind: str, atol: float | None = None, *, qualify: bool = True) -> str:
+    """The rank-deficit (`rank_bound - rank`) name of a rank kind:
+    `rank_deficit` (exact) or `robust_rank_deficit[@atol]` (robust)."""
+    return rank_column(kind, atol, qualify=qualify).replace("local_rank", "rank_deficit")
+
+
+def deficit_key(layer: str, kind: str, atol: float | None = None, *, qualify: bool = True) -> str:
+    """The Keras `logs` key of one layer's rank deficit: `<deficit_column>/<layer>`."""
+    return f"{deficit_column(kind, atol, qualify=qualify)}/{layer}"
 
 
 #: Key prefix of each information quantity.

@@ -95,6 +95,14 @@ class LocalRankResult:
             randomized layers).
         sketch_size_per_sample: `{layer: array}`, basis size of the randomized
             sketch (0 for the exact methods).
+        active_per_sample: `{layer: float array}`, active units of the layer
+            per input (see `keras_localrank.active_units`; NaN where not
+            defined).
+        dead_units: `{layer: float}`, units inactive on every input (NaN
+            where not defined).
+        bound_per_sample: `{layer: float array}`, the active-unit bound on
+            the layer's rank per input (NaN where not defined).
+        active_skipped: `{layer: reason}` for layers without active units.
     """
 
     def __init__(
@@ -112,6 +120,10 @@ class LocalRankResult:
         near_threshold_per_sample: dict[str, np.ndarray] | None = None,
         stats: dict[str, dict[str, np.ndarray]] | None = None,
         sketch_size_per_sample: dict[str, np.ndarray] | None = None,
+        active_per_sample: dict[str, np.ndarray] | None = None,
+        dead_units: dict[str, float] | None = None,
+        bound_per_sample: dict[str, np.ndarray] | None = None,
+        active_skipped: dict[str, str] | None = None,
     ):
         self.layers = list(layers)
         self.per_sample = per_sample
@@ -127,6 +139,14 @@ class LocalRankResult:
         self.near_threshold_per_sample = near_threshold_per_sample or zero
         self.stats = dict(stats or {})
         self.sketch_size_per_sample = sketch_size_per_sample or zero
+        self.active_per_sample = active_per_sample or nan
+        self.dead_units = dead_units or {k: math.nan for k in per_sample}
+        self.bound_per_sample = bound_per_sample or nan
+        self.active_skipped = dict(
+            active_skipped
+            if active_skipped is not None
+            else ({} if active_per_sample else dict.fromkeys(per_sample, "not measured"))
+        )
 
     @property
     def layer_names(self) -> list[str]:
@@ -172,10 +192,34 @@ class LocalRankResult:
         """Mean count of singular values within 10% of the threshold."""
         return {k: float(np.mean(v)) for k, v in self.near_threshold_per_sample.items()}
 
+    @property
+    def active_units(self) -> dict[str, float]:
+        """Mean active units per input (NaN where not defined)."""
+        return {k: float(np.mean(v)) for k, v in self.active_per_sample.items()}
+
+    @property
+    def rank_bound(self) -> dict[str, float]:
+        """Mean active-unit bound on the rank (NaN where not defined)."""
+        return {k: float(np.mean(v)) for k, v in self.bound_per_sample.items()}
+
+    @property
+    def deficit_per_sample(self) -> dict[str, np.ndarray]:
+        """`{layer: bound - rank}` per input: the gap dead units do not explain."""
+        return {
+            k: self.bound_per_sample[k] - np.asarray(v, np.float64)
+            for k, v in self.per_sample.items()
+        }
+
+    @property
+    def rank_deficit(self) -> dict[str, float]:
+        """Mean `bound - rank` per layer (NaN where not defined)."""
+        return {k: float(np.mean(v)) for k, v in self.deficit_per_sample.items()}
+
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: name, class, units, bound, statistics, tolerance,
-        method and its error statement, margin to the threshold, and the
-        mean of every spectral statistic."""
+        method and its error statement, margin to the threshold, the mean of
+        every spectral statistic, and the unit activity (`active_units`,
+        `dead_units`, `rank_bound`, `rank_deficit`; NaN where not defined)."""
         stats = {
             "mean": self.mean,
             "std": self.std,
@@ -187,6 +231,10 @@ class LocalRankResult:
             "upper": self.upper,
             "margin": self.margin,
             "near_threshold": self.near_threshold,
+            "active_units": self.active_units,
+            "dead_units": self.dead_units,
+            "rank_bound": self.rank_bound,
+            "rank_deficit": self.rank_deficit,
         }
         for name, per_layer in self.stats.items():
             stats[name] = {k: float(np.mean(v)) for k, v in per_layer.items()}
@@ -225,6 +273,7 @@ class LocalRankResult:
             "num_samples": self.num_samples,
             "layers": self.to_frame().to_dict(orient="records"),
             "skipped": self.skipped,
+            "active_skipped": self.active_skipped,
         }
 
     def save(self, path: str | os.PathLike) -> None:

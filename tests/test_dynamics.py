@@ -90,6 +90,11 @@ def test_run_directory_contents(two_seeds):
         "train_accuracy",
         "test_loss",
         "test_accuracy",
+        "active_units",
+        "dead_units",
+        "rank_bound",
+        "rank_deficit",
+        "robust_rank_deficit@0.01",
     ]
     assert frame.equals(pd.DataFrame(read_json(os.path.join(run, "measurements.json"))))
     # One row per (scheduled step, hidden layer): the step before training and
@@ -128,6 +133,36 @@ def test_summary_is_consistent_with_csv(two_seeds):
         last = frame[frame["step"] == frame["step"].max()].iloc[0]
         assert run_summary["final"]["test_accuracy"] == pytest.approx(last["test_accuracy"])
         assert run_summary["run"]["done"] and run_summary["run"]["epoch"] == config.epochs
+
+
+def test_dead_unit_columns_and_verdicts(two_seeds):
+    """Unit columns obey their definitions; each verdict's numbers come from
+    the seed's measurements (reference: the peak of the rank curve)."""
+    config, workdir, summary = two_seeds
+    for seed in (0, 1):
+        run = os.path.join(workdir, f"seed={seed}")
+        with open(os.path.join(run, "dead_units.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        frame = pd.read_csv(os.path.join(run, "measurements.csv"))
+        np.testing.assert_allclose(frame["rank_bound"] - frame["local_rank"],
+                                   frame["rank_deficit"], atol=1e-9)
+        assert (frame["rank_deficit"] >= 0).all()
+        assert (frame["robust_rank_deficit@0.01"] >= frame["rank_deficit"] - 1e-9).all()
+        # hidden_1 reads the input: its bound is min(width, n0) = 6 throughout.
+        assert (frame.loc[frame["layer"] == "hidden_1", "rank_bound"] == 6).all()
+        verdicts = summary["per_seed"][str(seed)]["dead_units"]
+        for layer, rows in frame.groupby("layer"):
+            rows = rows.sort_values("step")
+            entry = verdicts[layer]["robust_local_rank@0.01"]
+            peak = rows["robust_local_rank@0.01"].to_numpy().argmax()
+            assert entry["rank_ref"] == pytest.approx(rows["robust_local_rank@0.01"].iloc[peak])
+            assert entry["bound_ref"] == pytest.approx(rows["rank_bound"].iloc[peak])
+            assert entry["bound_final"] == pytest.approx(rows["rank_bound"].iloc[-1])
+            assert entry["drop"] == pytest.approx(entry["dead"] + entry["low_rank"])
+            assert verdicts[layer]["verdict"] == entry["line"]
+    assert set(summary["dead_units"]) == {"hidden_1", "hidden_2", "hidden_3"}
+    assert "verdict_rule" in summary["dead_units_definitions"]
+    assert os.path.getsize(os.path.join(workdir, "dead_units.png")) > 0
 
 
 def test_multi_seed_aggregation(two_seeds):

@@ -338,6 +338,22 @@ def test_sweep_writes_loss_per_epoch_and_new_columns(tmp_path):
     for name in ("convergence.png", "transitions.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "sharp" in summary["sharp_criterion"]
+    # Unit activity: the first encoder layer reads the 20-dim input directly.
+    assert (frame["rank_bound/encoder_1"] == 12).all()
+    for layer in ("encoder_1", "bottleneck_mean"):
+        np.testing.assert_allclose(
+            frame[f"rank_deficit/{layer}"],
+            frame[f"rank_bound/{layer}"] - frame[f"local_rank/{layer}"], atol=1e-12,
+        )
+        strict = frame[f"robust_rank_deficit@1/{layer}"]
+        assert (strict >= frame[f"rank_deficit/{layer}"] - 1e-12).all()
+        assert frame[f"dead_units/{layer}"].between(0, 12).all()
+        assert summary["dead_units"][layer]["verdict"].startswith(f"{layer} ")
+    # The bottleneck mean (3 units) is capped by 3 and the active encoder units.
+    assert (frame["rank_bound/bottleneck_mean"] <= 3).all()
+    assert (frame["rank_bound/bottleneck_mean"] <= frame["active_units/encoder_1"] + 1e-9).all()
+    assert "dead_units.png" in summary["plots"]
+    assert (tmp_path / "dead_units.png").stat().st_size > 1000
 
 
 def test_bad_atols():

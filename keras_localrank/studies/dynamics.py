@@ -17,12 +17,16 @@ optimizer steps together with train/test loss and accuracy, and writes
         history.csv                     Keras per-epoch logs (CSVLogger)
         tensorboard/                    Keras TensorBoard + per-layer rank scalars
         dynamics.png                    rank per layer vs step, loss, accuracy
-        summary.json                    per layer: peak, final, drop, drop start
+        dead_units.png                  rank, active-unit bound and their gap per layer
+        summary.json                    per layer: peak, final, drop, drop start;
+                                        dead units vs low-rank structure (verdicts)
         checkpoints/, state.json        the resume state
         complete.json                   written last: the run is finished
     workdir/measurements.csv            all seeds
     workdir/dynamics.png                mean over seeds with a +-1 std band
-    workdir/summary.json                per seed and mean/std across seeds
+    workdir/dead_units.png              rank, bound and gap, mean over seeds
+    workdir/summary.json                per seed and mean/std across seeds; the
+                                        dead-unit verdicts of the seed means
 
 The folder is a `keras_localrank.rundir.RunDirectory`: a second process on the
 same `workdir` is refused while the first runs, and a rerun with a different
@@ -40,6 +44,10 @@ follows the same trajectory as an uninterrupted one. Finished runs are not
 retrained.
 
 The drop of a curve and when it starts are defined in `keras_localrank.curves`.
+Every measurement also records the unit activity of each layer
+(`active_units`, `dead_units`, `rank_bound` and a `rank_deficit` per rank
+column, see `keras_localrank.active_units`); the summaries split each drop
+into dead units and low-rank structure (`keras_localrank.studies.dead_units`).
 
 References:
     Patel & Shwartz-Ziv, "Learning to Compress: Local Rank and Information
@@ -68,6 +76,7 @@ from keras_localrank.curves import (
 )
 from keras_localrank.executors import Executor, InProcessExecutor
 from keras_localrank.rundir import RunDirectory, SubRun
+from keras_localrank.studies import dead_units
 from keras_localrank.studies.checkpoints import Checkpoint, read_state, restore, truncate_csv
 from keras_localrank.studies.dynamics_config import (
     EXECUTION_FIELDS,
@@ -131,8 +140,14 @@ def summarize_run(frame: pd.DataFrame, config: DynamicsConfig) -> dict:
         }
     per_step = frame.drop_duplicates("step").sort_values("step")
     fitted = per_step[per_step["train_accuracy"] >= config.fit_accuracy]
+    units = (
+        {"dead_units": dead_units.verdicts(frame, rank_columns(config.atols))}
+        if "rank_bound" in frame
+        else {}
+    )
     return dict(
         layers=layers,
+        **units,
         final={c: float(per_step[c].iloc[-1]) for c in METRIC_COLUMNS},
         fit_step=int(fitted["step"].iloc[0]) if len(fitted) else None,
         steps=int(per_step["step"].iloc[-1]),
@@ -158,6 +173,10 @@ def read_measurements(folder: str | os.PathLike, config: DynamicsConfig) -> pd.D
     metrics = pd.read_csv(os.path.join(folder, "metrics.csv")).drop(columns="epoch")
     frame = wide.merge(metrics, on="step", how="inner")
     columns = ["step", "epoch", "layer", *rank_columns(config.atols), *METRIC_COLUMNS]
+    units = dead_units.unit_measurements(trace)
+    if units is not None:  # traces written before unit activity was recorded have none
+        frame = frame.merge(units, on=["step", "layer"], how="left")
+        columns += dead_units.unit_columns(rank_columns(config.atols))
     return frame[columns].sort_values(["step", "layer"], kind="stable").reset_index(drop=True)
 
 
@@ -215,6 +234,7 @@ def _train_seed(config, data, seed: int, run: SubRun, callbacks, verbose: int) -
             trace_path=run.join("trace.csv"),
             log_dir=os.path.join(tensorboard, "local_rank"),
             measure_on_train_begin=fresh,
+            active_units=True,
         ),
         Checkpoint(run, config.checkpoint_every, config.epochs, time.perf_counter()),
         *(
@@ -276,6 +296,7 @@ def _finish_seed(config, seed, run: SubRun, plots: bool, title: str):
         run.write_json("measurements.json", frame.to_dict("records"))
         if plots:
             _plot(frame, config, run.join("dynamics.png"), f"{title}, seed {seed}")
+            _plot_units(frame, config, run.join("dead_units.png"), f"{title}, seed {seed}")
     summary = {**summarize_run(frame, config), "run": read_state(run)}
     if run.read_json("summary.json") != json.loads(json.dumps(summary)):
         run.write_json("summary.json", summary)  # summary-only settings may have changed
@@ -383,6 +404,9 @@ def train_and_evaluate(
                 f"{title}, {len(config.seeds)} seed(s)",
             )
             run.mark_complete("dynamics.png")
+            if _plot_units(everything, config, run.join("dead_units.png"),
+                           f"{title}, mean of {len(config.seeds)} seed(s)"):
+                run.mark_complete("dead_units.png")
         result = dict(
             per_seed={str(s): summaries[s] for s in config.seeds},
             mean_std=aggregate_summaries(summaries),
@@ -390,6 +414,14 @@ def train_and_evaluate(
             task_dimension=config.k if config.dataset == "gaussian" else None,
             rank_columns=rank_columns(config.atols),
             drop_start_definition=DROP_START_DEFINITION,
+            **(
+                {
+                    "dead_units": dead_units.verdicts(everything, rank_columns(config.atols)),
+                    "dead_units_definitions": dead_units.DEFINITIONS,
+                }
+                if "rank_bound" in everything
+                else {}
+            ),
             wall_seconds_this_call=time.perf_counter() - start,
         )
         run.write_json("summary.json", result)
@@ -409,3 +441,11 @@ def _plot(frame, config, path, title):
         reference=reference,
         reference_label=f"k = {reference}",
     )
+
+
+def _plot_units(frame, config, path, title) -> bool:
+    """`dead_units.png` (rank, active-unit bound, gap); False without unit columns."""
+    if "rank_bound" not in frame or frame["rank_bound"].isna().all():
+        return False
+    dead_units.plot_rank_bound(frame, path, rank_columns=rank_columns(config.atols), title=title)
+    return True

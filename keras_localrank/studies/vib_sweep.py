@@ -19,7 +19,10 @@ calls; tests call it with a tiny config. The run directory (a
                                  their bootstrap intervals
     information_plane.png        rate against the I(Z;Y) bound, coloured by beta
     accuracy_vs_beta.png         test accuracy against beta
-    summary.json                 transitions, per-beta means, wall time
+    dead_units.png               local rank, active-unit bound and their gap
+                                 against beta, per layer
+    summary.json                 transitions, per-beta means, dead units vs
+                                 low-rank structure per layer, wall time
 
 Rank columns follow `keras_localrank.names`: `local_rank/<layer>` and
 `robust_local_rank@<atol>/<layer>` for `robust_atol` and every value of
@@ -30,7 +33,14 @@ units with positive pre-activation), `active_units/<layer>` (the mean count)
 and `rank_equals_active_below/<layer>` (share of probe inputs whose exact
 rank equals min(active units of the encoder layer below, the layer's bound)):
 the Jacobian of a layer's pre-activation passes through the layer below only
-via its active units, so that count bounds the rank. `epochs_trained` and
+via its active units, so that count bounds the rank.
+Every layer on the encoder's Dense chain also gets `dead_units/<layer>`,
+`rank_bound/<layer>` (the active-unit bound, see
+`keras_localrank.active_units`) and the rank deficit `bound - rank` per rank
+kind (`rank_deficit/<layer>`, `robust_rank_deficit@<atol>/<layer>`); the
+summary's `dead_units` says, per layer, whether the fall of local rank from
+the smallest to the largest beta is mostly dead units or low-rank structure.
+`epochs_trained` and
 `loss_change_last5` (relative fall of the training loss over the last 5
 epochs) document convergence.
 
@@ -54,6 +64,7 @@ import numpy as np
 import pandas as pd
 
 from keras_localrank import datasets, names
+from keras_localrank.studies import dead_units
 from keras_localrank.curves import (
     SHARP_DEFINITION,
     detect_transitions,
@@ -470,6 +481,9 @@ def train_one(config: SweepConfig, data, beta: float, seed: int) -> dict:
             record[f"{RANK_EQUALS_ACTIVE}/{layer}"] = float(
                 np.mean(exact.per_sample[layer] == bound)
             )
+    dead_units.record_units(
+        record, (exact, *robust), [(names.EXACT, None)] + [(names.ROBUST, a) for a in atols]
+    )
     record["history"] = {
         key: [float(v) for v in values] for key, values in history.history.items()
     }
@@ -547,6 +561,7 @@ def _summarize(config: SweepConfig, records: list[dict], trained: int, start: fl
     ]
     per_beta = frame.drop(columns=["seed"]).groupby("beta").mean().reset_index()
     detected = detect_columns(frame, rank_cols)
+    units = _unit_verdicts(config, frame, records[0]["layers"])
     summary = {
         "description": (
             "Transitions: for each column, the neighbouring beta pairs with the "
@@ -561,12 +576,30 @@ def _summarize(config: SweepConfig, records: list[dict], trained: int, start: fl
         "detected_transitions": detected,
         "sharp_criterion": SHARP_DEFINITION,
         "per_beta_mean": per_beta.to_dict(orient="records"),
+        **units,
         "num_runs": len(records),
         "trained_this_call": trained,
         "wall_seconds_this_call": time.perf_counter() - start,
         "train_seconds_total": float(frame["train_seconds"].sum()),
     }
     return frame, summary
+
+
+def _sweep_rank_columns(config: SweepConfig) -> list[str]:
+    return [names.rank_column(names.EXACT)] + [
+        names.rank_column(names.ROBUST, a) for a in config.all_atols
+    ]
+
+
+def _unit_verdicts(config: SweepConfig, frame: pd.DataFrame, layers) -> dict:
+    """The summary's `dead_units` (per layer, smallest vs largest beta), or {}."""
+    long = dead_units.long_from_wide(frame, layers, _sweep_rank_columns(config))
+    if long.empty or long["rank_bound"].isna().all():
+        return {}
+    return {
+        "dead_units": dead_units.verdicts(long, _sweep_rank_columns(config), x="beta"),
+        "dead_units_definitions": dead_units.DEFINITIONS,
+    }
 
 
 def train_and_evaluate(
@@ -676,6 +709,13 @@ def train_and_evaluate(
             }
             if shown:
                 summary["plots"].append(plot_transitions(frame, shown, run.join("transitions.png")))
+            long = dead_units.long_from_wide(frame, layers, _sweep_rank_columns(config))
+            if not long.empty and long["rank_bound"].notna().any():
+                dead_units.plot_rank_bound(
+                    long, run.join("dead_units.png"),
+                    rank_columns=_sweep_rank_columns(config), x="beta", title=title,
+                )
+                summary["plots"].append("dead_units.png")
             for name in summary["plots"]:
                 run.mark_complete(name)
         run.write_json("summary.json", summary)
