@@ -264,7 +264,19 @@ def test_study_report_equals_a_direct_computation(study):
         assert mean["information_drop_start_step"]["mean"] == pytest.approx(np.mean(present))
         assert mean["information_drop_start_step"]["count"] == len(present)
     assert sum(report["orders"]["hidden_1"][name].values()) == 2
+    cost = report["per_seed"]["0"]["cost"]
+    seed0 = os.path.join(workdir, "seed=0")
+    assert cost["local_rank_seconds"] == pytest.approx(
+        pd.read_csv(os.path.join(seed0, "trace.csv")).drop_duplicates("step")["seconds"].sum()
+    )
+    assert cost["information_seconds"] > 0 and cost["measurements"] == len(
+        pd.read_csv(os.path.join(seed0, "information.csv"))["step"].unique()
+    )
+    assert cost["information_over_local_rank"] == pytest.approx(
+        cost["information_seconds"] / cost["local_rank_seconds"]
+    )
     text = open(os.path.join(workdir, "information_report.txt"), encoding="utf-8").read()
+    assert "measuring cost" in text
     assert "kl_upper@sigma=0.5" in text and "hidden_2" in text
 
 

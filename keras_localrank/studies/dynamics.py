@@ -296,7 +296,9 @@ def _finish_information(config, seed, run: SubRun, plots: bool, title: str):
             config,
             f"{title}, seed {seed}",
         )
-    return information_study.compare_run(frame, config)
+    report = information_study.compare_run(frame, config)
+    report["cost"] = information_study.measurement_cost(run.join(""))
+    return report
 
 
 def _finish_seed(config, seed, run: SubRun, plots: bool, title: str):

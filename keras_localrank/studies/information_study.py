@@ -55,6 +55,7 @@ __all__ = [
     "read_information",
     "information_frame",
     "compare_run",
+    "measurement_cost",
     "aggregate_report",
     "report_text",
     "plot_planes",
@@ -167,6 +168,22 @@ def information_frame(folder: str | os.PathLike, config: DynamicsConfig) -> pd.D
     return frame.sort_values(["layer", "step"]).reset_index(drop=True)
 
 
+def measurement_cost(folder: str | os.PathLike) -> dict:
+    """Seconds spent measuring in one seed folder: local rank (with the
+    Gaussian channel it carries) and the information estimates, summed over
+    measurements, and their ratio."""
+    ranks = pd.read_csv(os.path.join(folder, "trace.csv")).drop_duplicates("step")
+    trace = read_information(folder)
+    rank_seconds = float(ranks["seconds"].sum())
+    info_seconds = float(trace.drop_duplicates("step")["seconds"].sum())
+    return dict(
+        local_rank_seconds=rank_seconds,
+        information_seconds=info_seconds,
+        information_over_local_rank=info_seconds / rank_seconds if rank_seconds else None,
+        measurements=int(len(ranks)),
+    )
+
+
 def _ixt_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c.startswith("information/")]
 
@@ -244,6 +261,12 @@ def report_text(report: dict, *, rank_column: str, title: str = "") -> str:
         return "No information was recorded.\n"
     seeds = report["seeds"]
     lines = [title] if title else []
+    cost = report["mean_std"].get("cost", {}).get("information_over_local_rank")
+    if cost:
+        lines.append(
+            f"measuring cost: information estimates / local rank = {_fmt(cost, 3)} "
+            "(seconds per run, mean +- std over seeds)"
+        )
     lines += [
         f"seeds: {seeds}; drop start: {report['drop_start_definition']}",
         f"compression phase: {report['compression_phase_definition']}",
