@@ -24,6 +24,12 @@ optimizer steps together with train/test loss and accuracy, and writes
     workdir/dynamics.png                mean over seeds with a +-1 std band
     workdir/summary.json                per seed and mean/std across seeds
 
+With `information=True` (the default) every seed also records `I(X;T)` and
+`I(T;Y)` of every hidden layer at the same steps (`information.csv`, and the
+local Gaussian channel as rows of kind "information" in `trace.csv`), and the
+run writes information planes and `information_report.json`/`.txt`; see
+`keras_localrank.studies.information_study`.
+
 The folder is a `keras_localrank.rundir.RunDirectory`: a second process on the
 same `workdir` is refused while the first runs, and a rerun with a different
 config is refused before anything is written. A rerun may add seeds or change
