@@ -7,6 +7,7 @@ keeps the preset's value (see `keras_localrank.studies.dynamics_config.PRESETS`)
 from __future__ import annotations
 
 import logging
+import os
 
 from absl import flags
 
@@ -67,6 +68,15 @@ def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
         "fit: Keras fit. fast: the compiled FastLoop (same steps and data order).",
     )
     flags.DEFINE_integer("steps_per_execution", None, "Steps per compiled call (--loop=fast).")
+    flags.DEFINE_bool(
+        "information", None,
+        "Also estimate I(X;T) (noise-injection bounds) and I(T;Y) of every hidden layer at "
+        "the same steps as local rank (default on: a few percent of a rank measurement).",
+    )
+    flags.DEFINE_list(
+        "information_sigma", None,
+        "Noise levels sigma of the information estimates (default 0.3,1,3).",
+    )
     define_executor_flags()
     _PRESETS.update(presets)
 
@@ -95,6 +105,7 @@ def config_from_flags(**fixed) -> dynamics.DynamicsConfig:
         "grid",
         "loop",
         "steps_per_execution",
+        "information",
     ):
         if getattr(FLAGS, name) is not None:
             overrides[name] = getattr(FLAGS, name)
@@ -102,6 +113,10 @@ def config_from_flags(**fixed) -> dynamics.DynamicsConfig:
         overrides["hidden"] = numbers("hidden", FLAGS.hidden, int)
     if FLAGS.atol is not None:
         overrides["atols"] = numbers("atol", FLAGS.atol, float)
+    if FLAGS.information_sigma is not None:
+        overrides["information_sigmas"] = numbers(
+            "information_sigma", FLAGS.information_sigma, float
+        )
     overrides["seeds"] = numbers("seeds", FLAGS.seeds, int)
     return dynamics.get_preset(_PRESETS[FLAGS.preset], **overrides)
 
@@ -133,6 +148,10 @@ def run_from_flags(**fixed) -> dict:
             )
     if summary["task_dimension"] is not None:
         print(f"(the labels depend on k = {summary['task_dimension']} input directions)")
+    report = os.path.join(workdir, "information_report.txt")
+    if os.path.exists(report):
+        with open(report, encoding="utf-8") as f:
+            print(f.read())
     final = summary["mean_std"]["final"]
     print(
         "final train/test accuracy: "

@@ -43,6 +43,10 @@ flags.DEFINE_integer("n_test", 2000, "Test examples kept (0: all).")
 flags.DEFINE_integer("rank_samples", 500, "Test examples the local rank averages over.")
 flags.DEFINE_float("robust_atol", 0.1, "Robust-rank threshold shown in the plots.")
 flags.DEFINE_list("atols", ["0.01", "1"], "Further robust-rank thresholds (same SVDs).")
+flags.DEFINE_list(
+    "information_sigma", ["0.3", "1", "3"],
+    "Noise levels of the I(X;T) / I(T;Y) estimates of the encoder layers (empty: off).",
+)
 flags.DEFINE_integer("batch_size", None, "Override the preset's batch size.")
 flags.DEFINE_float("decay_rate", None, "Override the preset's learning-rate decay factor.")
 flags.DEFINE_integer(
@@ -98,6 +102,7 @@ def config_from_flags() -> vib_sweep.SweepConfig:
         atols=numbers("atols", FLAGS.atols, float),
         early_stop_patience=FLAGS.early_stop_patience or None,
         early_stop_min_delta=FLAGS.early_stop_min_delta,
+        information_sigmas=numbers("information_sigma", FLAGS.information_sigma, float),
     )
 
 
@@ -132,6 +137,9 @@ def main(argv):
         )
     print(f"Wrote {FLAGS.workdir}: {summary['num_runs']} runs, "
           f"{summary['wall_seconds_this_call']:.0f}s this call.")
+    frame = pd.read_csv(os.path.join(FLAGS.workdir, "results.csv"))
+    shown = ["rate", *summary["information_columns"]]
+    print(frame.groupby("beta")[shown].mean().to_string(float_format="%.3f"))
     for t in summary["overall_local_rank_transitions"]:
         print(f"  local-rank transition between beta={t['beta_low']:g} and "
               f"{t['beta_high']:g} (score {t['score']:.2f})")

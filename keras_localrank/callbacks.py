@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from keras_localrank import information as info
 from keras_localrank import names
 from keras_localrank.estimate import LocalRankEstimator
 from keras_localrank.inputs import as_samples
@@ -25,7 +26,13 @@ from keras_localrank.scheduled import ScheduledCallback
 from keras_localrank.spectra import Tolerance
 from keras_localrank.validation import check_finite_float
 
-__all__ = ["LocalRankCallback", "DEFAULT_MAX_SAMPLES", "is_chief"]
+__all__ = [
+    "LocalRankCallback",
+    "DEFAULT_MAX_SAMPLES",
+    "INFORMATION_COLUMNS",
+    "INFORMATION_KIND",
+    "is_chief",
+]
 
 #: Probe-set cap: enough for a standard error of ~0.1-0.5 rank on typical
 #: layers, while one measurement of five 200-unit layers stays near the cost
@@ -38,6 +45,11 @@ TRACE_COLUMNS = [
 ]
 #: Trace columns added by `active_units=True` (NaN on layers without them).
 ACTIVE_TRACE_COLUMNS = ["active_units", "dead_units", "rank_bound", "rank_deficit"]
+#: Extra trace columns with `information=`: the rows of kind
+#: `INFORMATION_KIND` carry the estimator and its `sigma` (NaN on rank rows).
+INFORMATION_COLUMNS = ["estimator", "sigma"]
+#: The trace `kind` of the local Gaussian-channel rows.
+INFORMATION_KIND = "information"
 
 
 def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
@@ -55,6 +67,12 @@ def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
     """
     strategy = strategy or tf.distribute.get_strategy()
     return bool(getattr(strategy.extended, "should_save_summary", True))
+
+
+def _information_sigmas(sigma) -> tuple[float, ...]:
+    if sigma is None:
+        return ()
+    return info._check_sigmas(sigma)
 
 
 def _atols(atol) -> tuple[float, ...]:
@@ -127,6 +145,17 @@ class LocalRankCallback(ScheduledCallback):
             the trace gains the columns `active_units`, `dead_units`,
             `rank_bound`, `rank_deficit`, and TensorBoard the same scalars.
             Default False.
+        information: None (default), a float or a list of floats `sigma` > 0:
+            also log the local Gaussian-channel information
+            `E_x[1/2 sum_i log(1 + s_i(x)^2 / sigma^2)]` (nats) of every
+            layer at each `sigma`, computed from the singular values the rank
+            measurement already has (the estimator's `spectral_stats`), so at
+            no extra Jacobian cost. Keys
+            `information/gaussian_channel@sigma=<sigma>/<layer>`
+            (`names.information_key`); trace rows of kind `"information"`
+            with `estimator` and `sigma` columns, the per-sample statistics
+            in `mean`..`max`. NaN on layers measured by the randomized method
+            (no full spectrum). See `keras_localrank.information`.
         batch_size, method, dtype, jit_compile: passed to `LocalRankEstimator`.
         verbose: 0 (silent, default) or 1 (one line per measurement or skip).
 
@@ -167,6 +196,7 @@ class LocalRankCallback(ScheduledCallback):
         jit_compile: bool = False,
         verbose: int = 0,
         active_units: bool = False,
+        information: float | Sequence[float] | None = None,
     ):
         super().__init__(schedule, measure_on_train_begin=measure_on_train_begin)
         self._x = as_samples(x, input_shape=None, max_samples=max_samples)
@@ -175,6 +205,8 @@ class LocalRankCallback(ScheduledCallback):
         )
         self.atols = _atols(atol)
         self.exact = bool(exact)
+        self.information_sigmas = _information_sigmas(information)
+        self._channel_stats = [info.gaussian_channel_stat(s) for s in self.information_sigmas]
         if not self.exact and not self.atols:
             raise ValueError("Nothing to log: exact=False and no `atol` given.")
         self.max_overhead = None if max_overhead is None else check_finite_float(
@@ -221,6 +253,11 @@ class LocalRankCallback(ScheduledCallback):
         )
         keys = [f"{p}/{n}" for _, p, _ in self._tolerances() for n in layer_names]
         keys += self._unit_keys()
+        keys += [
+            names.information_key(n, info.IXT, stat.__name__)
+            for stat in self._channel_stats
+            for n in layer_names
+        ]
         return keys + (["local_rank/skipped"] if self.max_overhead is not None else [])
 
     def _deficit_prefix(self, kind, tol) -> str:
@@ -238,11 +275,6 @@ class LocalRankCallback(ScheduledCallback):
             for n in layers
         ]
 
-    @property
-    def trace_columns(self) -> list[str]:
-        """The trace's columns (`ACTIVE_TRACE_COLUMNS` added by `active_units=True`)."""
-        return TRACE_COLUMNS + (ACTIVE_TRACE_COLUMNS if self.active_units else [])
-
     # -- Keras hooks ------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
@@ -252,6 +284,7 @@ class LocalRankCallback(ScheduledCallback):
                 self.layers,
                 tolerances=[t for _, _, t in self._tolerances()],
                 count_active=self.active_units,
+                spectral_stats={stat.__name__: stat for stat in self._channel_stats} or None,
                 **self._estimator_kwargs,
             )
             self._estimator_model = self.model
@@ -341,12 +374,48 @@ class LocalRankCallback(ScheduledCallback):
             self._write_tensorboard(prefix, result, step)
             if active and self._writer is not None:
                 self._write_unit_scalars(deficit, result, active, step, first=i == 0)
+        if self._channel_stats:
+            self._record_information(results[0], step=step, epoch=epoch, seconds=seconds)
         if self.trace_path and self._chief:  # under a multi-worker strategy
             self._save_trace()
         if self.verbose:
             means = ", ".join(f"{k}={v:.2f}" for k, v in self._latest.items()
                               if k != "local_rank/skipped")
             print(f"\nLocalRankCallback step {step}: {means} ({seconds:.2f} s)")
+
+    def _record_information(self, result, *, step, epoch, seconds):
+        """Logs, trace rows and TensorBoard scalars of the Gaussian-channel stats."""
+        for stat in self._channel_stats:
+            per_layer = result.stats[stat.__name__]
+            for name in result.layer_names:
+                values = np.asarray(per_layer[name], np.float64)
+                key = names.information_key(name, info.IXT, stat.__name__)
+                mean = float(values.mean())
+                std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+                self._latest[key] = mean
+                self.trace.append(
+                    {
+                        "step": step, "epoch": epoch, "layer": name,
+                        "kind": INFORMATION_KIND, "atol": None, "mean": mean, "std": std,
+                        "stderr": std / math.sqrt(values.size), "min": float(values.min()),
+                        "max": float(values.max()), "effective_rank": math.nan,
+                        "stable_rank": math.nan, "seconds": seconds,
+                        "estimator": "gaussian_channel", "sigma": stat.sigma,
+                    }
+                )
+                if self._writer is not None:
+                    with self._writer.as_default(step=step):
+                        tf.summary.scalar(key, mean)
+
+    @property
+    def trace_columns(self) -> list[str]:
+        """The trace's columns: `TRACE_COLUMNS`, plus `ACTIVE_TRACE_COLUMNS`
+        with `active_units=True` and `INFORMATION_COLUMNS` with `information=`."""
+        return (
+            TRACE_COLUMNS
+            + (ACTIVE_TRACE_COLUMNS if self.active_units else [])
+            + (INFORMATION_COLUMNS if self._channel_stats else [])
+        )
 
     def _write_tensorboard(self, prefix, result, step):
         if self._writer is None:
@@ -371,7 +440,8 @@ class LocalRankCallback(ScheduledCallback):
     # -- the trace ------------------------------------------------------------------
 
     def trace_frame(self) -> pd.DataFrame:
-        """Every measurement so far, one row per (step, layer, rank kind)."""
+        """Every measurement so far, one row per (step, layer, rank kind), and
+        with `information=` one per (step, layer, sigma) of kind "information"."""
         return pd.DataFrame(self.trace, columns=self.trace_columns)
 
     def _save_trace(self):

@@ -21,8 +21,11 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "COMPRESSION_PHASE_DEFINITION",
     "SHARP_DEFINITION",
     "aggregate_summaries",
+    "compare_compression",
+    "spearman",
     "detect_transitions",
     "find_transitions",
     "refine_grid",
@@ -85,6 +88,123 @@ def summarize_curve(
         drop=drop,
         relative_drop=relative,
         drop_start_step=start,
+    )
+
+
+COMPRESSION_PHASE_DEFINITION = (
+    "the measured steps from the earlier of the two drop starts (rank, information) "
+    "to the last step; None when neither curve drops"
+)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two curves (ties get their average rank).
+
+    Pairs with a NaN are left out. NaN when fewer than 3 pairs remain or
+    either curve is constant on them.
+
+    Args:
+        a, b: the two curves, same length.
+
+    Returns:
+        The Pearson correlation of the two rank vectors, in [-1, 1], or NaN.
+
+    Raises:
+        ValueError: lengths that differ.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"Expected two curves of the same length. Received shapes {a.shape}, {b.shape}"
+        )
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size < 3:
+        return math.nan
+    ra = pd.Series(a).rank(method="average").to_numpy()
+    rb = pd.Series(b).rank(method="average").to_numpy()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb / denominator) if denominator > 0 else math.nan
+
+
+def compare_compression(
+    steps: Sequence[int],
+    rank: Sequence[float],
+    information: Sequence[float],
+    *,
+    drop_tolerance: float = 0.1,
+    min_relative_drop: float = 0.05,
+) -> dict:
+    """Whether and when an information curve compresses relative to a rank curve.
+
+    Both drop starts use `summarize_curve` with the same settings (see "When
+    the drop starts" above), so they are directly comparable. The
+    compression phase is `COMPRESSION_PHASE_DEFINITION`; the Spearman
+    correlation of the two curves is taken over it (positive: they fall
+    together).
+
+    Args:
+        steps: measurement steps, increasing.
+        rank: the local-rank curve at those steps.
+        information: the `I(X;T)` curve at those steps.
+        drop_tolerance, min_relative_drop: as in `summarize_curve`.
+
+    Returns:
+        A dict with `rank_drop_start_step` and `information_drop_start_step`
+        (None: no drop), `lead_steps` (rank start minus information start:
+        > 0 when information compresses first; None unless both drop),
+        `order` (`"information_first"`, `"rank_first"`, `"same_step"`,
+        `"only_information"`, `"only_rank"` or `"neither"`),
+        `rank_relative_drop`, `information_relative_drop`,
+        `information_drop` (peak minus final), `phase_start_step`,
+        `phase_points` and `spearman` (None without a phase, with fewer
+        than 3 points in it, or with a curve constant on it).
+
+    Raises:
+        ValueError: lengths that differ, or a curve with no finite value.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    rank = np.asarray(rank, dtype=np.float64)
+    information = np.asarray(information, dtype=np.float64)
+    if not steps.shape == rank.shape == information.shape:
+        raise ValueError(
+            "Expected steps and both curves of the same length. Received: "
+            f"{steps.shape}, {rank.shape}, {information.shape}"
+        )
+    settings = dict(drop_tolerance=drop_tolerance, min_relative_drop=min_relative_drop)
+    r = summarize_curve(steps, rank, **settings)
+    i = summarize_curve(steps, information, **settings)
+    rs, is_ = r["drop_start_step"], i["drop_start_step"]
+    if rs is not None and is_ is not None:
+        order = (
+            "information_first" if is_ < rs else "rank_first" if rs < is_ else "same_step"
+        )
+    else:
+        order = {(True, False): "only_information", (False, True): "only_rank"}.get(
+            (is_ is not None, rs is not None), "neither"
+        )
+    starts = [s for s in (rs, is_) if s is not None]
+    phase_start = min(starts) if starts else None
+    rho = None
+    points = 0
+    if phase_start is not None:
+        phase = steps >= phase_start
+        points = int(phase.sum())
+        rho = spearman(rank[phase], information[phase])
+        rho = None if math.isnan(rho) else rho  # JSON-safe, left out of seed means
+    return dict(
+        rank_drop_start_step=rs,
+        information_drop_start_step=is_,
+        lead_steps=None if rs is None or is_ is None else int(rs - is_),
+        order=order,
+        rank_relative_drop=r["relative_drop"],
+        information_relative_drop=i["relative_drop"],
+        information_drop=i["drop"],
+        phase_start_step=phase_start,
+        phase_points=points,
+        spearman=rho,
     )
 
 

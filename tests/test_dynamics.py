@@ -109,7 +109,10 @@ def test_run_directory_contents(two_seeds):
     assert (frame["robust_local_rank@0.01"] <= frame["local_rank"] + 1e-9).all()
     assert frame["train_accuracy"].between(0, 1).all()
     trace = pd.read_csv(os.path.join(run, "trace.csv"))
-    assert len(trace) == 2 * len(frame)  # exact and eps rows
+    ranks = trace[trace["kind"].isin(["exact", "robust"])]
+    assert len(ranks) == 2 * len(frame)  # exact and eps rows
+    # and, with the default information=True, one Gaussian-channel row per sigma
+    assert len(trace) - len(ranks) == len(config.information_sigmas) * len(frame)
     history = pd.read_csv(os.path.join(run, "history.csv"))
     assert history["epoch"].tolist() == list(range(config.epochs))
 
@@ -223,7 +226,15 @@ def test_resume_after_interruption(tmp_path):
     np.testing.assert_allclose(
         resumed.iloc[:, 3:].to_numpy(), straight.iloc[:, 3:].to_numpy(), rtol=1e-4, atol=1e-4
     )
-    assert len(pd.read_csv(run / "trace.csv")) == 2 * len(resumed)
+    trace = pd.read_csv(run / "trace.csv")
+    assert len(trace[trace["kind"].isin(["exact", "robust"])]) == 2 * len(resumed)
+    # The information trace is resumed the same way: no duplicates, same values.
+    keys = ["step", "layer", "quantity", "estimator", "value"]
+    info_straight = pd.read_csv(tmp_path / "straight" / "seed=0" / "information.csv")
+    info_resumed = pd.read_csv(run / "information.csv")
+    assert not info_resumed.duplicated(keys).any()
+    assert info_resumed[keys].equals(info_straight[keys])
+    np.testing.assert_allclose(info_resumed["nats"], info_straight["nats"], rtol=1e-4, atol=1e-4)
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == list(range(config.epochs))
     (w1, o1), (w2, o2) = _final_weights(tmp_path / "straight" / "seed=0"), _final_weights(run)
     for a, b in zip(w1 + o1, w2 + o2):

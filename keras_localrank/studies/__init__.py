@@ -8,10 +8,13 @@ write, atomic outputs, a manifest and resume). The absl scripts in
 
 - `keras_localrank.studies.dynamics`: local rank over training of an MLP
   (`DynamicsConfig`, one sub-run per seed).
+- `keras_localrank.studies.information_study`: the information hooks of the
+  dynamics study (`I(X;T)`, `I(T;Y)` at the local-rank steps, information
+  planes, the compression report).
 - `keras_localrank.studies.vib_sweep`: the VIB trade-off sweep
   (`SweepConfig`, one sub-run per (beta, seed)).
 
 Submodules are imported on use: `import keras_localrank.studies` is cheap.
 """
 
-__all__ = ["dynamics", "vib_sweep"]
+__all__ = ["dynamics", "information_study", "vib_sweep"]

@@ -28,6 +28,12 @@ optimizer steps together with train/test loss and accuracy, and writes
     workdir/summary.json                per seed and mean/std across seeds; the
                                         dead-unit verdicts of the seed means
 
+With `information=True` (the default) every seed also records `I(X;T)` and
+`I(T;Y)` of every hidden layer at the same steps (`information.csv`, and the
+local Gaussian channel as rows of kind "information" in `trace.csv`), and the
+run writes information planes and `information_report.json`/`.txt`; see
+`keras_localrank.studies.information_study`.
+
 The folder is a `keras_localrank.rundir.RunDirectory`: a second process on the
 same `workdir` is refused while the first runs, and a rerun with a different
 config is refused before anything is written. A rerun may add seeds or change
@@ -89,6 +95,7 @@ from keras_localrank.studies.dynamics_config import (
     measurement_steps,
     rank_columns,
 )
+from keras_localrank.studies import information_study
 from keras_localrank.studies.fast_loop import FastLoop
 from keras_localrank.studies.mlp import (
     build_mlp,
@@ -163,6 +170,7 @@ def read_measurements(folder: str | os.PathLike, config: DynamicsConfig) -> pd.D
     """One row per (step, layer) from a seed folder's `trace.csv` and
     `metrics.csv`, also while it trains (only steps present in both)."""
     trace = pd.read_csv(os.path.join(folder, "trace.csv"))
+    trace = trace[trace["kind"].isin(names.RANK_KINDS)].copy()  # not the information rows
     trace["column"] = [
         names.rank_column(kind, None if kind == names.EXACT else atol)
         for kind, atol in zip(trace["kind"], trace["atol"])
@@ -235,7 +243,9 @@ def _train_seed(config, data, seed: int, run: SubRun, callbacks, verbose: int) -
             log_dir=os.path.join(tensorboard, "local_rank"),
             measure_on_train_begin=fresh,
             active_units=True,
+            information=list(config.information_sigmas) if config.information else None,
         ),
+        *_information_callbacks(config, data, hidden, run, fresh, tensorboard),
         Checkpoint(run, config.checkpoint_every, config.epochs, time.perf_counter()),
         *(
             ()
@@ -286,6 +296,37 @@ def _train_seed(config, data, seed: int, run: SubRun, callbacks, verbose: int) -
     keras.backend.clear_session()
 
 
+def _information_callbacks(config, data, hidden, run, fresh, tensorboard):
+    callback = information_study.information_callback(
+        config,
+        rank_inputs(data, config),
+        information_study.rank_labels(data, config),
+        hidden,
+        run,
+        fresh=fresh,
+        log_dir=os.path.join(tensorboard, "information"),
+    )
+    return () if callback is None else (callback,)
+
+
+def _finish_information(config, seed, run: SubRun, plots: bool, title: str):
+    """The seed's information comparison (None when off); its planes."""
+    frame = information_study.information_frame(run.join(""), config)
+    if frame is None:
+        return None
+    if plots and not run.is_complete():
+        information_study.plot_planes(
+            information_study.read_information(run.join("")),
+            pd.read_csv(run.join("trace.csv")),
+            run.join(""),
+            config,
+            f"{title}, seed {seed}",
+        )
+    report = information_study.compare_run(frame, config)
+    report["cost"] = information_study.measurement_cost(run.join(""))
+    return report
+
+
 def _finish_seed(config, seed, run: SubRun, plots: bool, title: str):
     """Measurements, summary and plot of one trained seed; then its completion marker."""
     if run.is_complete():
@@ -298,6 +339,8 @@ def _finish_seed(config, seed, run: SubRun, plots: bool, title: str):
             _plot(frame, config, run.join("dynamics.png"), f"{title}, seed {seed}")
             _plot_units(frame, config, run.join("dead_units.png"), f"{title}, seed {seed}")
     summary = {**summarize_run(frame, config), "run": read_state(run)}
+    if config.information:
+        summary["information"] = _finish_information(config, seed, run, plots, title)
     if run.read_json("summary.json") != json.loads(json.dumps(summary)):
         run.write_json("summary.json", summary)  # summary-only settings may have changed
     if not run.is_complete():
@@ -407,6 +450,8 @@ def train_and_evaluate(
             if _plot_units(everything, config, run.join("dead_units.png"),
                            f"{title}, mean of {len(config.seeds)} seed(s)"):
                 run.mark_complete("dead_units.png")
+        if config.information:
+            _write_information_report(run, config, summaries, plots, title)
         result = dict(
             per_seed={str(s): summaries[s] for s in config.seeds},
             mean_std=aggregate_summaries(summaries),
@@ -427,6 +472,35 @@ def train_and_evaluate(
         run.write_json("summary.json", result)
         run.mark_complete("summary.json")
     return result
+
+
+def _write_information_report(run, config, summaries, plots, title):
+    """`information_report.json`/`.txt` across seeds, and the seed-mean planes."""
+    report = information_study.aggregate_report(
+        {s: summaries[s].get("information") for s in config.seeds}, config
+    )
+    run.write_json("information_report.json", report)
+    column = rank_columns(config.atols)[-1]  # the robust rank when there is one
+    run.write_text(
+        "information_report.txt",
+        information_study.report_text(report, rank_column=column, title=title),
+    )
+    if plots:
+        traces, ranks = [], []
+        for s in config.seeds:
+            folder = run.join(f"seed={s}")
+            trace = information_study.read_information(folder)
+            if trace is not None:
+                traces.append(trace.assign(seed=s))
+                ranks.append(pd.read_csv(os.path.join(folder, "trace.csv")).assign(seed=s))
+        if traces:
+            information_study.plot_planes(
+                pd.concat(traces, ignore_index=True),
+                pd.concat(ranks, ignore_index=True),
+                run.join(""),
+                config,
+                f"{title}, mean of {len(traces)} seed(s)",
+            )
 
 
 def _plot(frame, config, path, title):

@@ -116,6 +116,13 @@ class DynamicsConfig:
         loop: one of `LOOPS`. Default "fit".
         steps_per_execution: optimizer steps per compiled call of the fast
             loop (it also stops at every measurement and checkpoint). Default 1024.
+        information: also estimate `I(X;T)` (the pairwise noise-injection
+            bounds) and `I(T;Y)` of every hidden layer's pre-activation on
+            the local-rank inputs and their labels, at the same steps as local
+            rank (`keras_localrank.studies.information_study`). Cheap: a few
+            percent of a local-rank measurement. Default True.
+        information_sigmas: the noise levels `sigma` of those estimates, in
+            the units of the pre-activations. Default (0.3, 1.0, 3.0).
 
     Raises:
         TypeError: a field of the wrong type (e.g. `epochs=2.5`, `seeds=0`).
@@ -152,6 +159,8 @@ class DynamicsConfig:
     grid: str = "round"
     loop: str = "fit"
     steps_per_execution: int = 1024
+    information: bool = True
+    information_sigmas: tuple[float, ...] = (0.3, 1.0, 3.0)
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, datasets.NAMES)
@@ -198,6 +207,21 @@ class DynamicsConfig:
             for i, a in enumerate(atols)
         )
         object.__setattr__(self, "atols", atols)
+        if not isinstance(self.information, bool):
+            raise TypeError(
+                f"Expected `information` to be a bool. Received: information={self.information!r}"
+            )
+        sigmas = check_sequence("information_sigmas", self.information_sigmas)
+        sigmas = tuple(
+            check_finite_float(f"information_sigmas[{i}]", v, low=0.0, low_open=True)
+            for i, v in enumerate(sigmas)
+        )
+        if self.information and not sigmas:
+            raise ValueError(
+                "Expected at least one sigma with information=True. Received: "
+                f"information_sigmas={self.information_sigmas!r}"
+            )
+        object.__setattr__(self, "information_sigmas", sigmas)
         check_finite_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
         check_finite_float("weight_decay", self.weight_decay, low=0.0)
         for name in SUMMARY_FIELDS:
@@ -242,7 +266,7 @@ class DynamicsConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        for key in ("hidden", "atols", "seeds"):
+        for key in ("hidden", "atols", "seeds", "information_sigmas"):
             out[key] = list(out[key])
         return out
 

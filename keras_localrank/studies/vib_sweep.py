@@ -99,7 +99,9 @@ __all__ = [
     "beta_grid",
     "default_refine_columns",
     "detect_columns",
+    "information_columns",
     "rank_columns",
+    "representation_information",
     "refine_betas",
     "train_and_evaluate",
     "train_one",
@@ -167,6 +169,11 @@ class SweepConfig:
             `early_stop_patience`). Default 1e-3.
         active_threshold: per-dimension KL (nats) above which a bottleneck
             dimension is active. Default 1e-2.
+        information_sigmas: noise levels `sigma` of the noise-injection
+            estimates of `I(X;T)` (and `I(T;Y)` with the test labels) on the
+            pre-activations of every encoder layer and of the bottleneck mean,
+            next to the rate (`representation_information`). Default
+            (0.3, 1.0, 3.0); () turns them off.
 
     Raises:
         TypeError: a field of the wrong type.
@@ -187,6 +194,7 @@ class SweepConfig:
     atols: tuple[float, ...] = (0.01, 1.0)
     early_stop_patience: int | None = None
     early_stop_min_delta: float = 1e-3
+    information_sigmas: tuple[float, ...] = (0.3, 1.0, 3.0)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", check_betas("betas", self.betas, minimum_count=2))
@@ -211,6 +219,12 @@ class SweepConfig:
         if len(set(atols)) != len(atols):
             raise ValueError(f"Expected distinct `atols`. Received: atols={self.atols!r}")
         object.__setattr__(self, "atols", atols)
+        sigmas = check_sequence("information_sigmas", self.information_sigmas)
+        sigmas = tuple(
+            check_finite_float(f"information_sigmas[{i}]", v, low=0.0, low_open=True)
+            for i, v in enumerate(sigmas)
+        )
+        object.__setattr__(self, "information_sigmas", sigmas)
         if self.early_stop_patience is not None:
             check_positive_int("early_stop_patience", self.early_stop_patience)
         check_finite_float(
@@ -232,6 +246,7 @@ class SweepConfig:
         out["betas"] = list(self.betas)
         out["seeds"] = list(self.seeds)
         out["atols"] = list(self.atols)
+        out["information_sigmas"] = list(self.information_sigmas)
         out["model"] = self.model_config().to_dict()
         return out
 
@@ -484,11 +499,66 @@ def train_one(config: SweepConfig, data, beta: float, seed: int) -> dict:
     dead_units.record_units(
         record, (exact, *robust), [(names.EXACT, None)] + [(names.ROBUST, a) for a in atols]
     )
+    record.update(
+        representation_information(
+            model, probes, np.asarray(data.y_test[: config.rank_samples]),
+            config.information_sigmas,
+        )
+    )
     record["history"] = {
         key: [float(v) for v in values] for key, values in history.history.items()
     }
     keras.backend.clear_session(free_memory=True)
     return record
+
+
+def information_columns(layers, sigmas) -> list[str]:
+    """The `I(X;T)` columns of the results: `information/kl_upper@sigma=<s>/<layer>`
+    and `information/bd_lower@sigma=<s>/<layer>` (`names.information_key`)."""
+    from keras_localrank.information import IXT
+
+    return [
+        names.information_key(layer, IXT, f"{e}@sigma={s:g}")
+        for layer in layers
+        for s in sigmas
+        for e in ("kl_upper", "bd_lower")
+    ]
+
+
+def representation_information(model: keras.Model, x, y, sigmas) -> dict[str, float]:
+    """Noise-injection estimates of `I(X;T)` and `I(T;Y)` for the VIB's measured layers.
+
+    `T` is the pre-activation of each layer `vib_local_rank_estimator`
+    measures (every encoder layer and the bottleneck mean), `X` uniform over
+    `x`, `T_sigma = T + N(0, sigma^2 I)`: the pairwise bounds `kl_upper`,
+    `bd_lower` on `I(X;T_sigma)` and the `kl`, `bd` estimates of
+    `I(T_sigma;Y)` (`keras_localrank.information.pairwise_information`).
+    Unlike the rate, which bounds `I(X;Z)` for the VIB's own learned
+    noise, these use a fixed isotropic `sigma`.
+
+    Args:
+        model: a model from `build_vib_classifier`.
+        x, y: probe inputs and their labels.
+        sigmas: noise levels.
+
+    Returns:
+        `{names.information_key(layer, quantity, label): nats}`.
+    """
+    from keras_localrank import information as info
+    from keras_localrank.information_callback import LayerRepresentations
+    from keras_localrank.vib import _measured_model
+
+    if not sigmas:
+        return {}
+    measured, layers = _measured_model(model)
+    reps = LayerRepresentations(measured, layers)
+    samples = reps.check_samples(np.asarray(x))
+    labels = info.check_labels(np.asarray(y)[: len(samples)], len(samples))
+    out = {}
+    for layer, h in reps(samples).items():
+        for e in info.pairwise_information(h, list(sigmas), labels=labels):
+            out[names.information_key(layer, e.quantity, e.label)] = e.nats
+    return out
 
 
 def detect_columns(frame: pd.DataFrame, rank_cols, **kwargs) -> dict:
@@ -570,6 +640,9 @@ def _summarize(config: SweepConfig, records: list[dict], trained: int, start: fl
             "pairs by the summed relative change of all local-rank columns."
         ),
         "rank_columns": rank_cols,
+        "information_columns": information_columns(
+            records[0]["layers"], config.information_sigmas
+        ),
         "overall_local_rank_transitions": overall,
         "local_rank_transitions": transitions,
         "other_transitions": other,
@@ -698,6 +771,15 @@ def train_and_evaluate(
                 frame, run.path, title, robust_atol=config.robust_atol, layers=layers,
                 atols=config.atols,
             )
+            if config.information_sigmas:
+                from keras_localrank.studies.vib_sweep_plots import plot_information_vs_beta
+
+                summary["plots"].append(
+                    plot_information_vs_beta(
+                        frame, run.join("information_vs_beta.png"), layers=layers,
+                        sigmas=config.information_sigmas,
+                    )
+                )
             if histories:
                 summary["plots"].append(
                     plot_convergence(histories, run.join("convergence.png"))

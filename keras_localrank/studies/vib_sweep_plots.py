@@ -14,7 +14,7 @@ import pandas as pd
 from keras_localrank import names
 from keras_localrank.plotting import new_figure, save_figure
 
-__all__ = ["plot_convergence", "plot_sweep", "plot_transitions"]
+__all__ = ["plot_convergence", "plot_information_vs_beta", "plot_sweep", "plot_transitions"]
 
 
 def _plot_x(betas: np.ndarray) -> np.ndarray:
@@ -198,5 +198,40 @@ def plot_transitions(frame: pd.DataFrame, detected: dict, path: str) -> str:
         ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(columns):]:
         ax.set_visible(False)
+    save_figure(fig, path, dpi=80, bbox_inches="tight")
+    return os.path.basename(path)
+
+
+def plot_information_vs_beta(
+    frame: pd.DataFrame, path: str, *, layers: Sequence[str], sigmas: Sequence[float]
+) -> str:
+    """The rate and the noise-injection estimates of `I(X;T)` against beta.
+
+    One panel per `sigma`: the rate (an upper bound on `I(X;Z)` for the
+    VIB's own noise) in black, and per layer the band between the
+    `bd_lower` and `kl_upper` bounds on `I(X; T + N(0, sigma^2 I))` (seed
+    means), `log N` of the probe set dashed. Returns the file name.
+    """
+    betas = np.array(sorted(frame["beta"].unique()), float)
+    x = _plot_x(betas)
+    grouped = frame.groupby("beta")
+    fig, axes = new_figure(1, len(sigmas), figsize=(4.6 * len(sigmas), 3.8), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, s in zip(axes, sigmas):
+        ax.plot(x, grouped["rate"].mean().reindex(betas).to_numpy(), color="k", marker="o",
+                ms=3, label="rate R >= I(X;Z)")
+        for layer in layers:
+            upper = grouped[f"information/kl_upper@sigma={s:g}/{layer}"].mean().reindex(betas)
+            lower = grouped[f"information/bd_lower@sigma={s:g}/{layer}"].mean().reindex(betas)
+            (line,) = ax.plot(x, upper.to_numpy(), marker=".", ms=3, label=layer)
+            ax.fill_between(x, lower.to_numpy(), upper.to_numpy(), color=line.get_color(),
+                            alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_xlabel("beta")
+        ax.set_title(f"I(X;T + N(0, {s:g}^2 I)): bd_lower..kl_upper", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("nats")
+    axes[0].legend(fontsize=7)
     save_figure(fig, path, dpi=80, bbox_inches="tight")
     return os.path.basename(path)
