@@ -11,7 +11,10 @@ iterations (so no Python and no dispatch per iteration):
    the update written out), on random data gathered in-graph: the floor with
    every non-matmul cost of a real step;
 3. `FastLoop.run_steps` on the `mnist_authors` model (Keras layers, Keras
-   AdamW, the authors' double-softmax loss): what the dynamics study runs.
+   AdamW, the authors' double-softmax loss): what the dynamics study runs;
+   and, side by side, its previous loop body, which took the batch indices and
+   the padding weights with `tf.slice` at a loop-dependent offset (same
+   results; XLA on CPU ran it several times slower).
 
 Wall and CPU (process) time per step are printed, with the projected time of
 a 10^6-step run and the machine load. On a shared machine the wall times are
@@ -127,10 +130,49 @@ def time_raw_step(batch: int, steps: int) -> tuple[float, float]:
     return _time(lambda: loop().numpy(), steps)
 
 
-def time_fast_loop(batch: int, steps: int) -> tuple[float, float]:
-    """`FastLoop.run_steps` on the `mnist_authors` model and loss (random data)."""
+def _sliced_fast_loop():
+    """`FastLoop` with its previous loop body (`tf.slice` at loop-dependent offsets)."""
+    from keras_localrank.studies.fast_loop import FastLoop
+
+    class SlicedFastLoop(FastLoop):
+        def _run_fn(self, orders, first_epoch, start, count):
+            model, optimizer = self.model, self.model.optimizer
+            variables = model.trainable_variables
+            spe, bs = self.steps_per_epoch, self.batch_size
+            padded = tf.constant(np.arange(spe * bs) < self.n, tf.float32)
+
+            def body(i, loss):
+                step = start + i
+                row = step // spe - first_epoch
+                offset = (step % spe) * bs
+                idx = tf.slice(orders, [row, offset], [1, bs])[0]
+                weights = tf.slice(padded, [offset], [bs])
+                xb, yb = tf.gather(self._x, idx), tf.gather(self._y, idx)
+                with tf.GradientTape() as tape:
+                    outputs = model(xb, training=True)
+                    per_example = tf.cast(self._loss_fn(yb, outputs), tf.float32)
+                    loss = tf.reduce_sum(per_example * weights) / tf.reduce_sum(weights)
+                grads = tape.gradient(loss, variables)
+                optimizer.apply(grads, variables)
+                return i + 1, loss
+
+            return tf.while_loop(
+                lambda i, _: i < count,
+                body,
+                (tf.constant(0, tf.int64), tf.constant(0.0, tf.float32)),
+            )[1]
+
+    return SlicedFastLoop
+
+
+def time_fast_loop(batch: int, steps: int, sliced: bool = False) -> tuple[float, float, list]:
+    """`FastLoop.run_steps` on the `mnist_authors` model and loss (random data):
+    (wall, cpu) ms per step and the final weights."""
     from keras_localrank.studies import dynamics, mlp
     from keras_localrank.studies.fast_loop import FastLoop
+
+    if sliced:
+        FastLoop = _sliced_fast_loop()  # noqa: N806
 
     config = dynamics.get_preset("mnist_authors", batch_size=batch, steps_per_execution=steps)
     rng = np.random.default_rng(0)
@@ -140,7 +182,7 @@ def time_fast_loop(batch: int, steps: int) -> tuple[float, float]:
     mlp.compile_mlp(model, config)
     loop = FastLoop(model, x, y, loss_fn=mlp.loss_function(config), batch_size=batch, seed=0,
                     steps_per_execution=steps)
-    return _time(lambda: loop.run_steps(steps), steps)
+    return (*_time(lambda: loop.run_steps(steps), steps), model.get_weights())
 
 
 def main(argv):
@@ -162,12 +204,19 @@ def main(argv):
     print(f"matmuls of one step: {flops / 1e6:.1f} MFLOP")
     rows = [("matmul floor (sum of the above)", floor_wall, floor_cpu)]
     rows.append(("hand-written step + AdamW", *time_raw_step(batch, steps)))
-    rows.append(("FastLoop (Keras model, AdamW)", *time_fast_loop(batch, steps)))
+    *fast, weights = time_fast_loop(batch, steps)
+    *sliced, sliced_weights = time_fast_loop(batch, steps, sliced=True)
+    rows.append(("FastLoop (Keras model, AdamW)", *fast))
+    rows.append(("FastLoop, previous tf.slice body", *sliced))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(weights, sliced_weights))
     print(f"{'':34s} {'ms/step wall':>12s} {'ms/step cpu':>12s} {'10^6 steps (wall)':>18s}")
     for name, wall, cpu in rows:
         print(f"{name:34s} {wall:12.3f} {cpu:12.3f} {wall * 1e3 / 60:15.1f} min")
-    print(f"FastLoop / floor (wall): {rows[2][1] / rows[0][1]:.2f}x, "
-          f"FastLoop / hand-written (wall): {rows[2][1] / rows[1][1]:.2f}x")
+    print(f"FastLoop / floor: {rows[2][1] / rows[0][1]:.2f}x wall, "
+          f"{rows[2][2] / rows[0][2]:.2f}x cpu; FastLoop / hand-written: "
+          f"{rows[2][1] / rows[1][1]:.2f}x wall, {rows[2][2] / rows[1][2]:.2f}x cpu")
+    print(f"previous / new FastLoop body: {rows[3][1] / rows[2][1]:.2f}x wall, "
+          f"{rows[3][2] / rows[2][2]:.2f}x cpu; max |weights difference| {diff:.3g}")
     print(f"uptime after: {_uptime()}")
 
 
