@@ -108,7 +108,7 @@ class FastLoop:
         # Every index is computed with arithmetic and `tf.gather`, never with a
         # `tf.slice` at a loop-dependent offset: XLA on CPU ran the whole step
         # several times slower with such a slice in the loop body
-        # (`experiments/benchmark_dynamics_loop.py`).
+        # (the previous body, side by side in `experiments/roofline_mlp.py`).
         flat = tf.reshape(orders, [-1])
         width = int(orders.shape[1])
         within = tf.range(bs, dtype=tf.int32)
