@@ -20,7 +20,9 @@ Outputs, in one run directory (`keras_localrank.rundir.RunDirectory`):
                                  against step, a panel per variant, seed bands
     workdir/summary.json         the table as JSON, plus the variants' settings
 
-Rerunning with the same --workdir resumes every variant; --variants and
+`--report_rank_sets` measures the variants' last checkpoints on both rank
+sets instead (`workdir/rank_sets.json`). Rerunning with the same --workdir
+resumes every variant; --variants and
 --seeds may change between runs (variants already trained are reused).
 """
 
@@ -85,6 +87,12 @@ flags.DEFINE_bool(
     "report_partial", False,
     "Do not train: report the variants' runs as far as all of them got (runs stopped "
     "early), into workdir/partial/.",
+)
+flags.DEFINE_bool(
+    "report_rank_sets", False,
+    "Do not train: measure the latest checkpoint of every listed variant and seed on both "
+    "rank sets (ours: 256 training images; theirs: 128 test images), into "
+    "workdir/rank_sets.json (the rank_on factor on one trained model).",
 )
 FLAGS = flags.FLAGS
 
@@ -296,6 +304,14 @@ def main(argv):
     ) as run:
         if FLAGS.report_partial:
             print(partial_report(run, configs, base))
+            return
+        if FLAGS.report_rank_sets:
+            sets = {
+                v: {str(s): rank_sets_at_checkpoint(run, v, configs[v], s) for s in seeds}
+                for v in variants
+            }
+            run.write_json("rank_sets.json", sets)
+            print(sets)
             return
         run.write_text("flags.txt", FLAGS.flags_into_string())
         run.mark_incomplete("table.csv", "table.md", "ablation.png", "summary.json")

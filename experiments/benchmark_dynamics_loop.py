@@ -59,22 +59,25 @@ def main(argv):
     print(f"uptime before: {_uptime()}")
     print(f"config: preset={FLAGS.preset}, {base.total_steps} steps, "
           f"{len(dynamics.measurement_steps(base))} measurements")
-    seconds, frames = {}, {}
+    seconds, cpu, frames = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for loop in ("fit", "fast"):
             config = dataclasses.replace(base, loop=loop)
             workdir = os.path.join(tmp, loop)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             dynamics.train_and_evaluate(config, workdir, plots=False)
             seconds[loop] = time.perf_counter() - start
+            cpu[loop] = time.process_time() - cpu_start
             frames[loop] = pd.read_csv(os.path.join(workdir, "measurements.csv"))
-            print(f"{loop:>4}: {seconds[loop]:8.1f} s  "
-                  f"({base.total_steps / seconds[loop]:8.0f} steps/s incl. measurements)")
+            print(f"{loop:>4}: {seconds[loop]:8.1f} s wall, {cpu[loop]:8.1f} s cpu  "
+                  f"({seconds[loop] / base.total_steps * 1e3:6.2f} ms/step wall incl. "
+                  f"compilation and measurements)")
     a, b = frames["fit"], frames["fast"]
     same_steps = a["step"].tolist() == b["step"].tolist()
     numeric = [c for c in a.columns if c not in ("step", "epoch", "layer", "seed")]
     diff = np.abs(a[numeric].to_numpy() - b[numeric].to_numpy()).max(axis=0) if same_steps else None
-    print(f"ratio fit / fast: {seconds['fit'] / seconds['fast']:.2f}x")
+    print(f"ratio fit / fast: {seconds['fit'] / seconds['fast']:.2f}x wall, "
+          f"{cpu['fit'] / cpu['fast']:.2f}x cpu")
     print(f"same measurement steps: {same_steps}")
     if diff is not None:
         for column, d in zip(numeric, diff):

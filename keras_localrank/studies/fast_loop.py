@@ -85,9 +85,7 @@ class FastLoop:
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
         self._x = tf.constant(x)
         self._y = tf.constant(y)
-        padded = self.steps_per_epoch * self.batch_size
-        self._weights = tf.constant(np.arange(padded) < self.n, tf.float32)
-        self._padding = padded - self.n
+        self._padding = self.steps_per_epoch * self.batch_size - self.n
         # Epochs a call can touch: one call is at most `steps_per_execution` steps.
         self._epochs_per_call = self.steps_per_execution // self.steps_per_epoch + 2
         self._loss_fn = loss_fn
@@ -107,13 +105,20 @@ class FastLoop:
         model, optimizer = self.model, self.model.optimizer
         variables = model.trainable_variables
         spe, bs = self.steps_per_epoch, self.batch_size
+        # Every index is computed with arithmetic and `tf.gather`, never with a
+        # `tf.slice` at a loop-dependent offset: XLA on CPU ran the whole step
+        # several times slower with such a slice in the loop body
+        # (the previous body, side by side in `experiments/roofline_mlp.py`).
+        flat = tf.reshape(orders, [-1])
+        width = int(orders.shape[1])
+        within = tf.range(bs, dtype=tf.int32)
 
         def body(i, loss):
             step = start + i
-            row = step // spe - first_epoch
-            offset = (step % spe) * bs
-            idx = tf.slice(orders, [row, offset], [1, bs])[0]
-            weights = tf.slice(self._weights, [offset], [bs])
+            row = tf.cast(step // spe - first_epoch, tf.int32)
+            offset = tf.cast(step % spe, tf.int32) * bs + within
+            idx = tf.gather(flat, row * width + offset)
+            weights = tf.cast(offset < self.n, tf.float32)  # zero on the padding
             xb, yb = tf.gather(self._x, idx), tf.gather(self._y, idx)
             with tf.GradientTape() as tape:
                 outputs = model(xb, training=True)
