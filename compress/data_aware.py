@@ -418,16 +418,20 @@ def local_rank_compress(
         ranks_out.update({n: f.rank for n, f in conv_factors.items()})
         return out, ranks_out
 
+    trial = (
+        None
+        if evaluate is None
+        else _trial_evaluator(work, candidates, bases, stats, evaluate, cost.layer)
+    )
     ranks = policy.select(
         candidates,
         fixed_params=fixed,
         original_params=original,
-        evaluate=None
-        if evaluate is None
-        else _trial_evaluator(work, candidates, bases, stats, evaluate, cost.layer),
+        evaluate=trial,
         cost_fn=cost.layer,
     )
     compressed, kept_ranks = build(ranks)
+    layer_loss = {} if trial is None else _layer_losses(trial, candidates, ranks, kept_ranks)
     return Compressed(
         model=compressed,
         method="local_rank",
@@ -439,7 +443,15 @@ def local_rank_compress(
         skipped=skipped,
         folded=folded,
         notes=notes,
+        layer_loss=layer_loss,
     )
+
+
+def _layer_losses(trial, candidates, ranks, kept) -> dict[str, float]:
+    """`{layer: trial loss with only it at its rank - loss with none rewritten}`."""
+    full = {c.name: c.max_rank for c in candidates}
+    base = trial(full)
+    return {name: trial({**full, name: ranks[name]}) - base for name in kept}
 
 
 def _trial_evaluator(work, candidates, bases, stats, evaluate, cost_fn):
