@@ -370,17 +370,23 @@ def _compress_transformer(method, model, budget, data, config, kind) -> Compress
     from the projections' output covariance spectra: greedily on the
     held-out loss (`allocation="greedy"`) or with one shared energy
     threshold; weight SVD uses one shared threshold on the kernels'
-    squared singular values. No local-rank floors are measured for
-    projections.
+    squared singular values. `local_rank` keeps each plain Dense projection
+    at or above its measured local rank (`projection_floors`); attention
+    and EinsumDense projections have no floor (named in the notes).
     """
     from compress.baselines import projection_weight_svd
-    from compress.transformer import transformer_compress
+    from compress.transformer import projection_floors, transformer_compress
 
     cost = _cost(config)
     if method == "weight_svd":
         out = projection_weight_svd(model, ParamFraction(budget), cost=cost)
     elif method in ("local_rank", "local_rank_nofloor"):
         greedy = config.allocation == "greedy"
+        floors, unmeasured = {}, {}
+        if method == "local_rank":
+            floors, unmeasured = projection_floors(
+                model, data["x_cal"], rtol=config.floor_rtol
+            )
         out = transformer_compress(
             model,
             data["x_cal"],
@@ -389,11 +395,9 @@ def _compress_transformer(method, model, budget, data, config, kind) -> Compress
             if greedy
             else None,
             cost=cost,
+            floors=floors,
         )
-        out.notes = {
-            **out.notes,
-            "floors": "no local-rank floors for attention projections (not measured)",
-        }
+        out.notes = {**out.notes, **unmeasured}
     else:
         raise UnsupportedLayerError(
             f"Method {method!r} has no rewrite for attention layers; use local_rank, "

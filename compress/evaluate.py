@@ -333,8 +333,11 @@ def measure(
 
     Returns:
         `{"metrics": {...}, "params", "macs", "file_bytes",
-        "latency_ms_b<batch>" for each latency batch}` (latencies in
-        milliseconds per batch, measured on this machine's CPU).
+        "latency_ms_b<batch>" for each latency batch, "load_average"}`
+        (latencies in milliseconds per batch, measured on this machine's
+        CPU; the 1-minute load average of the machine when they were
+        measured, None where the platform has none: above the number of
+        cores, other processes share the CPU and the latencies say little).
     """
     ensure_compiled(model, kind=kind)
     metrics = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
@@ -348,4 +351,5 @@ def measure(
         out[f"latency_ms_b{batch}"] = latency_ms(
             model, x, batch_size=batch, runs=latency_runs
         )
+    out["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return out

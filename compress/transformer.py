@@ -84,6 +84,7 @@ __all__ = [
     "compress_attention",
     "constant_heads",
     "projection_candidates",
+    "projection_floors",
     "projection_statistics",
     "prune_constant_heads",
     "skipped_layers",
@@ -582,6 +583,7 @@ def transformer_compress(
     evaluate=None,
     batch_size: int = 64,
     cost="params",
+    floors: Mapping[str, int] | None = None,
 ):
     """Constant-head removal, then data-aware low rank at ranks chosen by `policy`.
 
@@ -606,6 +608,8 @@ def transformer_compress(
             projection applied at `t` tokens costs `t * n_in * n_out`; the
             attention scores are counted but never shrink), or a
             `compress.costs.CostModel`.
+        floors: `{target: smallest rank allowed}` (see `projection_floors`).
+            Default None: 1.
 
     Returns:
         A `Compressed` (`method="local_rank"`) with the ranks, and the heads
@@ -631,7 +635,8 @@ def transformer_compress(
         removed = {r.layer: len(r.removed) for r in heads if r.removed}
     names = transformer_targets(work) if targets is None else list(targets)
     stats = projection_statistics(work, calib_x, names, batch_size=batch_size)
-    candidates = projection_candidates(stats)
+    floors = {t: f for t, f in dict(floors or {}).items() if t in stats}
+    candidates = projection_candidates(stats, floors)
     by_name = {c.name: c for c in candidates}
     fixed = cost.model(work) - sum(
         sum(cost.layer(shape) for shape in c.original_shapes()) for c in candidates
@@ -669,7 +674,65 @@ def transformer_compress(
         removed_units=removed,
         budget_kind=cost.name,
         layer_loss=layer_loss,
+        floors=floors,
     )
+
+
+def projection_floors(
+    model: keras.Model,
+    x,
+    targets: Sequence[str] | None = None,
+    *,
+    rtol: float | None = 0.1,
+    samples: int = 16,
+    positions: int = 2,
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Local-rank floors of the projections that are plain `Dense` layers.
+
+    A `Dense` layer on vectors gets `compress.data_aware.local_rank_floors`;
+    one applied at every token of a sequence (a feed-forward layer) gets the
+    per-position floor of `compress.data_aware.conv_channel_floors` (the
+    Jacobian of its units at one token, at `positions` tokens). Attention
+    projections and `EinsumDense` layers are not measured (the local-rank
+    engine taps whole layers, not sublayers), and are listed with the reason.
+
+    Args:
+        model: a built functional model.
+        x: calibration samples (the first `samples` are used).
+        targets: projection targets. Default None: `transformer_targets`.
+        rtol: relative tolerance of the robust local rank. Default 0.1.
+        samples: calibration samples measured. Default 16.
+        positions: tokens measured per sequence layer. Default 2.
+
+    Returns:
+        `({target: floor}, {target: why no floor was measured})`.
+    """
+    from compress.data_aware import conv_channel_floors, local_rank_floors
+
+    targets = transformer_targets(model) if targets is None else list(targets)
+    vectors, sequences, unmeasured = [], [], {}
+    for target in targets:
+        layer, _ = resolve_target(model, target)
+        if type(layer) is not keras.layers.Dense:
+            unmeasured[target] = (
+                "floor not measured: attention and EinsumDense projections are "
+                "sublayers or multi-axis maps the local-rank engine does not tap"
+            )
+        elif len(layer.output.shape) == 2:
+            vectors.append(target)
+        else:
+            sequences.append(target)
+    floors: dict[str, int] = {}
+    x = x[:samples]
+    if vectors:
+        floors.update(local_rank_floors(model, x, vectors, rtol=rtol))
+    if sequences:
+        measured, skipped = conv_channel_floors(
+            model, x, sequences, rtol=rtol, positions_per_axis=positions
+        )
+        floors.update(measured)
+        unmeasured.update(skipped)
+    return floors, unmeasured
 
 
 def _stand_in_trial(work, stats, saving, evaluate):
