@@ -41,6 +41,8 @@ VARIANTS = {
     "cosine 1e-3": (1e-3, "cosine", 0.0),
     "cosine 1e-3 + distill 0.5": (1e-3, "cosine", 0.5),
 }
+#: Variants run on the original model too (the control).
+CONTROLS = ("cosine 1e-3",)
 
 
 def _accuracy(model, x, y) -> float:
@@ -63,6 +65,9 @@ def diagnose(
     calibration_samples: int = 512,
     finetune_epochs: int = 2,
     seed: int = 0,
+    allocations: tuple[str, ...] = ("greedy", "energy"),
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    controls: tuple[str, ...] = CONTROLS,
     say=print,
 ) -> dict:
     """Run the three diagnoses (see the module docstring); returns the results."""
@@ -74,6 +79,7 @@ def diagnose(
     from compress.outputs import output_kind
     from compress.policies import GreedyParamFraction, ParamFraction
     from compress.surgery import recompile_like
+    from compress.weight_only import weight_factorize
     from keras_localrank import datasets
     from keras_localrank.io import atomic_write_json, atomic_write_text
     from keras_localrank.validation import check_writable_dir
@@ -98,47 +104,72 @@ def diagnose(
     out["original_accuracy"] = _accuracy(model, x_test, y_test)
     say(f"original: {out['original_accuracy']:.4f}")
 
+    if not allocations:  # the control alone (e.g. a transformer, which has no convs)
+        out["finetune"] = {}
+        for name in controls:
+            lr, schedule, _ = VARIANTS[name]
+            student = keras.models.clone_model(model)
+            student.set_weights(model.get_weights())
+            recompile_like(student, model)
+            done = finetune(
+                student, x_fit, y_fit, epochs=finetune_epochs, seed=seed, learning_rate=lr,
+                validation_data=(x_val, y_val), schedule=schedule,
+            )
+            acc = _accuracy(done.model, x_test, y_test)
+            out["finetune"][f"original: {name}"] = {"accuracy": acc, "best_epoch": done.best_epoch}
+            say(f"fine-tuned original ({name}): {acc:.4f} (epoch {done.best_epoch})")
+        atomic_write_json(os.path.join(workdir, "diagnosis.json"), out)
+        return out
+
     start = time.perf_counter()
     full = local_rank_compress(model, x_cal, ParamFraction(1.0), floor=False, cost=budget_kind)
     out["full_rank_rewrite_accuracy"] = _accuracy(full.model, x_test, y_test)
     say(f"full-rank rewrite: {out['full_rank_rewrite_accuracy']:.4f}")
 
-    greedy = local_rank_compress(
-        model, x_cal, GreedyParamFraction(budget), evaluate=val_loss, cost=budget_kind
-    )
-    recompile_like(greedy.model, model)
-    energy = local_rank_compress(model, x_cal, ParamFraction(budget), cost=budget_kind)
+    results = {}
+    for allocation in allocations:
+        policy = GreedyParamFraction(budget) if allocation == "greedy" else ParamFraction(budget)
+        # With `evaluate`, the energy allocation also reports each layer's
+        # share of the held-out loss (no greedy search).
+        results[allocation] = local_rank_compress(
+            model, x_cal, policy, evaluate=val_loss, cost=budget_kind
+        )
+        recompile_like(results[allocation].model, model)
     out["allocation"] = {
-        "greedy": {"accuracy": _accuracy(greedy.model, x_test, y_test), "ranks": greedy.ranks},
-        "energy": {"accuracy": _accuracy(energy.model, x_test, y_test), "ranks": energy.ranks},
+        name: {"accuracy": _accuracy(r.model, x_test, y_test), "ranks": r.ranks}
+        for name, r in results.items()
     }
-    out["floors"] = greedy.floors
-    out["layer_loss"] = dict(sorted(greedy.layer_loss.items(), key=lambda kv: -kv[1]))
+    chosen = results[allocations[0]]
+    out["floors"] = chosen.floors
+    out["layer_loss"] = dict(sorted(chosen.layer_loss.items(), key=lambda kv: -kv[1]))
     out["compress_seconds"] = time.perf_counter() - start
-    say(f"allocation: {out['allocation']['greedy']['accuracy']:.4f} greedy, "
-        f"{out['allocation']['energy']['accuracy']:.4f} energy")
-
+    say(f"allocation: {out['allocation']}")
+    out["baselines"] = {}
+    for scheme, method in (("channel", "weight_svd"), ("tucker2", "tucker2")):
+        base = weight_factorize(model, ParamFraction(budget), scheme=scheme, cost=budget_kind)
+        out["baselines"][method] = _accuracy(base.model, x_test, y_test)
+    say(f"baselines before fine-tuning: {out['baselines']}")
     out["finetune"] = {}
-    for name, (lr, schedule, distill) in VARIANTS.items():
-        for which, source in (("compressed", greedy.model), ("original", model)):
-            if which == "original" and distill > 0:
-                continue  # distilling the original from itself is no control
-            student = keras.models.clone_model(source)
-            student.set_weights(source.get_weights())
-            recompile_like(student, model)
-            done = finetune(
-                student, x_fit, y_fit, epochs=finetune_epochs, seed=seed, learning_rate=lr,
-                validation_data=(x_val, y_val), schedule=schedule, teacher=model,
-                distill=distill,
-            )
-            acc = _accuracy(done.model, x_test, y_test)
-            out["finetune"][f"{which}: {name}"] = {
-                "accuracy": acc,
-                "best_epoch": done.best_epoch,
-                "validation": [list(s) for s in done.scores],
-            }
-            say(f"fine-tuned {which} ({name}): {acc:.4f} (epoch {done.best_epoch})")
-            keras.backend.clear_session()
+    runs = [("compressed", chosen.model, v) for v in variants]
+    runs += [("original", model, v) for v in controls]
+    for which, source, name in runs:
+        lr, schedule, distill = VARIANTS[name]
+        student = keras.models.clone_model(source)
+        student.set_weights(source.get_weights())
+        recompile_like(student, model)
+        done = finetune(
+            student, x_fit, y_fit, epochs=finetune_epochs, seed=seed, learning_rate=lr,
+            validation_data=(x_val, y_val), schedule=schedule, teacher=model,
+            distill=distill,
+        )
+        acc = _accuracy(done.model, x_test, y_test)
+        out["finetune"][f"{which}: {name}"] = {
+            "accuracy": acc,
+            "best_epoch": done.best_epoch,
+            "validation": [list(s) for s in done.scores],
+        }
+        say(f"fine-tuned {which} ({name}): {acc:.4f} (epoch {done.best_epoch})")
+        keras.backend.clear_session()
 
     lines = [
         f"# Diagnosis: {os.path.basename(model_path)} at {budget:g} of {budget_kind}",
@@ -146,15 +177,16 @@ def diagnose(
         f"- original test accuracy: {out['original_accuracy']:.4f}",
         f"- full-rank rewrite (folded, constant channels removed): "
         f"{out['full_rank_rewrite_accuracy']:.4f}",
-        f"- before fine-tuning: greedy allocation {out['allocation']['greedy']['accuracy']:.4f}, "
-        f"shared energy threshold {out['allocation']['energy']['accuracy']:.4f}",
+        "- before fine-tuning: "
+        + ", ".join(f"{k} allocation {v['accuracy']:.4f}" for k, v in out["allocation"].items())
+        + "; " + ", ".join(f"{k} {v:.4f}" for k, v in out["baselines"].items()),
         "",
-        "| layer | rank (greedy) | floor | held-out loss rise, this layer alone |",
+        f"| layer | rank ({allocations[0]}) | floor | held-out loss rise, this layer alone |",
         "|---|---|---|---|",
     ]
     for layer, rise in out["layer_loss"].items():
         lines.append(
-            f"| {layer} | {greedy.ranks.get(layer)} | {greedy.floors.get(layer, '-')} | "
+            f"| {layer} | {chosen.ranks.get(layer)} | {chosen.floors.get(layer, '-')} | "
             f"{rise:+.4f} |"
         )
     lines += ["", "| fine-tuning | test accuracy | epoch kept |", "|---|---|---|"]
@@ -177,6 +209,9 @@ def main(argv):
         budget_kind=FLAGS.budget_kind,
         finetune_epochs=FLAGS.finetune_epochs,
         seed=FLAGS.seed,
+        allocations=() if FLAGS.control_only else tuple(FLAGS.allocation),
+        variants=tuple(FLAGS.variant),
+        controls=tuple(FLAGS.control),
         say=lambda line: print(line, flush=True),
     )
 
@@ -190,4 +225,11 @@ if __name__ == "__main__":
     flags.DEFINE_enum("budget_kind", "macs", ["params", "macs"], "Budget unit.")
     flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs.")
     flags.DEFINE_integer("seed", 0, "Seed.")
+    flags.DEFINE_bool("control_only", False, "Only fine-tune the original (the control).")
+    flags.DEFINE_multi_enum("allocation", ["greedy", "energy"], ["greedy", "energy"],
+                            "Allocations compared (the first is fine-tuned).")
+    flags.DEFINE_multi_enum("variant", list(VARIANTS), list(VARIANTS),
+                            "Fine-tuning variants of the compressed model.")
+    flags.DEFINE_multi_enum("control", list(CONTROLS), list(VARIANTS),
+                            "Fine-tuning variants of the original (control).")
     common.run(main)
