@@ -68,6 +68,7 @@ def diagnose(
     allocations: tuple[str, ...] = ("greedy", "energy"),
     variants: tuple[str, ...] = tuple(VARIANTS),
     controls: tuple[str, ...] = CONTROLS,
+    floor: bool = True,
     say=print,
 ) -> dict:
     """Run the three diagnoses (see the module docstring); returns the results."""
@@ -132,7 +133,7 @@ def diagnose(
         # With `evaluate`, the energy allocation also reports each layer's
         # share of the held-out loss (no greedy search).
         results[allocation] = local_rank_compress(
-            model, x_cal, policy, evaluate=val_loss, cost=budget_kind
+            model, x_cal, policy, evaluate=val_loss, cost=budget_kind, floor=floor
         )
         recompile_like(results[allocation].model, model)
     out["allocation"] = {
@@ -211,7 +212,8 @@ def main(argv):
         seed=FLAGS.seed,
         allocations=() if FLAGS.control_only else tuple(FLAGS.allocation),
         variants=tuple(FLAGS.variant),
-        controls=tuple(FLAGS.control),
+        controls=() if FLAGS.skip_control else tuple(FLAGS.control),
+        floor=FLAGS.floor,
         say=lambda line: print(line, flush=True),
     )
 
@@ -225,6 +227,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("budget_kind", "macs", ["params", "macs"], "Budget unit.")
     flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs.")
     flags.DEFINE_integer("seed", 0, "Seed.")
+    flags.DEFINE_bool("skip_control", False, "Do not fine-tune the original.")
+    flags.DEFINE_bool("floor", True, "Keep ranks at or above the local-rank floors.")
     flags.DEFINE_bool("control_only", False, "Only fine-tune the original (the control).")
     flags.DEFINE_multi_enum("allocation", ["greedy", "energy"], ["greedy", "energy"],
                             "Allocations compared (the first is fine-tuned).")
