@@ -4,14 +4,15 @@ TF-MOT only accepts Keras 2 (`tf_keras`) models, and importing it sets
 `TF_USE_LEGACY_KERAS=1`, which turns `tf.keras` into Keras 2 for the whole
 process. So it is imported here only, lazily, with the environment variable
 restored afterwards; the Keras 3 model's functional graph is replayed in
-`tf_keras` (a registry of supported layer types: Dense, Conv1D/2D/3D,
-DepthwiseConv2D, BatchNormalization, LayerNormalization, MultiHeadAttention,
-merges such as residual `Add`s, pooling, reshaping), pruned with
+`tf_keras` (a registry of supported layer types: Dense, EinsumDense,
+Conv1D/2D/3D, DepthwiseConv2D, BatchNormalization, LayerNormalization,
+MultiHeadAttention, merges such as residual `Add`s, pooling, reshaping,
+`Permute`), every layer TF-MOT's registry supports is wrapped by
 `prune_low_magnitude` under a `ConstantSparsity` schedule, stripped with
 `strip_pruning`, and its weights are copied back into a Keras 3 clone. Its
 size is the number of non-zero weights. TF-MOT prunes the kernels of Dense,
-Conv and MultiHeadAttention layers; depthwise kernels, normalization
-weights and biases stay dense (its `prune_registry`).
+Conv and MultiHeadAttention layers; EinsumDense (not in its registry),
+depthwise kernels, normalization weights and biases stay dense.
 """
 
 from __future__ import annotations
