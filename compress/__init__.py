@@ -28,6 +28,7 @@ from compress.channels import ChannelPruning, prune_constant_channels
 from compress.conv import ConvFactors, factorize_convs
 from compress.costs import MACS, PARAMS, CostModel, LayerShape
 from compress.data_aware import conv_channel_floors, local_rank_compress, local_rank_floors
+from compress.distill import DistillationLoss
 from compress.evaluate import FineTuned, finetune, measure
 from compress.folding import FoldRecord, fold_batchnorm
 from compress.layers import LowRankDense
@@ -55,6 +56,7 @@ __all__ = [
     "ChannelPruning",
     "Compressed",
     "CompressionConfig",
+    "DistillationLoss",
     "ConvFactors",
     "CostModel",
     "EnergyFraction",

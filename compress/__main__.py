@@ -40,6 +40,14 @@ flags.DEFINE_integer("finetune_epochs", 0, "Fine-tuning epochs after compression
 flags.DEFINE_float(
     "finetune_lr", None, "Fine-tuning learning rate (default: a tenth of the model's compiled one)."
 )
+flags.DEFINE_enum(
+    "finetune_schedule", "constant", ["constant", "cosine"],
+    "Fine-tuning learning rate: held, or cosine-decayed to 0.",
+)
+flags.DEFINE_float(
+    "distill", 0.0, "Share in [0, 1] of distillation from the input model while fine-tuning."
+)
+flags.DEFINE_float("distill_temperature", 2.0, "Distillation temperature (> 0).")
 flags.DEFINE_float(
     "validation_fraction",
     0.1,
@@ -69,27 +77,7 @@ def main(argv):
     from compress.app import CompressionConfig, run
     from keras_localrank.rundir import RunDirectoryError
 
-    config = CompressionConfig(
-        model=FLAGS.model,
-        dataset=FLAGS.dataset,
-        data_path=FLAGS.data_path,
-        workdir=FLAGS.workdir,
-        budgets=tuple(FLAGS.budget),
-        budget_kind=FLAGS.budget_kind,
-        methods=tuple(FLAGS.method),
-        finetune_epochs=FLAGS.finetune_epochs,
-        finetune_lr=FLAGS.finetune_lr,
-        validation_fraction=FLAGS.validation_fraction,
-        allocation=FLAGS.allocation,
-        calibration_samples=FLAGS.calibration_samples,
-        n_train=FLAGS.n_train,
-        n_test=FLAGS.n_test,
-        subspace=FLAGS.subspace,
-        floor_rtol=FLAGS.floor_rtol,
-        batch_size=FLAGS.batch_size,
-        latency_runs=FLAGS.latency_runs,
-        seed=FLAGS.seed,
-    )
+    config = CompressionConfig.from_mapping(FLAGS)
     try:
         run(config, progress=lambda line: print(line, flush=True))
     except (ValueError, TypeError, RunDirectoryError) as e:

@@ -23,7 +23,7 @@ import math
 import os
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -32,6 +32,7 @@ from compress.baselines import select_layers
 from compress.costs import MACS, PARAMS, CostModel
 from compress.data_aware import local_rank_compress
 from compress.evaluate import (
+    FINETUNE_SCHEDULES,
     LATENCY_BATCHES,
     check_learning_rate,
     default_finetune_lr,
@@ -52,6 +53,7 @@ from keras_localrank import datasets
 from keras_localrank.rundir import RunDirectory
 from keras_localrank.validation import (
     check_choice,
+    check_finite_float,
     check_fraction,
     check_int,
     check_positive_int,
@@ -106,6 +108,12 @@ class CompressionConfig:
             the model's compiled class), >= 0. Default None: a tenth of the
             model's compiled learning rate (1e-4 for Adam at 1e-3 or an
             uncompiled model).
+        finetune_schedule: `"constant"` (default) or `"cosine"` (decayed
+            from `finetune_lr` to 0 over the fine-tuning steps).
+        distill: share in [0, 1] of knowledge distillation from the input
+            model in the fine-tuning loss (`compress.distill`). Default 0.
+            TF-MOT fine-tunes in its own loop, without distillation.
+        distill_temperature: distillation temperature > 0. Default 2.0.
         validation_fraction: fraction in [0, 1) of the training samples (the
             last ones) held out of calibration and fine-tuning. It scores
             every fine-tuning epoch, keeping the best one (epoch 0 included,
@@ -136,6 +144,9 @@ class CompressionConfig:
     methods: Sequence[str] = ("all",)
     finetune_epochs: int = 0
     finetune_lr: float | None = None
+    finetune_schedule: str = "constant"
+    distill: float = 0.0
+    distill_temperature: float = 2.0
     validation_fraction: float = 0.1
     allocation: str = "greedy"
     calibration_samples: int = 1024
@@ -146,6 +157,55 @@ class CompressionConfig:
     batch_size: int = 128
     latency_runs: int = 15
     seed: int = 0
+
+    @classmethod
+    def from_mapping(cls, source, /, **overrides) -> CompressionConfig:
+        """A config from the fields found in `source`, then `overrides`.
+
+        The one way to build a config from a caller's settings: `source` is
+        a mapping, a dataclass (an experiment's config) or absl `FlagValues`;
+        every field of this class it holds is taken (a multi-valued flag may
+        be named in the singular: `--budget`, `--method`); names it holds
+        that are not fields are ignored. `overrides` are fields set
+        explicitly (they must be fields).
+
+        Raises:
+            TypeError: an override that is not a field of the config.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(
+                f"Expected fields of CompressionConfig. Received unknown: {unknown}"
+            )
+        values = {}
+        for name in fields - set(overrides):
+            for key in (name, _SINGULAR_FLAGS.get(name)):
+                found, value = _lookup(source, key)
+                if found:
+                    values[name] = tuple(value) if isinstance(value, list) else value
+                    break
+        return cls(**values, **overrides)
+
+
+#: Multi-valued flags named in the singular on the command line.
+_SINGULAR_FLAGS = {"budgets": "budget", "methods": "method"}
+
+
+def _lookup(source, key) -> tuple[bool, object]:
+    """`(found, value)` of `key` in a mapping, a dataclass or absl FlagValues."""
+    if key is None:
+        return False, None
+    if isinstance(source, Mapping):
+        return (key in source), source.get(key)
+    if dataclasses.is_dataclass(source):
+        return hasattr(source, key), getattr(source, key, None)
+    if hasattr(source, "flag_values_dict"):  # absl FlagValues
+        return (key in source), (source[key].value if key in source else None)
+    raise TypeError(
+        "Expected a mapping, a dataclass or absl FlagValues. Received: "
+        f"source of type {type(source).__name__}"
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -194,6 +254,11 @@ def _check_options(config) -> None:
     """Every option of `config` but the files, or a TypeError/ValueError naming it."""
     check_int("finetune_epochs", config.finetune_epochs, minimum=0)
     check_learning_rate(config.finetune_lr, "finetune_lr")
+    check_choice("finetune_schedule", config.finetune_schedule, FINETUNE_SCHEDULES)
+    check_fraction("distill", config.distill, allow_zero=True)
+    check_finite_float(
+        "distill_temperature", config.distill_temperature, low=0.0, low_open=True
+    )
     check_fraction(
         "validation_fraction", config.validation_fraction, allow_zero=True, allow_one=False
     )
@@ -298,35 +363,45 @@ def _has_attention(model) -> bool:
     return any(isinstance(layer, keras.layers.MultiHeadAttention) for layer in model.layers)
 
 
-def _compress_transformer(method, model, budget, data, config) -> Compressed:
-    """Attention and feed-forward projections at one parameter budget.
+def _compress_transformer(method, model, budget, data, config, kind) -> Compressed:
+    """Attention and feed-forward projections at one parameter or MACs budget.
 
-    Ranks come from one shared energy threshold (`ParamFraction`) over the
-    projections' spectra: their output covariance for the local-rank
-    methods (after removing constant heads), the kernels' squared singular
-    values for weight SVD. No local-rank floors are measured for
-    projections yet.
+    The local-rank methods remove constant heads, then choose the ranks
+    from the projections' output covariance spectra: greedily on the
+    held-out loss (`allocation="greedy"`) or with one shared energy
+    threshold; weight SVD uses one shared threshold on the kernels'
+    squared singular values. `local_rank` keeps each plain Dense projection
+    at or above its measured local rank (`projection_floors`); attention
+    and EinsumDense projections have no floor (named in the notes).
     """
     from compress.baselines import projection_weight_svd
-    from compress.transformer import transformer_compress
+    from compress.transformer import projection_floors, transformer_compress
 
-    if config.budget_kind != "params":
-        raise InfeasibleBudgetError(
-            "Impossible budget: the transformer rewrites take a parameter budget only. "
-            f"Received: budget_kind={config.budget_kind!r}"
-        )
+    cost = _cost(config)
     if method == "weight_svd":
-        out = projection_weight_svd(model, ParamFraction(budget))
+        out = projection_weight_svd(model, ParamFraction(budget), cost=cost)
     elif method in ("local_rank", "local_rank_nofloor"):
-        out = transformer_compress(model, data["x_cal"], ParamFraction(budget))
-        out.notes = {
-            **out.notes,
-            "floors": "no local-rank floors for attention projections (not measured)",
-        }
+        greedy = config.allocation == "greedy"
+        floors, unmeasured = {}, {}
+        if method == "local_rank":
+            floors, unmeasured = projection_floors(
+                model, data["x_cal"], rtol=config.floor_rtol
+            )
+        out = transformer_compress(
+            model,
+            data["x_cal"],
+            GreedyParamFraction(budget) if greedy else ParamFraction(budget),
+            evaluate=_validation_loss(kind, data["x_val"], data["y_val"], config.batch_size)
+            if greedy
+            else None,
+            cost=cost,
+            floors=floors,
+        )
+        out.notes = {**out.notes, **unmeasured}
     else:
         raise UnsupportedLayerError(
-            f"Method {method!r} has no rewrite for attention layers; use local_rank or "
-            "weight_svd."
+            f"Method {method!r} has no rewrite for attention layers; use local_rank, "
+            "weight_svd or tfmot."
         )
     out.method = method
     recompile_like(out.model, model)
@@ -335,7 +410,7 @@ def _compress_transformer(method, model, budget, data, config) -> Compressed:
 
 def _compress(method, model, budget, data, config, kind, epochs, learning_rate) -> Compressed:
     if method != "tfmot" and _has_attention(model):
-        return _compress_transformer(method, model, budget, data, config)
+        return _compress_transformer(method, model, budget, data, config, kind)
     if method in ("local_rank", "local_rank_nofloor"):
         greedy = config.allocation == "greedy"
         out = local_rank_compress(
@@ -374,6 +449,7 @@ def _compress(method, model, budget, data, config, kind, epochs, learning_rate) 
         finetune_epochs=epochs,
         batch_size=config.batch_size,
         learning_rate=learning_rate,
+        schedule=config.finetune_schedule,
     )
 
 
@@ -401,6 +477,10 @@ def _finetuned(method, model, compressed, budget, data, validation, config, kind
             seed=config.seed,
             learning_rate=lr,
             validation_data=validation,
+            schedule=config.finetune_schedule,
+            teacher=model,
+            distill=config.distill,
+            temperature=config.distill_temperature,
         )
         return done.model, done.best_epoch
     # TF-MOT fine-tunes inside its own (tf_keras) training loop: keep the

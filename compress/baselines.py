@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from compress.costs import get_cost
 from compress.outcome import Compressed
 from compress.policies import Candidate, ParamFraction, RankPolicy, get_policy
 from compress.registry import compressible_layers, count_params
@@ -98,6 +99,7 @@ def projection_weight_svd(
     policy: RankPolicy | float,
     *,
     targets: Sequence[str] | None = None,
+    cost="params",
 ) -> Compressed:
     """Truncated SVD of every transformer projection's kernel (data-free).
 
@@ -111,6 +113,7 @@ def projection_weight_svd(
         model: a built functional or Sequential model (not modified).
         policy: a `RankPolicy`, or a float: the target parameter fraction.
         targets: projection targets. Default None: all.
+        cost: `"params"` (default), `"macs"` or a `compress.costs.CostModel`.
 
     Returns:
         A `Compressed` (`method="weight_svd"`).
@@ -123,11 +126,16 @@ def projection_weight_svd(
 
     if not isinstance(policy, RankPolicy):
         policy = ParamFraction(policy) if isinstance(policy, (int, float)) else get_policy(policy)
+    cost = get_cost(cost)
     candidates = weight_candidates(model, targets)
-    original = count_params(model)
-    fixed = original - sum(c.dense_params for c in candidates)
-    ranks = policy.select(candidates, fixed_params=fixed, original_params=original)
-    chosen = {c.name: ranks[c.name] for c in candidates if c.saves(ranks[c.name])}
+    original = cost.model(model)
+    fixed = original - sum(
+        sum(cost.layer(shape) for shape in c.original_shapes()) for c in candidates
+    )
+    ranks = policy.select(
+        candidates, fixed_params=fixed, original_params=original, cost_fn=cost.layer
+    )
+    chosen = {c.name: ranks[c.name] for c in candidates if c.saves(ranks[c.name], cost.layer)}
     compressed = (
         weight_svd_projections(model, chosen)[0] if chosen else replace_layers(model, {}, {})
     )
@@ -136,4 +144,5 @@ def projection_weight_svd(
         method="weight_svd",
         budget=getattr(policy, "fraction", None),
         ranks=chosen,
+        budget_kind=cost.name,
     )

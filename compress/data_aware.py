@@ -148,7 +148,9 @@ def conv_channel_floors(
     Args:
         model: a built functional or Sequential model.
         x: calibration samples (a small subset: the cost grows with it).
-        layer_names: Conv1D/Conv2D layers to measure.
+        layer_names: Conv1D/Conv2D layers, or Dense layers applied at every
+            position of a sequence (a transformer's feed-forward layers), to
+            measure.
         atol, rtol: singular-value tolerances of the robust rank. Defaults
             None and 0.1.
         positions_per_axis: grid points per spatial axis. Default 2.
@@ -175,7 +177,8 @@ def conv_channel_floors(
         grid = [np.unique(np.linspace(0, d - 1, min(positions_per_axis, d)).round().astype(int))
                 for d in spatial]
         points = np.array(np.meshgrid(*grid, indexing="ij")).reshape(len(spatial), -1).T
-        cost = len(x) * len(points) * int(layer.filters) * n0
+        width = int(layer.filters if hasattr(layer, "filters") else layer.units)
+        cost = len(x) * len(points) * width * n0
         if cost > max_entries:
             skipped[layer.name] = (
                 f"floor not measured: {cost:.2g} Jacobian entries exceed max_entries="
@@ -186,6 +189,7 @@ def conv_channel_floors(
         linear = layer.__class__.from_config(config)
         pre = linear(tap.input)
         linear.set_weights(layer.get_weights())
+        # Dense layers on sequences count as 1-D: one position is one token.
         crop = keras.layers.Cropping2D if len(spatial) == 2 else keras.layers.Cropping1D
         for point in points:
             cropping = tuple((int(p), d - 1 - int(p)) for p, d in zip(point, spatial))
@@ -418,16 +422,20 @@ def local_rank_compress(
         ranks_out.update({n: f.rank for n, f in conv_factors.items()})
         return out, ranks_out
 
+    trial = (
+        None
+        if evaluate is None
+        else _trial_evaluator(work, candidates, bases, stats, evaluate, cost.layer)
+    )
     ranks = policy.select(
         candidates,
         fixed_params=fixed,
         original_params=original,
-        evaluate=None
-        if evaluate is None
-        else _trial_evaluator(work, candidates, bases, stats, evaluate, cost.layer),
+        evaluate=trial,
         cost_fn=cost.layer,
     )
     compressed, kept_ranks = build(ranks)
+    layer_loss = {} if trial is None else _layer_losses(trial, candidates, ranks, kept_ranks)
     return Compressed(
         model=compressed,
         method="local_rank",
@@ -439,7 +447,15 @@ def local_rank_compress(
         skipped=skipped,
         folded=folded,
         notes=notes,
+        layer_loss=layer_loss,
     )
+
+
+def _layer_losses(trial, candidates, ranks, kept) -> dict[str, float]:
+    """`{layer: trial loss with only it at its rank - loss with none rewritten}`."""
+    full = {c.name: c.max_rank for c in candidates}
+    base = trial(full)
+    return {name: trial({**full, name: ranks[name]}) - base for name in kept}
 
 
 def _trial_evaluator(work, candidates, bases, stats, evaluate, cost_fn):

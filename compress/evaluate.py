@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 import time
@@ -11,13 +12,14 @@ import time
 import keras
 import numpy as np
 
-from keras_localrank.validation import check_positive_int
-
+from compress.distill import DistillationLoss, pack_targets
 from compress.macs import count_macs
 from compress.outputs import OutputKind, output_kind
 from compress.registry import count_params
+from keras_localrank.validation import check_choice, check_fraction, check_positive_int
 
 __all__ = [
+    "FINETUNE_SCHEDULES",
     "FineTuned",
     "check_learning_rate",
     "default_finetune_lr",
@@ -60,6 +62,8 @@ def ensure_compiled(
 FINETUNE_LR_FRACTION = 0.1
 #: Learning rate that fraction applies to when the model has no float one.
 FALLBACK_LR = 1e-3
+#: How the fine-tuning learning rate moves: held, or cosine-decayed to zero.
+FINETUNE_SCHEDULES = ("constant", "cosine")
 
 
 def check_learning_rate(value, name: str = "finetune_lr") -> float | None:
@@ -91,8 +95,9 @@ def default_finetune_lr(model) -> float:
     return FINETUNE_LR_FRACTION * (FALLBACK_LR if base is None else base)
 
 
-def _with_learning_rate(model, learning_rate: float) -> None:
-    """Recompile `model` (same loss and metrics) with a fresh optimizer at `learning_rate`."""
+def _with_learning_rate(model, learning_rate) -> None:
+    """Recompile `model` (same loss and metrics) with a fresh optimizer at `learning_rate`
+    (a float or a `keras.optimizers.schedules.LearningRateSchedule`)."""
     config = model.get_compile_config()
     optimizer = keras.optimizers.deserialize(config["optimizer"])
     optimizer_config = {**optimizer.get_config(), "learning_rate": learning_rate}
@@ -136,11 +141,19 @@ def finetune(
     seed: int = 0,
     learning_rate: float | None = None,
     validation_data: tuple | None = None,
+    schedule: str = "constant",
+    teacher=None,
+    distill: float = 0.0,
+    temperature: float = 2.0,
 ) -> FineTuned:
     """Train `model` in place for `epochs`, keeping the best epoch on validation data.
 
     The model is trained with its compile configuration (loss, metrics, the
-    optimizer class) and a fresh optimizer at `learning_rate`. With
+    optimizer class) and a fresh optimizer at `learning_rate`, held constant
+    or decayed to zero along a cosine over all the steps. With a `teacher`
+    and `distill > 0` the loss is `compress.distill.DistillationLoss` (the
+    labels mixed with the teacher's outputs, computed once); the model is
+    compiled back to its own configuration afterwards. With
     `validation_data`, the weights are scored before fine-tuning and after
     every epoch (accuracy, ties broken by loss) and the best are kept, so
     fine-tuning never makes the model worse on that data.
@@ -156,12 +169,21 @@ def finetune(
         learning_rate: >= 0. Default None: `default_finetune_lr(model)`
             (a tenth of the compiled learning rate, 1e-4 for Adam's default).
         validation_data: `(x_val, y_val)` held out of `x`. Default None.
+        schedule: `"constant"` (default) or `"cosine"` (from `learning_rate`
+            to 0 over `epochs`; see `FINETUNE_SCHEDULES`).
+        teacher: the model to distill from (the original), or None. Default
+            None.
+        distill: share in [0, 1] of the distillation term. Default 0 (plain
+            cross-entropy; `teacher` unused).
+        temperature: distillation temperature > 0. Default 2.0.
 
     Returns:
         A `FineTuned`.
 
     Raises:
-        ValueError: negative `epochs` or `learning_rate`, empty validation data.
+        ValueError: negative `epochs` or `learning_rate`, empty validation data,
+            an unknown `schedule`, `distill` outside [0, 1] or > 0 without a
+            `teacher` or with a one-vs-rest (sigmoid) output.
         TypeError: a `learning_rate` that is not a number.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
@@ -172,23 +194,68 @@ def finetune(
         learning_rate = default_finetune_lr(model)
     if validation_data is not None and len(validation_data[0]) == 0:
         raise ValueError("Expected non-empty `validation_data`. Received: 0 samples.")
+    check_choice("schedule", schedule, FINETUNE_SCHEDULES)
+    distill = check_fraction("distill", distill, allow_zero=True)
+    if distill > 0 and teacher is None:
+        raise ValueError(f"Expected a `teacher` to distill from. Received: distill={distill!r}")
     if not epochs:
         return FineTuned(model, learning_rate, 0)
     keras.utils.set_random_seed(seed)
-    _with_learning_rate(model, learning_rate)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    rate = (
+        keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+        if schedule == "cosine"
+        else learning_rate
+    )
+    own_config = model.get_compile_config()
+    _with_learning_rate(model, rate)
+    if distill > 0:
+        kind = output_kind(model)
+        if kind.binary:
+            raise ValueError(
+                "Expected a multi-class (softmax or logits) output to distill. Received: "
+                f"{kind.kind} output with distill={distill!r}."
+            )
+        teacher_out = teacher.predict(x, batch_size=4 * batch_size, verbose=0)
+        y = pack_targets(y, teacher_out)
+        model.compile(
+            optimizer=model.optimizer,
+            loss=DistillationLoss(distill, temperature, from_logits=kind.from_logits),
+        )
+
+    def score(m):
+        if distill > 0:  # the compiled loss wants packed targets: score by prediction
+            return _prediction_score(m, *validation_data, kind=kind, batch_size=batch_size)
+        return validation_score(m, *validation_data, batch_size=batch_size)
+
+    def restore():
+        if distill > 0:
+            model.compile_from_config(own_config)
+
     if validation_data is None:
         model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0)
+        restore()
         return FineTuned(model, learning_rate, epochs)
-    scores = [validation_score(model, *validation_data, batch_size=batch_size)]
+    scores = [score(model)]
     best_epoch, best_weights = 0, model.get_weights()
     for epoch in range(1, epochs + 1):
-        model.fit(x, y, epochs=1, batch_size=batch_size, verbose=0)  # optimizer state carries on
-        scores.append(validation_score(model, *validation_data, batch_size=batch_size))
+        # One epoch at a time; the optimizer (and its schedule's step) carries on.
+        model.fit(x, y, epochs=1, batch_size=batch_size, verbose=0)
+        scores.append(score(model))
         if scores[-1] > scores[best_epoch]:
             best_epoch, best_weights = epoch, model.get_weights()
     model.set_weights(best_weights)
+    restore()
     logger.info("fine-tuning: kept epoch %d of %d (validation %s)", best_epoch, epochs, scores)
     return FineTuned(model, learning_rate, best_epoch, scores)
+
+
+def _prediction_score(model, x, y, *, kind: OutputKind, batch_size: int) -> tuple[float, float]:
+    """`validation_score` computed from predictions (whatever the compiled loss)."""
+    out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+    y = np.asarray(y).reshape(-1)
+    accuracy = float(np.mean(np.argmax(out.reshape(len(y), -1), axis=1) == y))
+    return accuracy, -kind.numpy_loss(y, out)
 
 
 def file_size(model) -> int:
@@ -266,8 +333,11 @@ def measure(
 
     Returns:
         `{"metrics": {...}, "params", "macs", "file_bytes",
-        "latency_ms_b<batch>" for each latency batch}` (latencies in
-        milliseconds per batch, measured on this machine's CPU).
+        "latency_ms_b<batch>" for each latency batch, "load_average"}`
+        (latencies in milliseconds per batch, measured on this machine's
+        CPU; the 1-minute load average of the machine when they were
+        measured, None where the platform has none: above the number of
+        cores, other processes share the CPU and the latencies say little).
     """
     ensure_compiled(model, kind=kind)
     metrics = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
@@ -281,4 +351,5 @@ def measure(
         out[f"latency_ms_b{batch}"] = latency_ms(
             model, x, batch_size=batch, runs=latency_runs
         )
+    out["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return out

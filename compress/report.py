@@ -27,6 +27,7 @@ _COLUMNS = (
     ("file_bytes", "file bytes"),
     ("latency_ms_b1", "latency ms (batch 1)"),
     ("latency_ms_b64", "latency ms (batch 64)"),
+    ("load_average", "load (1 min) when timed"),
     ("status", "status"),
 )
 

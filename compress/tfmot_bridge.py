@@ -4,14 +4,15 @@ TF-MOT only accepts Keras 2 (`tf_keras`) models, and importing it sets
 `TF_USE_LEGACY_KERAS=1`, which turns `tf.keras` into Keras 2 for the whole
 process. So it is imported here only, lazily, with the environment variable
 restored afterwards; the Keras 3 model's functional graph is replayed in
-`tf_keras` (a registry of supported layer types: Dense, Conv1D/2D/3D,
-DepthwiseConv2D, BatchNormalization, LayerNormalization, MultiHeadAttention,
-merges such as residual `Add`s, pooling, reshaping), pruned with
+`tf_keras` (a registry of supported layer types: Dense, EinsumDense,
+Conv1D/2D/3D, DepthwiseConv2D, BatchNormalization, LayerNormalization,
+MultiHeadAttention, merges such as residual `Add`s, pooling, reshaping,
+`Permute`), every layer TF-MOT's registry supports is wrapped by
 `prune_low_magnitude` under a `ConstantSparsity` schedule, stripped with
 `strip_pruning`, and its weights are copied back into a Keras 3 clone. Its
 size is the number of non-zero weights. TF-MOT prunes the kernels of Dense,
-Conv and MultiHeadAttention layers; depthwise kernels, normalization
-weights and biases stay dense (its `prune_registry`).
+Conv and MultiHeadAttention layers; EinsumDense (not in its registry),
+depthwise kernels, normalization weights and biases stay dense.
 """
 
 from __future__ import annotations
@@ -94,12 +95,17 @@ def _depthwise(layer, tk):
     return tk.layers.DepthwiseConv2D(depth_multiplier=layer.depth_multiplier, **_conv_args(layer))
 
 
+def _refuse(layer, options: str):
+    """The bridge's one refusal: `layer` uses options `tf_keras` cannot rebuild."""
+    return ValueError(
+        f"The TF-MOT bridge cannot rebuild {type(layer).__name__} {layer.name!r} with "
+        f"{options}."
+    )
+
+
 def _batch_norm(layer, tk):
     if getattr(layer, "renorm", False) or getattr(layer, "synchronized", False):
-        raise ValueError(
-            f"The TF-MOT bridge cannot rebuild BatchNormalization {layer.name!r} with "
-            "renorm or synchronized=True."
-        )
+        raise _refuse(layer, "renorm or synchronized=True")
     return tk.layers.BatchNormalization(
         axis=layer.axis,
         momentum=layer.momentum,
@@ -112,10 +118,7 @@ def _batch_norm(layer, tk):
 
 def _layer_norm(layer, tk):
     if getattr(layer, "rms_scaling", False):
-        raise ValueError(
-            f"The TF-MOT bridge cannot rebuild LayerNormalization {layer.name!r} with "
-            "rms_scaling=True."
-        )
+        raise _refuse(layer, "rms_scaling=True")
     return tk.layers.LayerNormalization(
         axis=layer.axis,
         epsilon=layer.epsilon,
@@ -149,10 +152,7 @@ def _global_pool(cls_name):
 
 def _attention(layer, tk):
     if layer._use_gate or getattr(layer, "_sliding_window", None) is not None:
-        raise ValueError(
-            f"The TF-MOT bridge cannot rebuild MultiHeadAttention {layer.name!r} with "
-            "use_gate=True or a sliding_window."
-        )
+        raise _refuse(layer, "use_gate=True or a sliding_window")
     return tk.layers.MultiHeadAttention(
         num_heads=layer.num_heads,
         key_dim=layer.key_dim,
@@ -161,6 +161,16 @@ def _attention(layer, tk):
         use_bias=layer.use_bias,
         output_shape=layer._output_shape,
         attention_axes=layer._attention_axes,
+        name=layer.name,
+    )
+
+
+def _einsum_dense(layer, tk):
+    return tk.layers.EinsumDense(
+        layer.equation,
+        output_shape=layer.partial_output_shape,
+        activation=_activation_name(layer),
+        bias_axes=layer.bias_axes,
         name=layer.name,
     )
 
@@ -185,6 +195,7 @@ BRIDGED_LAYERS = (
     (keras.layers.Conv2D, _conv),
     (keras.layers.Conv3D, _conv),
     (keras.layers.DepthwiseConv2D, _depthwise),
+    (keras.layers.EinsumDense, _einsum_dense),
     (keras.layers.BatchNormalization, _batch_norm),
     (keras.layers.LayerNormalization, _layer_norm),
     (keras.layers.MultiHeadAttention, _attention),
@@ -218,6 +229,7 @@ BRIDGED_LAYERS = (
         keras.layers.Reshape,
         lambda layer, tk: tk.layers.Reshape(layer.target_shape, name=layer.name),
     ),
+    (keras.layers.Permute, lambda layer, tk: tk.layers.Permute(layer.dims, name=layer.name)),
     (
         keras.layers.Dropout,
         lambda layer, tk: tk.layers.Dropout(layer.rate, name=layer.name),
@@ -379,6 +391,23 @@ def kernel_sparsity(model) -> float:
     return zeros / max(1, sum(k.size for k in kernels))
 
 
+def _prune_supported(tk_model, tk, sparse, schedule):
+    """`tk_model` with every layer TF-MOT can prune wrapped for pruning.
+
+    Layers its registry does not know (an `EinsumDense`, say) stay as they
+    are, dense, instead of failing the whole model; `pruned_kernels` and
+    the budget count them as never pruned.
+    """
+    from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
+
+    def wrap(layer):  # TF-MOT's own whole-model wrapping, minus the refusal
+        if prune_registry.PruneRegistry.supports(layer):
+            return sparse.prune_low_magnitude(layer, pruning_schedule=schedule)
+        return layer
+
+    return tk.models.clone_model(tk_model, clone_function=wrap)
+
+
 def _set_batch_norm_trainable(tk_model, tf_keras, trainable: bool) -> None:
     """Frozen (inference-mode) BatchNorm: a mask-setting step must not move statistics."""
     for layer in tk_model.layers:
@@ -397,6 +426,7 @@ def magnitude_prune(
     finetune_epochs: int = 0,
     batch_size: int = 128,
     learning_rate: float = 1e-3,
+    schedule: str = "constant",
 ) -> Compressed:
     """Magnitude-prune the kernels of `model` to a parameter budget.
 
@@ -415,6 +445,8 @@ def magnitude_prune(
         finetune_epochs: epochs of masked training. Default 0.
         batch_size: batch size. Default 128.
         learning_rate: Adam learning rate of the fine-tune. Default 1e-3.
+        schedule: `"constant"` (default) or `"cosine"` (decayed to 0 over
+            the fine-tuning steps).
 
     Returns:
         A `Compressed` holding a Keras 3 model with zeroed weights.
@@ -423,8 +455,8 @@ def magnitude_prune(
     tfmot, tk = import_tfmot()
     sparse = tfmot.sparsity.keras
     tk_model = to_tf_keras(model, tk)
-    schedule = sparse.ConstantSparsity(sparsity, begin_step=0, frequency=1)
-    pruned = sparse.prune_low_magnitude(tk_model, pruning_schedule=schedule)
+    constant = sparse.ConstantSparsity(sparsity, begin_step=0, frequency=1)
+    pruned = _prune_supported(tk_model, tk, sparse, constant)
     loss = tk.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     callbacks = [sparse.UpdatePruningStep()]
     _set_batch_norm_trainable(pruned, tk, False)
@@ -439,7 +471,11 @@ def magnitude_prune(
     )
     if finetune_epochs:
         _set_batch_norm_trainable(pruned, tk, True)
-        pruned.compile(optimizer=tk.optimizers.Adam(learning_rate=learning_rate), loss=loss)
+        rate = learning_rate
+        if schedule == "cosine":
+            steps = finetune_epochs * int(np.ceil(len(x) / batch_size))
+            rate = tk.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+        pruned.compile(optimizer=tk.optimizers.Adam(learning_rate=rate), loss=loss)
         pruned.fit(
             x, y, epochs=finetune_epochs, batch_size=batch_size, verbose=0, callbacks=callbacks
         )

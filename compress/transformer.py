@@ -84,6 +84,7 @@ __all__ = [
     "compress_attention",
     "constant_heads",
     "projection_candidates",
+    "projection_floors",
     "projection_statistics",
     "prune_constant_heads",
     "skipped_layers",
@@ -581,6 +582,8 @@ def transformer_compress(
     head_tol: float = 1e-6,
     evaluate=None,
     batch_size: int = 64,
+    cost="params",
+    floors: Mapping[str, int] | None = None,
 ):
     """Constant-head removal, then data-aware low rank at ranks chosen by `policy`.
 
@@ -596,37 +599,51 @@ def transformer_compress(
         prune_heads: first remove heads constant on `calib_x`. Default True.
         head_tol: tolerance of `prune_constant_heads`. Default 1e-6.
         evaluate: `model -> score` (lower is better), for policies that
-            measure (`AccuracyTolerance`, `GreedyParamFraction`); each trial
-            builds the compressed model. Default None.
+            measure (`AccuracyTolerance`, `GreedyParamFraction`). Each trial
+            is scored on a stand-in of the same architecture whose
+            projection kernels and biases are those of the factors (the
+            same function, no model rebuilt per trial). Default None.
         batch_size: samples per chunk. Default 64.
+        cost: what the budget counts: `"params"` (default), `"macs"` (a
+            projection applied at `t` tokens costs `t * n_in * n_out`; the
+            attention scores are counted but never shrink), or a
+            `compress.costs.CostModel`.
+        floors: `{target: smallest rank allowed}` (see `projection_floors`).
+            Default None: 1.
 
     Returns:
         A `Compressed` (`method="local_rank"`) with the ranks, and the heads
-        removed per attention layer in `removed_units`.
+        removed per attention layer in `removed_units`; with `evaluate`,
+        `layer_loss` holds the rise of the score when only one projection
+        is rewritten at its rank.
 
     Raises:
         ValueError: an impossible budget (from the policy), bad targets.
         UnsupportedLayerError: targets that cannot be rewritten.
     """
+    from compress.costs import get_cost
     from compress.outcome import Compressed
     from compress.policies import ParamFraction, RankPolicy, get_policy
-    from compress.registry import count_params
 
+    cost = get_cost(cost)
     if not isinstance(policy, RankPolicy):
         policy = ParamFraction(policy) if isinstance(policy, (int, float)) else get_policy(policy)
-    original = count_params(model)
+    original = cost.model(model)
     work, removed = model, {}
     if prune_heads and any(is_attention(layer) for layer in model.layers):
         work, heads = prune_constant_heads(model, calib_x, head_tol, batch_size=batch_size)
         removed = {r.layer: len(r.removed) for r in heads if r.removed}
     names = transformer_targets(work) if targets is None else list(targets)
     stats = projection_statistics(work, calib_x, names, batch_size=batch_size)
-    candidates = projection_candidates(stats)
+    floors = {t: f for t, f in dict(floors or {}).items() if t in stats}
+    candidates = projection_candidates(stats, floors)
     by_name = {c.name: c for c in candidates}
-    fixed = count_params(work) - sum(c.dense_params for c in candidates)
+    fixed = cost.model(work) - sum(
+        sum(cost.layer(shape) for shape in c.original_shapes()) for c in candidates
+    )
 
     def saving(ranks):
-        return {t: r for t, r in ranks.items() if by_name[t].saves(r)}
+        return {t: r for t, r in ranks.items() if by_name[t].saves(r, cost.layer)}
 
     def build(ranks):
         chosen = saving(ranks)
@@ -634,13 +651,120 @@ def transformer_compress(
             return (replace_layers(work, {}, {}) if work is model else work), []
         return compress_attention(work, calib_x, chosen, statistics=stats)
 
-    trial = None if evaluate is None else (lambda ranks: float(evaluate(build(ranks)[0])))
-    ranks = policy.select(candidates, fixed_params=fixed, original_params=original, evaluate=trial)
+    trial = None if evaluate is None else _stand_in_trial(work, stats, saving, evaluate)
+    ranks = policy.select(
+        candidates,
+        fixed_params=fixed,
+        original_params=original,
+        evaluate=trial,
+        cost_fn=cost.layer,
+    )
     compressed, records = build(ranks)
+    kept = {r.target: r.rank for r in records}
+    layer_loss = {}
+    if trial is not None:
+        full = {c.name: c.max_rank for c in candidates}
+        base = trial(full)
+        layer_loss = {t: trial({**full, t: r}) - base for t, r in kept.items()}
     return Compressed(
         model=compressed,
         method="local_rank",
         budget=getattr(policy, "fraction", None),
-        ranks={r.target: r.rank for r in records},
+        ranks=kept,
         removed_units=removed,
+        budget_kind=cost.name,
+        layer_loss=layer_loss,
+        floors=floors,
     )
+
+
+def projection_floors(
+    model: keras.Model,
+    x,
+    targets: Sequence[str] | None = None,
+    *,
+    rtol: float | None = 0.1,
+    samples: int = 16,
+    positions: int = 2,
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Local-rank floors of the projections that are plain `Dense` layers.
+
+    A `Dense` layer on vectors gets `compress.data_aware.local_rank_floors`;
+    one applied at every token of a sequence (a feed-forward layer) gets the
+    per-position floor of `compress.data_aware.conv_channel_floors` (the
+    Jacobian of its units at one token, at `positions` tokens). Attention
+    projections and `EinsumDense` layers are not measured (the local-rank
+    engine taps whole layers, not sublayers), and are listed with the reason.
+
+    Args:
+        model: a built functional model.
+        x: calibration samples (the first `samples` are used).
+        targets: projection targets. Default None: `transformer_targets`.
+        rtol: relative tolerance of the robust local rank. Default 0.1.
+        samples: calibration samples measured. Default 16.
+        positions: tokens measured per sequence layer. Default 2.
+
+    Returns:
+        `({target: floor}, {target: why no floor was measured})`.
+    """
+    from compress.data_aware import conv_channel_floors, local_rank_floors
+
+    targets = transformer_targets(model) if targets is None else list(targets)
+    vectors, sequences, unmeasured = [], [], {}
+    for target in targets:
+        layer, _ = resolve_target(model, target)
+        if type(layer) is not keras.layers.Dense:
+            unmeasured[target] = (
+                "floor not measured: attention and EinsumDense projections are "
+                "sublayers or multi-axis maps the local-rank engine does not tap"
+            )
+        elif len(layer.output.shape) == 2:
+            vectors.append(target)
+        else:
+            sequences.append(target)
+    floors: dict[str, int] = {}
+    x = x[:samples]
+    if vectors:
+        floors.update(local_rank_floors(model, x, vectors, rtol=rtol))
+    if sequences:
+        measured, skipped = conv_channel_floors(
+            model, x, sequences, rtol=rtol, positions_per_axis=positions
+        )
+        floors.update(measured)
+        unmeasured.update(skipped)
+    return floors, unmeasured
+
+
+def _stand_in_trial(work, stats, saving, evaluate):
+    """`ranks -> evaluate(stand-in)`: a clone of `work` whose projections hold
+    the product of their factors at `ranks` (the rewritten function)."""
+    stand_in = keras.models.clone_model(work)
+    stand_in.set_weights(work.get_weights())
+    current: dict[str, int | None] = {}
+
+    def weights(target, rank):
+        sub = resolve_target(work, target)[1]
+        if rank is None:
+            return [keras.ops.convert_to_numpy(w) for w in sub.weights]
+        layout = einsum_layout(sub)
+        st = stats[target]
+        basis = st.eigen()[1]
+        a, b, bias = _factors(sub, rank, basis, st.mean if st.use_bias else None)
+        matrix = a.reshape(layout.n_in, rank) @ b.reshape(rank, layout.n_out)
+        inverse = np.argsort(layout.kernel_perm)
+        kernel = np.transpose(matrix.reshape(layout.in_dims + layout.out_dims), inverse)
+        out = [kernel.astype(_dtype(sub))]
+        if bias is not None:
+            out.append(bias.reshape(layout.bias_shape).astype(_dtype(sub)))
+        return out
+
+    def run(ranks):
+        chosen = saving(ranks)
+        for target in stats:
+            rank = chosen.get(target)
+            if current.get(target, "unset") != rank:
+                resolve_target(stand_in, target)[1].set_weights(weights(target, rank))
+                current[target] = rank
+        return float(evaluate(stand_in))
+
+    return run

@@ -53,6 +53,10 @@ flags.DEFINE_multi_string(
     "Compression methods (see compress.app.METHODS).",
 )
 flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs after compression.")
+flags.DEFINE_float("finetune_lr", None, "Fine-tuning learning rate (default: the app's).")
+flags.DEFINE_enum("finetune_schedule", "constant", ["constant", "cosine"], "Fine-tuning schedule.")
+flags.DEFINE_float("distill", 0.0, "Share of distillation from the original while fine-tuning.")
+flags.DEFINE_float("distill_temperature", 2.0, "Distillation temperature.")
 flags.DEFINE_enum("allocation", "greedy", ["greedy", "energy"], "local_rank budget allocation.")
 flags.DEFINE_float(
     "validation_fraction", 0.05, "Training samples the app holds out (<= 0.1, unseen in training)."
@@ -83,6 +87,10 @@ class ExperimentConfig:
     vit_budgets: Sequence[float] = (0.5,)
     methods: Sequence[str] = ("local_rank", "weight_svd", "tucker2", "tfmot")
     finetune_epochs: int = 2
+    finetune_lr: float | None = None
+    finetune_schedule: str = "constant"
+    distill: float = 0.0
+    distill_temperature: float = 2.0
     allocation: str = "greedy"
     validation_fraction: float = 0.05
     calibration_samples: int = 512
@@ -309,22 +317,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
                 print(f"{arch}: trained in an earlier run (resumed)", flush=True)
             convnet = arch != "vit"
             report = run(
-                CompressionConfig(
+                CompressionConfig.from_mapping(
+                    config,
                     model=run_dir.join(model_file),
-                    dataset=config.dataset,
                     workdir=run_dir.join(f"compress_{arch}"),
                     budgets=tuple(config.conv_budgets if convnet else config.vit_budgets),
                     budget_kind="macs" if convnet else "params",
-                    methods=tuple(config.methods),
-                    finetune_epochs=config.finetune_epochs,
-                    allocation=config.allocation,
-                    validation_fraction=config.validation_fraction,
-                    calibration_samples=config.calibration_samples,
-                    n_train=config.n_train,
-                    n_test=config.n_test,
-                    latency_runs=config.latency_runs,
-                    batch_size=config.batch_size,
-                    seed=config.seed,
                 ),
                 progress=lambda line: print(line, flush=True),
             )
@@ -355,6 +353,10 @@ def main(argv):
         vit_budgets=tuple(FLAGS.vit_budget),
         methods=tuple(FLAGS.method),
         finetune_epochs=FLAGS.finetune_epochs,
+        finetune_lr=FLAGS.finetune_lr,
+        finetune_schedule=FLAGS.finetune_schedule,
+        distill=FLAGS.distill,
+        distill_temperature=FLAGS.distill_temperature,
         allocation=FLAGS.allocation,
         validation_fraction=FLAGS.validation_fraction,
         calibration_samples=FLAGS.calibration_samples,

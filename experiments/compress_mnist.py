@@ -211,22 +211,8 @@ def _arch_task(arch: str, path: str, sub_config: dict, *, config: ExperimentConf
                     model.save(tmp)
                 keras.backend.clear_session()
             report = run(
-                CompressionConfig(
-                    model=sub.join("model.keras"),
-                    dataset=config.dataset,
-                    data_path=config.data_path,
-                    workdir=sub.join("compression"),
-                    budgets=tuple(config.budgets),
-                    methods=tuple(config.methods),
-                    finetune_epochs=config.finetune_epochs,
-                    finetune_lr=config.finetune_lr,
-                    validation_fraction=config.validation_fraction,
-                    allocation=config.allocation,
-                    calibration_samples=config.calibration_samples,
-                    n_train=config.n_train,
-                    n_test=config.n_test,
-                    latency_runs=config.latency_runs,
-                    seed=config.seed,
+                CompressionConfig.from_mapping(
+                    config, model=sub.join("model.keras"), workdir=sub.join("compression")
                 ),
                 progress=lambda line: print(f"{arch}: {line}", flush=True),
             )

@@ -498,3 +498,23 @@ def test_finetune_rejects_bad_learning_rates(value, error):
     model, x, y = _classifier(learning_rate=0.01)
     with pytest.raises(error, match=f"learning_rate={value!r}"):
         finetune(model, x, y, epochs=1, learning_rate=value)
+
+
+def test_layer_loss_is_the_rise_of_the_loss_with_only_that_layer_rewritten():
+    # Reference: the rebuilt model when only one layer is rewritten (the
+    # trials run on a stand-in; this checks the stand-in against the real thing).
+    model = _mlp([24, 40, 4], n0=12)
+    x = RNG.normal(size=(200, 12)).astype("float32")
+    target = model.predict(x, verbose=0)
+
+    def loss(m):
+        return float(np.mean((m.predict(x, verbose=0) - target) ** 2))
+
+    out = local_rank_compress(
+        model, x, GreedyParamFraction(0.7), layers=["d1"], evaluate=loss, floor=False
+    )
+    assert set(out.layer_loss) == set(out.ranks) == {"d1"}
+    assert out.layer_loss["d1"] == pytest.approx(loss(out.model) - loss(model), rel=1e-3)
+    assert out.layer_loss["d1"] > 0
+    # Without `evaluate` there is nothing measured, and nothing reported.
+    assert local_rank_compress(model, x, 0.7, layers=["d1"], floor=False).layer_loss == {}

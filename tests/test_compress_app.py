@@ -90,6 +90,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
         assert 0.0 <= row["accuracy_finetuned"] <= 1.0
         assert row["macs"] > 0 and row["file_bytes"] > 0
         assert row["latency_ms_b1"] > 0 and row["latency_ms_b64"] > 0
+        assert row["load_average"] >= 0  # the machine's load when the latency was timed
         loaded = keras.models.load_model(row["model_path"])
         assert loaded.count_params() > 0
     assert report["config"]["finetune_lr_used"] == 0.002

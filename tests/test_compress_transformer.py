@@ -438,3 +438,70 @@ def test_projection_weight_svd_baseline_at_a_budget():
     assert (cands["mha/attention_output"].n_in, cands["mha/attention_output"].n_out) == (8, D)
     with pytest.raises(ValueError, match="no projection"):
         projection_weight_svd(keras.Sequential([keras.Input((3,)), keras.layers.ReLU()]), 0.5)
+
+
+def test_transformer_compress_meets_a_macs_budget_greedily_on_exact_stand_ins():
+    from compress.macs import count_macs
+    from compress.policies import GreedyParamFraction, InfeasibleBudgetError
+    from compress.transformer import _stand_in_trial
+
+    model = _block()
+    x = _x()
+    target = model.predict(x, verbose=0)
+
+    def score(m):  # a held-out "loss": distance to the original's outputs
+        return float(np.mean((m.predict(x, verbose=0) - target) ** 2))
+
+    out = transformer_compress(model, x, GreedyParamFraction(0.7), evaluate=score, cost="macs")
+    assert out.budget_kind == "macs" and out.ranks
+    # The budget is met as the MAC counter counts the rewritten model
+    # (attention scores included: they are part of what cannot shrink).
+    assert count_macs(out.model) <= 0.7 * count_macs(model)
+    # The greedy trials ran on a stand-in holding the product of the factors:
+    # the same function as the rewritten model.
+    from compress.projections import projection_statistics
+
+    stats = projection_statistics(model, x, transformer_targets(model), batch_size=64)
+    trial = _stand_in_trial(model, stats, lambda ranks: dict(ranks), score)
+    assert trial(out.ranks) == pytest.approx(score(out.model), rel=1e-4, abs=1e-7)
+    # Each rewritten projection's own share of the loss is reported.
+    assert set(out.layer_loss) == set(out.ranks)
+    assert all(v >= -1e-6 for v in out.layer_loss.values())
+    # A MACs budget below what the attention scores alone need is refused.
+    with pytest.raises(InfeasibleBudgetError, match="Impossible budget"):
+        transformer_compress(model, x, 0.01, cost="macs")
+
+
+def test_projection_weight_svd_meets_a_macs_budget():
+    from compress.baselines import projection_weight_svd
+    from compress.macs import count_macs
+
+    model = _block()
+    out = projection_weight_svd(model, 0.7, cost="macs")
+    assert out.ranks and out.budget_kind == "macs"
+    assert count_macs(out.model) <= 0.7 * count_macs(model)
+
+
+def test_projection_floors_of_feed_forward_layers_know_a_planted_rank():
+    from compress.transformer import projection_floors
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((T, D))
+    h = keras.layers.Dense(2, name="bottleneck")(inp)  # rank 2 at every token
+    h = keras.layers.Dense(6, activation="tanh", name="ffn")(h)
+    a = keras.layers.MultiHeadAttention(2, 3, name="mha")(h, h)
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Add()([h, a]))
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(h))
+    floors, unmeasured = projection_floors(model, _x(n=16), rtol=1e-3)
+    # Each token's pre-activation of `ffn` sees that token's input through a
+    # width-2 layer: its Jacobian has rank 2 exactly (numpy's rank of
+    # W_ffn^T W_bottleneck^T is the reference).
+    kernels = [model.get_layer(n).kernel.numpy().astype(np.float64) for n in ("bottleneck", "ffn")]
+    assert floors["ffn"] == np.linalg.matrix_rank(kernels[0] @ kernels[1]) == 2
+    assert floors["bottleneck"] == 2
+    assert 1 <= floors["head"] <= 3
+    assert set(unmeasured) == {f"mha/{p}" for p in ALL}
+    # The floors bound the ranks the policy may choose.
+    out = transformer_compress(model, _x(n=16), 0.9, floors=floors)
+    assert all(out.ranks.get(t, floors[t]) >= floors[t] for t in floors)
+    assert out.floors == floors

@@ -60,10 +60,22 @@ _SCRIPT = textwrap.dedent(
         h = keras.layers.GlobalAveragePooling1D()(h)
         return keras.Model(inp, keras.layers.Dense(3, name="fc")(h))
 
+    def patch_transformer():  # a ViT's patching: Reshape, Permute, EinsumDense embedding
+        inp = keras.Input((4, 4, 1))
+        h = keras.layers.Reshape((2, 2, 2, 2))(inp)
+        h = keras.layers.Permute((1, 3, 2, 4), name="perm")(h)
+        h = keras.layers.Reshape((4, 4))(h)
+        h = keras.layers.EinsumDense("abc,cd->abd", (4, 8), bias_axes="bd", name="embed")(h)
+        a = keras.layers.MultiHeadAttention(2, 4, name="mha")(h, h)
+        h = keras.layers.LayerNormalization(name="ln")(keras.layers.Add()([h, a]))
+        h = keras.layers.GlobalAveragePooling1D()(h)
+        return keras.Model(inp, keras.layers.Dense(3, name="fc")(h))
+
     tfmot, tk = import_tfmot()
     cases = [
         (residual_convnet(), rng.normal(size=(64, 8, 8, 3)), 4),
         (attention_model(), rng.normal(size=(64, 5, 8)), 3),
+        (patch_transformer(), rng.normal(size=(64, 4, 4, 1)), 3),
     ]
     for model, x, classes in cases:
         x = x.astype("float32")
@@ -98,6 +110,12 @@ _SCRIPT = textwrap.dedent(
                                       out.model.get_layer(name).get_weights()):
                         np.testing.assert_array_equal(w0, w1)
             else:
+                if "embed" in [lyr.name for lyr in model.layers]:
+                    # TF-MOT has no EinsumDense pruning: the embedding stays dense.
+                    np.testing.assert_array_equal(
+                        out.model.get_layer("embed").kernel.numpy(),
+                        model.get_layer("embed").kernel.numpy(),
+                    )
                 mha = out.model.get_layer("mha")
                 zeros = np.mean(mha.query_dense.kernel.numpy() == 0)
                 assert abs(zeros - target) < 0.05, (zeros, target)
