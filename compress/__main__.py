@@ -2,7 +2,7 @@
 
 Example:
     python -m compress --model=model.keras --dataset=mnist \
-        --data_path=../shared/data/mnist10k.npz --budget=0.5 --budget=0.2 \
+        --data_path=/path/to/mnist10k.npz --budget=0.5 --budget=0.2 \
         --method=all --finetune_epochs=2 --finetune_lr=1e-4 --workdir=runs/compress
 
 Rerunning the same command resumes (finished budgets are kept); another

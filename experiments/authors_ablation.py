@@ -8,7 +8,7 @@ same run with all four factors ours) switches one factor to theirs. Every
 variant is otherwise identical (data subsets, optimiser, steps, measurement
 grid), trained with the same seeds.
 
-    python -m experiments.authors_ablation --data_path=../shared/data/mnist10k.npz \
+    python -m experiments.authors_ablation --data_path=/path/to/mnist10k.npz \
         --workdir=runs/authors_ablation --seeds=0,1,2 --jobs=3
 
 Outputs, in one run directory (`keras_localrank.rundir.RunDirectory`):

@@ -31,9 +31,9 @@ Models (`--models`, comma-separated; default: all but resnet50_224):
 convolution and the head, to validate the script in minutes.
 
     python -m experiments.benchmark_architectures --quick \
-        --data_path=../shared/data/mnist10k.npz
+        --data_path=/path/to/mnist10k.npz
     python -m experiments.benchmark_architectures --models=mnist_convnet,cifar_cnn \
-        --data_path=../shared/data/mnist10k.npz
+        --data_path=/path/to/mnist10k.npz
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ flags.DEFINE_list("models", DEFAULT_MODELS, f"Models to run, among {MODELS}.")
 flags.DEFINE_bool("quick", False, "Few samples; large models: last conv and head only.")
 flags.DEFINE_string("data", "mnist", "Training data of the convnets: mnist or fashion_mnist.")
 flags.DEFINE_string("data_path", None, "An .npz (x, y) of MNIST digits read instead of "
-                    "downloading (e.g. ../shared/data/mnist10k.npz).")
+                    "downloading (e.g. /path/to/mnist10k.npz).")
 flags.DEFINE_integer("train_samples", 6000, "Training images for the one epoch.")
 flags.DEFINE_float("atol", 0.01, "Robust-rank threshold of cifar_cnn and resnet50_224.")
 flags.DEFINE_string("method", "auto", "`method` passed to klr.local_rank.")

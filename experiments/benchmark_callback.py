@@ -15,7 +15,7 @@ and binning with `--information_bins`) against one local-rank measurement,
 and the ratio; the opt-in local Gaussian-channel estimate (its own Jacobians)
 is timed separately.
 
-    python -m experiments.benchmark_callback --data_path=../shared/data/mnist10k.npz
+    python -m experiments.benchmark_callback --data_path=/path/to/mnist10k.npz
     python -m experiments.benchmark_callback --nofit_runs --epochs=5   # information cost only
 """
 

@@ -8,7 +8,7 @@ difference between the two runs' measurements (same seed, same data order).
 Example (offline MNIST):
 
     python -m experiments.benchmark_dynamics_loop \
-        --data_path=../shared/data/mnist10k.npz --epochs=625
+        --data_path=/path/to/mnist10k.npz --epochs=625
 
 The machine load matters (`uptime` is printed): on a shared machine both
 loops slow down, not necessarily by the same factor.

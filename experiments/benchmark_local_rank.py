@@ -13,7 +13,7 @@ the matrix-free exact engine (per-layer method printed).
 
     python -m experiments.benchmark_local_rank
     python -m experiments.benchmark_local_rank --trained \
-        --data_path=../shared/data/mnist10k.npz
+        --data_path=/path/to/mnist10k.npz
     python -m experiments.benchmark_local_rank --convnet --conv_samples=32
 """
 

@@ -8,7 +8,7 @@ authors' code: --loss=double_softmax, --input_scaling=standardize,
 --init=normal_fan_in, --rank_on=test --rank_samples=128, random 1,000-image
 subsets, their floor log grid). Example (offline, with the bundled digits):
 
-    python -m experiments.mnist_mlp --data_path=../shared/data/mnist10k.npz \
+    python -m experiments.mnist_mlp --data_path=/path/to/mnist10k.npz \
         --workdir=runs/mnist_mlp
 
 Without --data_path MNIST is downloaded by `keras.datasets.mnist`. Run it

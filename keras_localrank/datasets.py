@@ -2,7 +2,7 @@
 
 Real users' machines download MNIST and Fashion-MNIST through
 `keras.datasets`; offline, pass `data_path` (an `.npz` with arrays `x` and
-`y`, e.g. `../shared/data/mnist10k.npz`). Images come back as float32 in
+`y`, e.g. `/path/to/mnist10k.npz`). Images come back as float32 in
 [0, 1], flattened when `flatten=True`.
 """
 
