@@ -32,6 +32,7 @@ from keras_localrank.memory import (
     activation_elements,
     check_memory_budget,
     exact_storage_bytes,
+    pack_by_storage,
     plan_sizes,
 )
 from keras_localrank.randomized import certified_sketch, robust_rank_interval
@@ -447,8 +448,19 @@ class LocalRankEstimator:
                     mode = other
         self._mode = mode
 
-        # Samples per chunk and directions in flight within the budget.
-        per_sample = sum(storage(t, mode) for t in exact)
+        # Samples per chunk and directions in flight within the budget. Reverse
+        # mode measures one tap at a time; forward mode measures packs of taps
+        # (one pass of all directions per pack), each pack's results within
+        # what the budget leaves beside the replicas in flight.
+        varying = [t for t in exact if not is_constant_tap(self._work_model, t)]
+        if mode == "forward":
+            room = budget - min(32, max((directions(t) for t in exact), default=1)) * per_replica
+            self._packs = pack_by_storage(varying, lambda t: storage(t, mode), room)
+            per_sample = max((sum(storage(t, mode) for t in p) for p in self._packs), default=0)
+        else:
+            self._packs = [[t] for t in varying]
+            per_sample = max((storage(t, mode) for t in varying), default=0)
+        per_sample = max([per_sample] + [storage(t, mode) for t in exact])
         for t in random:
             k = directions(t)
             sketch = 16 * (t.units + k) * min(t.units, k, 4 * self.sketch_block)
@@ -459,6 +471,7 @@ class LocalRankEstimator:
             )
         else:
             widest = self.sketch_block
+        self._per_sample_bytes = per_sample
         sizes = plan_sizes(
             budget=budget,
             per_sample=per_sample,
@@ -485,7 +498,7 @@ class LocalRankEstimator:
         self._random_taps = random
         # Taps affine in the input have one Jacobian for all samples:
         # measured once per call, on one sample.
-        self._constant_taps = [t for t in exact if is_constant_tap(self._work_model, t)]
+        self._constant_taps = [t for t in exact if t not in varying]
         self._directions = {t.name: directions(t) for t in work_taps}
         for t in exact:
             self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
@@ -503,15 +516,15 @@ class LocalRankEstimator:
         self._work_taps = {t.name: t for t in work_taps}
         self._forward_groups = []
         if mode == "forward":
-            rest = [t for t in exact if t not in self._constant_taps]
-            for reduced in (False, True):
-                group = [
-                    t for t in rest
-                    if (root is not None and t.name in root.covered) == reduced
-                ]
-                if group:
-                    model = tap_inputs_model(self._work_model, group)
-                    self._forward_groups.append((reduced, group, model))
+            for pack in self._packs:
+                for reduced in (False, True):
+                    group = [
+                        t for t in pack
+                        if (root is not None and t.name in root.covered) == reduced
+                    ]
+                    if group:
+                        model = tap_inputs_model(self._work_model, group)
+                        self._forward_groups.append((reduced, group, model))
         if random:
             self._operators = {t.name: self._make_operators(t) for t in random}
         return in_flight
@@ -547,14 +560,7 @@ class LocalRankEstimator:
         """The budgeted peak of one chunk of the matrix-free path."""
         if not self._general:
             return 0
-        itemsize = 8 if self.dtype == "float64" else 4
-        storage = 0
-        for t in self._exact_taps:
-            k = self._directions[t.name]
-            accumulate = self._use_gram and (
-                t.units <= k if self._mode == "forward" else k <= t.units
-            )
-            storage += exact_storage_bytes(t.units, k, itemsize, accumulate=accumulate)
+        storage = self._per_sample_bytes  # the largest pack's results
         flight = max(self._in_flight, self.sketch_block if self._random_taps else 0)
         return self.batch_size * (storage + flight * self._per_replica_bytes)
 
@@ -695,16 +701,20 @@ class LocalRankEstimator:
         if not taps:
             return spectra
         if self._mode == "forward":
+            previous = []
             for reduced, group, model in self._forward_groups:
-                values = forward_spectra(
-                    _outputs_fn(model, group, held),
-                    x,
-                    basis if reduced else None,
-                    [t.units for t in group],
-                    block=min(block, self._root.tap.units if reduced else n0),
-                    use_gram=self._use_gram,
-                )
+                # One pack after the other: their results must not coexist.
+                with tf.control_dependencies(previous):
+                    values = forward_spectra(
+                        _outputs_fn(model, group, held),
+                        tf.identity(x),
+                        basis if reduced else None,
+                        [t.units for t in group],
+                        block=min(block, self._root.tap.units if reduced else n0),
+                        use_gram=self._use_gram,
+                    )
                 spectra.update({t.name: v for t, v in zip(group, values)})
+                previous = list(values)
             return spectra
         previous = None
         for tap in taps:  # one tap at a time: their loops must not overlap

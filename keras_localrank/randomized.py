@@ -119,7 +119,8 @@ def certified_sketch(
         shape: `(m, n)` of each operator.
         target: the residual every sample must reach (e.g. `atol / 2`).
         failure_probability: `delta`, total over all test rounds. Default 1e-3.
-        block: basis vectors added per round. Default 8.
+        block: basis vectors added per round, and the most vectors per
+            product (the directions in flight). Default 8.
         power_iterations: power iterations per block. Default 1.
         seed: seed of the Gaussian test matrices (NumPy generator). Default 0.
         max_size: stop growing the basis at this many vectors (a memory cap);
@@ -156,9 +157,14 @@ def certified_sketch(
         y = _project_out(_orthonormal_rows(_project_out(y, q), scale), q)
         q = tf.concat([q, y], axis=1)
         rounds += 1
-        z = apply(matvec, rng.standard_normal((batch, probes, n)))
-        z = _project_out(z, q)
-        bound = BOUND_CONSTANT * np.max(np.linalg.norm(z.numpy(), axis=-1), axis=-1)
+        # The test vectors, at most `block` per product (the memory plan
+        # budgets `block` directions in flight).
+        tests = rng.standard_normal((batch, probes, n))
+        norms = [
+            np.linalg.norm(_project_out(apply(matvec, tests[:, i : i + block]), q).numpy(), axis=-1)
+            for i in range(0, probes, block)
+        ]
+        bound = BOUND_CONSTANT * np.max(np.concatenate(norms, axis=-1), axis=-1)
         if np.all(bound <= target):
             break
     # B = Q^T A, assembled row block by row block: rows of A^T Q.
