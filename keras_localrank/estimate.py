@@ -62,6 +62,8 @@ _METHODS = (
 #: `batch_size` is None.
 _ELEMENT_BUDGET = 2**25
 _MAX_AUTO_BATCH = 128
+#: Widest block of the randomized sketch (blocks double up to it).
+_MAX_SKETCH_BLOCK = 256
 #: A singular value within this fraction of the threshold is "near" it.
 NEAR_THRESHOLD = 0.1
 #: The randomized path certifies a residual below this fraction of `atol`.
@@ -463,8 +465,9 @@ class LocalRankEstimator:
         per_sample = max([per_sample] + [storage(t, mode) for t in exact])
         for t in random:
             k = directions(t)
-            sketch = 16 * (t.units + k) * min(t.units, k, 4 * self.sketch_block)
-            per_sample = max(per_sample, sketch)
+            # Room for the basis to reach min(n_l, k), up to half the budget.
+            sketch = 16 * (t.units + k) * min(t.units, k)
+            per_sample = max(per_sample, min(sketch, budget // 2))
         if exact:
             widest = max(directions(t) for t in exact) if mode == "forward" else max(
                 t.units for t in exact
@@ -489,9 +492,16 @@ class LocalRankEstimator:
             )
         self._general_batch, affordable = sizes
         in_flight = min(affordable, widest, self._max_in_flight or widest)
+        self._sketch_max_block = 0
         if random:
             self.sketch_block = max(
                 1, min(self.sketch_block, affordable, self._max_in_flight or affordable)
+            )
+            # Blocks double up to what half the budget carries in flight.
+            grow = (budget // 2) // max(1, self._general_batch * per_replica)
+            self._sketch_max_block = max(
+                self.sketch_block,
+                min(_MAX_SKETCH_BLOCK, grow, affordable, self._max_in_flight or affordable),
             )
 
         self._exact_taps = exact
@@ -504,7 +514,7 @@ class LocalRankEstimator:
             self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
         for t in random:
             self._plans[t.name] = LayerPlan(
-                "randomized", "forward+reverse", directions(t), self.sketch_block
+                "randomized", "forward+reverse", directions(t), self._sketch_max_block
             )
         # Feature models: one for the forward pass over all exact taps, one
         # per tap for reverse mode and the randomized operators.
@@ -561,7 +571,7 @@ class LocalRankEstimator:
         if not self._general:
             return 0
         storage = self._per_sample_bytes  # the largest pack's results
-        flight = max(self._in_flight, self.sketch_block if self._random_taps else 0)
+        flight = max(self._in_flight, self._sketch_max_block if self._random_taps else 0)
         return self.batch_size * (storage + flight * self._per_replica_bytes)
 
     @property
@@ -801,7 +811,7 @@ class LocalRankEstimator:
             reduced = self._root is not None and tap.name in self._root.covered
             b = basis if reduced else tf.zeros([0], self.dtype)
             k = self._directions[tap.name]
-            room = self.memory_budget - batch * self.sketch_block * self._per_replica_bytes
+            room = self.memory_budget - batch * self._sketch_max_block * self._per_replica_bytes
             max_size = max(self.sketch_block, room // max(1, batch * 16 * (tap.units + k)))
             seed = np.random.SeedSequence([self.seed, index, chunk_index]).generate_state(1)[0]
             sketch = certified_sketch(
@@ -812,6 +822,7 @@ class LocalRankEstimator:
                 target=RESIDUAL_FRACTION * atol_min,
                 failure_probability=self.failure_probability,
                 block=self.sketch_block,
+                max_block=self._sketch_max_block,
                 power_iterations=self.power_iterations,
                 seed=int(seed),
                 max_size=int(max_size),
