@@ -479,7 +479,8 @@ class LocalRankEstimator:
             budget=budget,
             per_sample=per_sample,
             per_replica=per_replica,
-            max_directions=max(widest, self.sketch_block),
+            # randomized layers: room for the sketch's blocks to grow
+            max_directions=max(widest, self.sketch_block, _MAX_SKETCH_BLOCK if random else 0),
             batch_size=batch_size,
             max_batch=_MAX_AUTO_BATCH,
         )

@@ -108,3 +108,23 @@ def test_sketch_test_vectors_stay_within_the_block():
     low = (sketch.singular_values > 0.1).sum(axis=-1)
     assert np.all(low <= true)
     assert np.all(sketch.residual_bound <= 0.05)
+
+
+def test_randomized_blocks_grow_and_the_interval_holds():
+    # With every layer randomized, the sketch's blocks must be allowed to
+    # grow past `sketch_block` (they were capped at it: rank / block rounds).
+    model = five_convs()
+    x = gaussian(2, 8, 8, 2)
+    est = klr.LocalRankEstimator(
+        model, tolerances=(klr.Tolerance(atol=0.05),), method="randomized", sketch_block=2
+    )
+    plans = est.plans
+    assert {p.method for p in plans.values()} == {"randomized"}
+    assert all(p.in_flight > 2 for p in plans.values())
+    assert est.estimated_peak_bytes <= est.memory_budget
+    result = est(x)[0]
+    ref = finite_difference_jacobians(model, x, list(result.per_sample))
+    for name, jac in ref.items():
+        true = numpy_ranks(jac, atol=0.05)
+        assert np.all(result.per_sample[name] <= true), name
+        assert np.all(true <= result.upper_per_sample[name]), name
