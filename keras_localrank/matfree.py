@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -30,7 +29,6 @@ __all__ = [
     "vjp",
     "forward_spectra",
     "reverse_spectra",
-    "gram_eigenvalues",
     "gram_singular_values",
 ]
 
@@ -89,34 +87,9 @@ def vjp(fn: OutputsFn, x: tf.Tensor, cotangents: tf.Tensor, *, index: int = 0) -
     return tf.reshape(grad, [batch, d, -1])
 
 
-#: Grams of at least this order take their eigenvalues from LAPACK (NumPy's
-#: `eigvalsh`, divide and conquer, threaded BLAS) instead of TensorFlow's CPU
-#: kernel: the same values to rounding, ~3x faster at order 3072 (see
-#: `experiments/benchmark_eigensolver.py`). Smaller ones stay in the graph.
-LAPACK_MIN_ORDER = 256
-
-
-def _lapack_eigvalsh(gram: np.ndarray) -> np.ndarray:
-    return np.linalg.eigvalsh(gram)
-
-
-def gram_eigenvalues(gram: tf.Tensor) -> tf.Tensor:
-    """Ascending eigenvalues of a batch of symmetric float64 matrices `[..., n, n]`.
-
-    Orders of `LAPACK_MIN_ORDER` and more (or unknown) are solved by LAPACK
-    through `tf.numpy_function` (so not under XLA, which this path does not
-    serve); smaller ones by `tf.linalg.eigvalsh`.
-    """
-    order = gram.shape[-1]
-    if order is not None and order < LAPACK_MIN_ORDER:
-        return tf.linalg.eigvalsh(gram)
-    values = tf.numpy_function(_lapack_eigvalsh, [gram], tf.float64, stateful=False)
-    return tf.reshape(values, tf.shape(gram)[:-1])
-
-
 def gram_singular_values(gram: tf.Tensor) -> tf.Tensor:
     """Singular values from a float64 Gram matrix: `sqrt(max(eig, 0))`."""
-    return tf.sqrt(tf.maximum(gram_eigenvalues(gram), 0.0))
+    return tf.sqrt(tf.maximum(tf.linalg.eigvalsh(gram), 0.0))
 
 
 def _block_source(basis: tf.Tensor | None, size: int, block: int, dtype):

@@ -176,10 +176,10 @@ def certified_sketch(
     # B = Q^T A, assembled row block by row block: rows of A^T Q.
     parts = [apply(rmatvec, q[:, i : i + widest]) for i in range(0, q.shape[1], widest)]
     small = tf.concat(parts, axis=1) if parts else tf.zeros([batch, 0, n], tf.float64)
-    if parts:  # float64 Gram in the smaller dimension, eigenvalues by LAPACK
+    if parts:  # float64 Gram in the smaller dimension
         gram = tf.linalg.matmul(small, small, transpose_a=small.shape[1] > n,
                                 transpose_b=small.shape[1] <= n)
-        s = np.sqrt(np.maximum(np.linalg.eigvalsh(gram.numpy()), 0.0))
+        s = tf.sqrt(tf.maximum(tf.linalg.eigvalsh(gram), 0.0)).numpy()
     else:
         s = np.zeros((batch, 0))
     return SketchResult(

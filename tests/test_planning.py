@@ -1,13 +1,12 @@
-"""Planning for large models: packs of layers within the memory budget, the
-LAPACK eigen-solver of large Grams, and test vectors of the randomized
-estimate within the directions in flight."""
+"""Planning for large models: packs of layers within the memory budget, test
+vectors of the randomized estimate within the directions in flight, and the
+growth of its blocks."""
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import keras_localrank as klr
-from keras_localrank.matfree import LAPACK_MIN_ORDER, gram_eigenvalues
 from keras_localrank.memory import pack_by_storage
 from keras_localrank.randomized import certified_sketch, probes_per_round
 from tests.reference import finite_difference_jacobians, numpy_ranks
@@ -56,29 +55,6 @@ def test_exact_layers_are_measured_in_packs_within_the_budget():
         np.testing.assert_array_equal(
             result.per_sample[name], numpy_ranks(jac, eps_dtype=np.float32), err_msg=name
         )
-
-
-def test_gram_eigenvalues_lapack_path_on_a_planted_spectrum():
-    rng = np.random.default_rng(0)
-    n = LAPACK_MIN_ORDER + 44
-    planted = np.sort(np.concatenate([rng.uniform(1.0, 10.0, n - 20), np.zeros(20)]))
-    grams = []
-    for _ in range(2):
-        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-        grams.append((q * planted) @ q.T)
-    grams = np.stack(grams)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, n, n], tf.float64)])
-    def solve(g):
-        return gram_eigenvalues(g)
-
-    got = solve(tf.constant(grams)).numpy()
-    assert got.shape == (2, n)
-    np.testing.assert_allclose(got, np.stack([planted, planted]), atol=1e-10)
-    small = tf.constant(grams[:, :8, :8])
-    np.testing.assert_allclose(
-        gram_eigenvalues(small).numpy(), np.linalg.eigvalsh(grams[:, :8, :8]), atol=1e-12
-    )
 
 
 def test_sketch_test_vectors_stay_within_the_block():
