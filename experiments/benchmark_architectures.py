@@ -78,6 +78,9 @@ flags.DEFINE_float("atol", 0.01, "Robust-rank threshold of cifar_cnn and resnet5
 flags.DEFINE_string("method", "auto", "`method` passed to klr.local_rank.")
 flags.DEFINE_integer("samples", None, "Override the measured samples of every model.")
 flags.DEFINE_integer("baseline_samples", None, "Override the baseline's samples (0: skip).")
+flags.DEFINE_list("layers", None, "Measure only these layers (tap names) of every model.")
+flags.DEFINE_integer("check_exact", 0, "Also measure the first N samples with "
+                     "method='exact' (same atol) and compare per layer and sample.")
 flags.DEFINE_string("output", None, "Write the figures to this .json file.")
 flags.DEFINE_integer("seed", 0, "Seed of weights, data and training.")
 
@@ -292,6 +295,34 @@ def tail_layers(model) -> list[str]:
     return [convs[-1], names[-1]] if convs and convs[-1] != names[-1] else names[-2:]
 
 
+def check_exact(model, x, result, layers, atol) -> dict:
+    """Exact ranks of the first samples against `result` (estimates and,
+    for randomized layers, their certified interval `[rank, upper]`)."""
+    n = len(x)
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        exact = klr.local_rank(model, x, layers=layers, atol=atol, method="exact")
+        seconds = time.perf_counter() - start
+    print(f"   exact check on {n} sample(s): {seconds:.1f} s, peak RSS growth "
+          f"{mem.growth_mib:.0f} MiB")
+    print("      layer     method  exact (per sample)  estimate  upper  "
+          "max|est-exact|  in interval")
+    worst, inside = 0, True
+    for info in result.layers:
+        ref = exact.per_sample[info.name]
+        est = result.per_sample[info.name][:n]
+        upper = result.upper_per_sample[info.name][:n]
+        diff = int(np.max(np.abs(est - ref)))
+        holds = bool(np.all((est <= ref) & (ref <= upper)))
+        worst, inside = max(worst, diff), inside and holds
+        print(f"   {info.name:>10} {info.method:>10}  {ref.tolist()}  {est.tolist()}  "
+              f"{upper.tolist()}  {diff}  {'yes' if holds else 'NO'}")
+    print(f"   largest |estimate - exact| over layers and samples: {worst} "
+          f"({'within' if worst <= 1 else 'OUTSIDE'} +-1); exact inside every interval: "
+          f"{'yes' if inside else 'NO'}")
+    return {"samples": n, "seconds": seconds, "max_abs_diff": worst, "inside": inside}
+
+
 def run_model(name: str) -> dict:
     build, samples, base_samples, atol, q_samples, q_base, q_layers = RECIPES[name]
     keras.utils.set_random_seed(FLAGS.seed)
@@ -302,6 +333,8 @@ def run_model(name: str) -> dict:
         layers = tail_layers(model) if q_layers == "tail" else q_layers
     else:
         layers = q_layers if isinstance(q_layers, list) else None
+    if FLAGS.layers:
+        layers = list(FLAGS.layers)
     samples = FLAGS.samples or samples
     if FLAGS.baseline_samples is not None:
         base_samples = FLAGS.baseline_samples
@@ -321,12 +354,17 @@ def run_model(name: str) -> dict:
     print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if result.skipped:
         print(f"   not measured: {result.skipped}")
-    methods = sorted({info.method for info in result.layers})
+    counts = {}
+    for info in result.layers:
+        counts[info.method] = counts.get(info.method, 0) + 1
+    methods = [f"{m} {c}" for m, c in sorted(counts.items())]
     print(f"   new: {len(result.layers)} layers ({', '.join(methods)}), {t_new:.1f} s "
           f"({t_new / samples:.3f} s/sample), peak RSS growth {mem.growth_mib:.0f} MiB")
     record = {"model": name, "layers": len(result.layers), "samples": samples,
               "methods": {i.name: i.method for i in result.layers}, "seconds": t_new,
               "peak_rss_mib": mem.growth_mib, "atol": atol}
+    if FLAGS.check_exact:
+        record["check_exact"] = check_exact(model, x[: FLAGS.check_exact], result, layers, atol)
     top_level = {layer.name for layer in model.layers}
     base_layers = [i.name for i in result.layers if i.name in top_level]
     if base_samples and base_layers:

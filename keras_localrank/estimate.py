@@ -36,6 +36,7 @@ from keras_localrank.memory import (
     check_memory_budget,
     colored_storage_bytes,
     exact_storage_bytes,
+    pack_by_storage,
     plan_sizes,
 )
 from keras_localrank.randomized import certified_sketch, robust_rank_interval
@@ -65,6 +66,8 @@ _METHODS = (
 #: `batch_size` is None.
 _ELEMENT_BUDGET = 2**25
 _MAX_AUTO_BATCH = 128
+#: Widest block of the randomized sketch (blocks double up to it).
+_MAX_SKETCH_BLOCK = 256
 #: A singular value within this fraction of the threshold is "near" it.
 NEAR_THRESHOLD = 0.1
 #: The randomized path certifies a residual below this fraction of `atol`.
@@ -481,13 +484,27 @@ class LocalRankEstimator:
                     mode = other
         self._mode = mode
 
-        # Samples per chunk and directions in flight within the budget.
-        per_sample = sum(storage(t, mode) for t in exact)
+        # Samples per chunk and directions in flight within the budget. Reverse
+        # mode measures one tap at a time; forward mode measures packs of taps
+        # (one pass of all directions per pack), each pack's results within
+        # what the budget leaves beside the replicas in flight.
+        varying = [t for t in exact if not is_constant_tap(self._work_model, t)]
+        if mode == "forward":
+            room = budget - min(32, max((directions(t) for t in exact), default=1)) * per_replica
+            self._packs = pack_by_storage(varying, lambda t: storage(t, mode), room)
+            per_sample = max((sum(storage(t, mode) for t in p) for p in self._packs), default=0)
+        else:
+            self._packs = [[t] for t in varying]
+            per_sample = max((storage(t, mode) for t in varying), default=0)
+        per_sample = max([per_sample] + [storage(t, mode) for t in exact])
+        # Colored taps are measured one after the other, before the packs:
+        # counted in full beside them (a safe over-estimate).
         per_sample += sum(self._colored_bytes(t) for t in colored_taps)
         for t in random:
             k = directions(t)
-            sketch = 16 * (t.units + k) * min(t.units, k, 4 * self.sketch_block)
-            per_sample = max(per_sample, sketch)
+            # Room for the basis to reach min(n_l, k), up to half the budget.
+            sketch = 16 * (t.units + k) * min(t.units, k)
+            per_sample = max(per_sample, min(sketch, budget // 2))
         if exact:
             widest = max(directions(t) for t in exact) if mode == "forward" else max(
                 t.units for t in exact
@@ -499,11 +516,13 @@ class LocalRankEstimator:
                 [self._colorings[t.name].num_colors for t in colored_taps]
                 + ([widest] if exact else [])
             )
+        self._per_sample_bytes = per_sample
         sizes = plan_sizes(
             budget=budget,
             per_sample=per_sample,
             per_replica=per_replica,
-            max_directions=max(widest, self.sketch_block),
+            # randomized layers: room for the sketch's blocks to grow
+            max_directions=max(widest, self.sketch_block, _MAX_SKETCH_BLOCK if random else 0),
             batch_size=batch_size,
             max_batch=_MAX_AUTO_BATCH,
         )
@@ -516,9 +535,16 @@ class LocalRankEstimator:
             )
         self._general_batch, affordable = sizes
         in_flight = min(affordable, widest, self._max_in_flight or widest)
+        self._sketch_max_block = 0
         if random:
             self.sketch_block = max(
                 1, min(self.sketch_block, affordable, self._max_in_flight or affordable)
+            )
+            # Blocks double up to what half the budget carries in flight.
+            grow = (budget // 2) // max(1, self._general_batch * per_replica)
+            self._sketch_max_block = max(
+                self.sketch_block,
+                min(_MAX_SKETCH_BLOCK, grow, affordable, self._max_in_flight or affordable),
             )
 
         self._dense_taps = exact
@@ -538,7 +564,7 @@ class LocalRankEstimator:
                 self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
         for t in random:
             self._plans[t.name] = LayerPlan(
-                "randomized", "forward+reverse", directions(t), self.sketch_block
+                "randomized", "forward+reverse", directions(t), self._sketch_max_block
             )
         # Feature models: one for the forward pass over all exact taps, one
         # per tap for reverse mode and the randomized operators.
@@ -553,15 +579,15 @@ class LocalRankEstimator:
         self._work_taps = {t.name: t for t in work_taps}
         self._forward_groups = []
         if mode == "forward":
-            rest = [t for t in self._dense_taps if t not in self._constant_taps]
-            for reduced in (False, True):
-                group = [
-                    t for t in rest
-                    if (root is not None and t.name in root.covered) == reduced
-                ]
-                if group:
-                    model = tap_inputs_model(self._work_model, group)
-                    self._forward_groups.append((reduced, group, model))
+            for pack in self._packs:
+                for reduced in (False, True):
+                    group = [
+                        t for t in pack
+                        if (root is not None and t.name in root.covered) == reduced
+                    ]
+                    if group:
+                        model = tap_inputs_model(self._work_model, group)
+                        self._forward_groups.append((reduced, group, model))
         if random:
             self._operators = {t.name: self._make_operators(t) for t in random}
         return in_flight
@@ -645,17 +671,8 @@ class LocalRankEstimator:
         """The budgeted peak of one chunk of the matrix-free path."""
         if not self._general:
             return 0
-        itemsize = 8 if self.dtype == "float64" else 4
-        storage = sum(
-            self._colored_bytes(t) for t in self._exact_taps if t.name in self._colorings
-        )
-        for t in self._dense_taps:
-            k = self._directions[t.name]
-            accumulate = self._use_gram and (
-                t.units <= k if self._mode == "forward" else k <= t.units
-            )
-            storage += exact_storage_bytes(t.units, k, itemsize, accumulate=accumulate)
-        flight = max(self._in_flight, self.sketch_block if self._random_taps else 0)
+        storage = self._per_sample_bytes  # the largest pack's results
+        flight = max(self._in_flight, self._sketch_max_block if self._random_taps else 0)
         return self.batch_size * (storage + flight * self._per_replica_bytes)
 
     @property
@@ -817,8 +834,10 @@ class LocalRankEstimator:
         if not taps:
             return spectra
         if self._mode == "forward":
+            previous = [] if previous is None else [previous]
             for reduced, group, model in self._forward_groups:
-                with tf.control_dependencies([] if previous is None else [previous]):
+                # One pack after the other: their results must not coexist.
+                with tf.control_dependencies(previous):
                     values = forward_spectra(
                         _outputs_fn(model, group, held),
                         tf.identity(x),
@@ -828,7 +847,7 @@ class LocalRankEstimator:
                         use_gram=self._use_gram,
                     )
                 spectra.update({t.name: v for t, v in zip(group, values)})
-                previous = values[0]
+                previous = list(values)
             return spectra
         for tap in taps:  # one tap at a time: their loops must not overlap
             model = self._tap_inputs[tap.name]
@@ -914,7 +933,7 @@ class LocalRankEstimator:
             reduced = self._root is not None and tap.name in self._root.covered
             b = basis if reduced else tf.zeros([0], self.dtype)
             k = self._directions[tap.name]
-            room = self.memory_budget - batch * self.sketch_block * self._per_replica_bytes
+            room = self.memory_budget - batch * self._sketch_max_block * self._per_replica_bytes
             max_size = max(self.sketch_block, room // max(1, batch * 16 * (tap.units + k)))
             seed = np.random.SeedSequence([self.seed, index, chunk_index]).generate_state(1)[0]
             sketch = certified_sketch(
@@ -925,6 +944,7 @@ class LocalRankEstimator:
                 target=RESIDUAL_FRACTION * atol_min,
                 failure_probability=self.failure_probability,
                 block=self.sketch_block,
+                max_block=self._sketch_max_block,
                 power_iterations=self.power_iterations,
                 seed=int(seed),
                 max_size=int(max_size),

@@ -28,6 +28,7 @@ __all__ = [
     "check_memory_budget",
     "colored_storage_bytes",
     "exact_storage_bytes",
+    "pack_by_storage",
     "plan_sizes",
 ]
 
@@ -86,13 +87,14 @@ def exact_storage_bytes(units: int, directions: int, itemsize: int, *, accumulat
         itemsize: bytes of one value of the compute dtype.
         accumulate: True when the Gram is accumulated block by block (the
             products arrive along the larger dimension); False when the
-            reduced Jacobian is assembled first (stored blocks plus one copy).
+            reduced Jacobian is assembled first (stored blocks, their
+            assembled copy, and its float64 copy for the Gram).
     """
     small = min(units, directions)
     gram = 8 * small * small
     if accumulate:
         return gram
-    return 2 * itemsize * units * directions + gram
+    return (2 * itemsize + 8) * units * directions + gram
 
 
 def colored_storage_bytes(
@@ -148,3 +150,30 @@ def plan_sizes(
     if directions < 1:
         return None
     return int(batch), int(directions)
+
+
+def pack_by_storage(items, size, room: int) -> list[list]:
+    """Consecutive packs of `items` whose `size` sums stay within `room`.
+
+    Items are kept in order; an item larger than `room` gets a pack of its
+    own (the planner then reports whether one such pack fits at all).
+
+    Args:
+        items: sequence of items.
+        size: `item -> int` bytes.
+        room: bytes one pack may hold.
+
+    Returns:
+        A list of non-empty lists covering `items` in order.
+    """
+    packs: list[list] = []
+    total = 0
+    for item in items:
+        cost = size(item)
+        if packs and total + cost <= room:
+            packs[-1].append(item)
+            total += cost
+        else:
+            packs.append([item])
+            total = cost
+    return packs

@@ -1,0 +1,106 @@
+"""Planning for large models: packs of layers within the memory budget, test
+vectors of the randomized estimate within the directions in flight, and the
+growth of its blocks."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_localrank as klr
+from keras_localrank.memory import pack_by_storage
+from keras_localrank.randomized import certified_sketch, probes_per_round
+from tests.reference import finite_difference_jacobians, numpy_ranks
+
+
+def gaussian(n, *shape, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype("float32")
+
+
+def test_pack_by_storage_keeps_order_and_room():
+    sizes = {"a": 5, "b": 4, "c": 9, "d": 1, "e": 12}
+    packs = pack_by_storage(list(sizes), sizes.__getitem__, 10)
+    assert packs == [["a", "b"], ["c", "d"], ["e"]]  # "e" alone: larger than the room
+    assert [x for p in packs for x in p] == list(sizes)
+    assert pack_by_storage([], sizes.__getitem__, 10) == []
+
+
+def five_convs():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((8, 8, 2)),
+        keras.layers.Conv2D(8, 3, padding="same", activation="tanh", name="c1"),
+        keras.layers.Conv2D(8, 3, padding="same", activation="tanh", name="c2"),
+        keras.layers.Conv2D(8, 3, padding="same", activation="tanh", name="c3"),
+        keras.layers.Conv2D(8, 3, padding="same", activation="tanh", name="c4"),
+        keras.layers.Conv2D(8, 3, padding="same", activation="tanh", name="c5"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(5, name="head"),
+    ])
+
+
+def test_exact_layers_are_measured_in_packs_within_the_budget():
+    # c2..c5 each need an assembled 512 x 128 Jacobian (~1.2 MB per sample
+    # with its copies): each fits a 2 MB budget, all four at once do not. The
+    # planner used to add all layers' results of one forward pass and refuse
+    # the model ("memory_budget ... is too small for one sample").
+    model = five_convs()
+    budget = 2_000_000
+    est = klr.LocalRankEstimator(model, memory_budget=budget, method="autodiff-forward")
+    assert {(p.method, p.mode) for p in est.plans.values()} == {("exact", "forward")}
+    assert est.estimated_peak_bytes <= budget
+    x = gaussian(3, 8, 8, 2)
+    result = est(x)[0]
+    ref = finite_difference_jacobians(model, x, list(result.per_sample))
+    for name, jac in ref.items():
+        np.testing.assert_array_equal(
+            result.per_sample[name], numpy_ranks(jac, eps_dtype=np.float32), err_msg=name
+        )
+
+
+def test_sketch_test_vectors_stay_within_the_block():
+    # Several test vectors per round (probes_per_round > block): each product
+    # must carry at most `block` directions, the width the memory plan allows.
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.standard_normal((2, 30, 20)) * (0.5 ** np.arange(20)))
+    widths = []
+
+    def matvec(v):
+        widths.append(int(v.shape[1]))
+        return tf.einsum("bmn,bdn->bdm", a, v)
+
+    def rmatvec(u):
+        widths.append(int(u.shape[1]))
+        return tf.einsum("bmn,bdm->bdn", a, u)
+
+    block = 2
+    assert probes_per_round(1e-3, 10) > block
+    sketch = certified_sketch(
+        matvec, rmatvec, batch=2, shape=(30, 20), target=0.05, block=block, seed=0
+    )
+    assert max(widths) <= block
+    # and the certificate still holds: no singular value of the residual above target
+    s = np.linalg.svd(a.numpy(), compute_uv=False)
+    true = (s > 0.1).sum(axis=-1)
+    low = (sketch.singular_values > 0.1).sum(axis=-1)
+    assert np.all(low <= true)
+    assert np.all(sketch.residual_bound <= 0.05)
+
+
+def test_randomized_blocks_grow_and_the_interval_holds():
+    # With every layer randomized, the sketch's blocks must be allowed to
+    # grow past `sketch_block` (they were capped at it: rank / block rounds).
+    model = five_convs()
+    x = gaussian(2, 8, 8, 2)
+    est = klr.LocalRankEstimator(
+        model, tolerances=(klr.Tolerance(atol=0.05),), method="randomized", sketch_block=2
+    )
+    plans = est.plans
+    assert {p.method for p in plans.values()} == {"randomized"}
+    assert all(p.in_flight > 2 for p in plans.values())
+    assert est.estimated_peak_bytes <= est.memory_budget
+    result = est(x)[0]
+    ref = finite_difference_jacobians(model, x, list(result.per_sample))
+    for name, jac in ref.items():
+        true = numpy_ranks(jac, atol=0.05)
+        assert np.all(result.per_sample[name] <= true), name
+        assert np.all(true <= result.upper_per_sample[name]), name
