@@ -28,6 +28,7 @@ setup(
         "pandas>=1.5",
         "matplotlib>=3.6",
         "scikit-learn>=1.1",
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         # Sweeps on Ray (--executor=ray); the in-process executor needs nothing.

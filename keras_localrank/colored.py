@@ -42,6 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_localrank.graph import producer
 from keras_localrank.matfree import gram_singular_values, jvp
 from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap
 
@@ -205,14 +206,6 @@ def _layer_window(layer, window: Window, in_shape, rank: int) -> Window | None:
     return None
 
 
-def _history(tensor):
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None, None
-    op, node_index, _ = history
-    return op, op._inbound_nodes[node_index]
-
-
 def receptive_window(model_input, tap: Tap) -> Window | None:
     """The input window of the tap's pre-activation, or None (not local).
 
@@ -240,7 +233,7 @@ def receptive_window(model_input, tap: Tap) -> Window | None:
             return memo[key]
         memo[key] = None  # cycle guard
         result = None
-        op, node = _history(tensor)
+        op, node = producer(tensor)
         if op is not None and not isinstance(op, keras.Model) and len(tensor.shape) == rank + 2:
             inputs = list(node.input_tensors)
             if len(inputs) == 1:

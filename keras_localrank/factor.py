@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from keras_localrank.graph import functional_graph
+from keras_localrank.graph import functional_graph, producer
 from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap
 
 __all__ = [
@@ -64,20 +64,12 @@ class LinearRoot:
     covered: frozenset
 
 
-def _history(tensor):
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None, None
-    op, node_index, _ = history
-    return op, op._inbound_nodes[node_index]
-
-
 def _is_affine_in_input(tensor, model_input) -> bool:
     """True if `tensor` is an affine function of the model input alone."""
     if tensor is None:  # an attention projection: no single input tensor
         return False
     while tensor is not model_input:
-        op, node = _history(tensor)
+        op, node = producer(tensor)
         if op is None or len(node.input_tensors) != 1:
             return False
         if not isinstance(op, AFFINE_LAYERS):
@@ -107,7 +99,7 @@ def _through(tensor, gate, model_input, memo, held=frozenset()) -> bool:
     if key in memo:
         return memo[key]
     memo[key] = False  # cycle guard
-    op, node = _history(tensor)
+    op, node = producer(tensor)
     if op is None:
         memo[key] = True  # a constant: does not depend on the input
         return True

@@ -36,6 +36,7 @@ import math
 import keras
 
 __all__ = [
+    "producer",
     "LayerCall",
     "Wrt",
     "CaptureModel",
@@ -101,6 +102,16 @@ def functional_graph(model):
             "layer graph cannot be inspected; build it with the functional API."
         )
     return model
+
+
+def producer(tensor):
+    """The operation and node that produced a symbolic Keras tensor, or
+    `(None, None)` for a tensor with no history (a model input's source)."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None, None
+    op, node_index, _ = history
+    return op, op._inbound_nodes[node_index]
 
 
 def is_nested_model(layer) -> bool:

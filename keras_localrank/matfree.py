@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+from keras_localrank.spectra import symmetric_eigenvalues
+
 __all__ = [
     "jvp",
     "vjp",
@@ -89,7 +91,7 @@ def vjp(fn: OutputsFn, x: tf.Tensor, cotangents: tf.Tensor, *, index: int = 0) -
 
 def gram_singular_values(gram: tf.Tensor) -> tf.Tensor:
     """Singular values from a float64 Gram matrix: `sqrt(max(eig, 0))`."""
-    return tf.sqrt(tf.maximum(tf.linalg.eigvalsh(gram), 0.0))
+    return tf.sqrt(tf.maximum(symmetric_eigenvalues(gram), 0.0))
 
 
 def _block_source(basis: tf.Tensor | None, size: int, block: int, dtype):

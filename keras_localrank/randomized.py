@@ -40,6 +40,8 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from keras_localrank.spectra import symmetric_eigenvalues
+
 __all__ = ["SketchResult", "certified_sketch", "probes_per_round", "robust_rank_interval"]
 
 #: `10 sqrt(2 / pi)`, the constant of the posterior bound (HMT 2011, eq. 4.3).
@@ -179,7 +181,7 @@ def certified_sketch(
     if parts:  # float64 Gram in the smaller dimension
         gram = tf.linalg.matmul(small, small, transpose_a=small.shape[1] > n,
                                 transpose_b=small.shape[1] <= n)
-        s = tf.sqrt(tf.maximum(tf.linalg.eigvalsh(gram), 0.0)).numpy()
+        s = tf.sqrt(tf.maximum(symmetric_eigenvalues(gram), 0.0)).numpy()
     else:
         s = np.zeros((batch, 0))
     return SketchResult(

@@ -19,8 +19,10 @@ References:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -28,6 +30,7 @@ import tensorflow as tf
 __all__ = [
     "Tolerance",
     "singular_values",
+    "symmetric_eigenvalues",
     "tolerance_threshold",
     "rank_from_singular_values",
     "effective_rank",
@@ -92,6 +95,64 @@ class Tolerance:
         return ",".join(parts)
 
 
+#: Symmetric matrices of at least this order are solved by the host's LAPACK.
+HOST_LAPACK_MIN_ORDER = 128
+_host = {}
+
+
+def _host_eigvalsh(gram: np.ndarray) -> np.ndarray:
+    """`numpy.linalg.eigvalsh` over a batch, one matrix per CPU core, each
+    with a single-threaded BLAS (threaded BLAS spins and stalls on a busy
+    machine: 4.7 s instead of 0.05 s for one 784 x 784 matrix at load 7)."""
+    if "pool" not in _host:
+        from threadpoolctl import ThreadpoolController
+
+        _host["controller"] = ThreadpoolController()
+        _host["pool"] = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="eigvalsh"
+        )
+    n = gram.shape[-1]
+    flat = gram.reshape(-1, n, n)
+    with _host["controller"].limit(limits=1, user_api="blas"):
+        if len(flat) <= 1:
+            values = np.linalg.eigvalsh(flat)
+        else:
+            values = np.stack(list(_host["pool"].map(np.linalg.eigvalsh, flat)))
+    return values.reshape(gram.shape[:-1])
+
+
+def _in_xla_context() -> bool:
+    """Whether ops built now are compiled by XLA (`jit_compile=True`, also of
+    an enclosing function), where a `tf.numpy_function` cannot run."""
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # be safe: TensorFlow's own op works everywhere
+        return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def symmetric_eigenvalues(gram: tf.Tensor) -> tf.Tensor:
+    """Eigenvalues of a batch of symmetric float64 matrices `[..., n, n]`.
+
+    From order `HOST_LAPACK_MIN_ORDER` up (or unknown order), the host's
+    LAPACK (`numpy.linalg.eigvalsh`, divide and conquer) solves them, one
+    matrix per core: 1.5-1.7x faster per matrix than `tf.linalg.eigvalsh`
+    on CPU (784: 0.054 s against 0.081 s; 3072: 2.8 s against 4.6 s), and the
+    eigen-solve is the largest per-sample cost of the exact path once the
+    Jacobian products are cheap. It runs as a `tf.numpy_function`; under
+    XLA (`jit_compile`, e.g. a `LocalRank` metric inside a compiled step)
+    `tf.linalg.eigvalsh` is used instead.
+    """
+    order = gram.shape[-1]
+    if (order is not None and order < HOST_LAPACK_MIN_ORDER) or _in_xla_context():
+        return tf.linalg.eigvalsh(gram)
+    values = tf.numpy_function(_host_eigvalsh, [gram], tf.float64, stateful=False)
+    values.set_shape(gram.shape[:-1])
+    return values
+
+
 def singular_values(matrices: tf.Tensor, *, via_gram: bool = False) -> tf.Tensor:
     """Singular values of a batch of matrices, `[..., m, n] -> [..., min(m, n)]`.
 
@@ -114,7 +175,7 @@ def singular_values(matrices: tf.Tensor, *, via_gram: bool = False) -> tf.Tensor
 
     def eig(tall: bool):
         gram = tf.linalg.matmul(m64, m64, transpose_a=tall, transpose_b=not tall)
-        return tf.sqrt(tf.maximum(tf.linalg.eigvalsh(gram), 0.0))
+        return tf.sqrt(tf.maximum(symmetric_eigenvalues(gram), 0.0))
 
     rows, cols = matrices.shape[-2], matrices.shape[-1]
     if rows is not None and cols is not None:

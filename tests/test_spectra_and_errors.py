@@ -178,3 +178,27 @@ def test_analytic_method_refuses_layers_it_cannot_do():
 def test_save_rejects_unknown_suffix(model, tmp_path):
     with pytest.raises(ValueError, match="table.txt"):
         klr.local_rank(model, X).save(tmp_path / "table.txt")
+
+
+@pytest.mark.parametrize("order", [5, 200])
+def test_symmetric_eigenvalues_match_numpy_eagerly_in_graphs_and_under_xla(order):
+    from keras_localrank.spectra import symmetric_eigenvalues
+
+    rng = np.random.default_rng(order)
+    a = rng.normal(size=(3, order, order + 2))
+    grams = a @ np.swapaxes(a, 1, 2)
+    expected = np.linalg.eigvalsh(grams)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, order, order], tf.float64)])
+    def graph(g):
+        return symmetric_eigenvalues(g)
+
+    @tf.function(jit_compile=True)
+    def compiled(g):  # a tf.numpy_function cannot run here: TF's op is used
+        return symmetric_eigenvalues(g)
+
+    for out in (symmetric_eigenvalues(tf.constant(grams)), graph(tf.constant(grams)),
+                compiled(tf.constant(grams))):
+        assert out.shape == (3, order)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-9 * expected.max())
+    assert graph.get_concrete_function().structured_outputs.shape.as_list() == [None, order]
