@@ -64,19 +64,13 @@ def compare(original: str, compressed, *, batches=(1, 64), runs: int = 20, round
             for p in paths:
                 times[p][b].append(latency_ms(models[p], x, batch_size=b, runs=runs))
     load_after = os.getloadavg()
+    medians = {p: {b: float(np.median(times[p][b])) for b in batches} for p in paths}
     out = {"load_before": load_before, "load_after": load_after, "models": {}}
     for p in paths:
-        row = {f"ms_b{b}": float(np.median(times[p][b])) for b in batches}
-        for b in batches:
-            row[f"ratio_b{b}"] = out_ms(times, original, b) / row[f"ms_b{b}"]
+        row = {f"ms_b{b}": medians[p][b] for b in batches}
+        row.update({f"ratio_b{b}": medians[original][b] / medians[p][b] for b in batches})
         out["models"][p] = row
     return out
-
-
-def out_ms(times, path, batch) -> float:
-    import numpy as np
-
-    return float(np.median(times[path][batch]))
 
 
 def main(argv):
@@ -87,13 +81,13 @@ def main(argv):
         FLAGS.original, FLAGS.compressed, batches=tuple(FLAGS.batch),
         runs=FLAGS.runs, rounds=FLAGS.rounds,
     )
-    print("load average before: %.2f %.2f %.2f" % result["load_before"])
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*result["load_before"]))
     for path, row in result["models"].items():
         cells = "  ".join(
             f"b{b}: {row[f'ms_b{b}']:.2f} ms (x{row[f'ratio_b{b}']:.2f})" for b in FLAGS.batch
         )
         print(f"{os.path.basename(path)}  {cells}")
-    print("load average after: %.2f %.2f %.2f" % result["load_after"])
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*result["load_after"]))
     if FLAGS.output:
         from keras_localrank.io import atomic_write_json
 
