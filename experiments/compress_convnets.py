@@ -42,6 +42,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (resumable).")
 flags.DEFINE_multi_enum("arch", ["cnn", "resnet", "vit"], ["cnn", "resnet", "vit"], "Models.")
 flags.DEFINE_integer("epochs", 3, "Training epochs of the original models.")
+flags.DEFINE_float("train_lr", 1e-3, "Adam learning rate of the original models.")
+flags.DEFINE_enum(
+    "train_schedule",
+    "constant",
+    ["constant", "cosine"],
+    "Learning-rate schedule of the originals: constant, or cosine decay to 0 over `--epochs`.",
+)
 flags.DEFINE_integer("blocks", 3, "Residual blocks per ResNet stage (3: ResNet-20 style).")
 flags.DEFINE_integer("n_train", 20000, "Training samples (of 60,000).")
 flags.DEFINE_integer("n_test", 5000, "Test samples (of 10,000).")
@@ -80,6 +87,8 @@ class ExperimentConfig:
 
     archs: Sequence[str] = ARCHS
     epochs: int = 3
+    train_lr: float = 1e-3
+    train_schedule: str = "constant"
     blocks: int = 3
     n_train: int | None = 20000
     n_test: int | None = 5000
@@ -186,21 +195,53 @@ def build(arch: str, config: ExperimentConfig):
     return build_vit()
 
 
+def train_learning_rate(config: ExperimentConfig, steps_per_epoch: int):
+    """The originals' learning rate: `config.train_lr`, constant or cosine-decayed to 0.
+
+    Args:
+        config: the experiment configuration (`train_lr`, `train_schedule`,
+            `epochs`).
+        steps_per_epoch: optimizer steps per training epoch, >= 1.
+
+    Returns:
+        A float, or a `keras.optimizers.schedules.CosineDecay` over
+        `epochs * steps_per_epoch` steps.
+    """
+    import keras
+
+    if config.train_schedule == "constant":
+        return config.train_lr
+    return keras.optimizers.schedules.CosineDecay(
+        config.train_lr, decay_steps=config.epochs * steps_per_epoch
+    )
+
+
 def train(arch: str, config: ExperimentConfig, ds):
-    """A freshly trained `arch` model (Adam 1e-3, logits, `config.epochs` epochs)."""
+    """A freshly trained `arch` model (Adam, logits, `config.epochs` epochs).
+
+    The originals fit the first 90% of the training samples. The last 10%
+    are never fitted: the app's validation split is the last
+    `validation_fraction` of them, and the samples between (the monitor
+    split) score every training epoch (printed as `val_accuracy`), so the
+    epoch count can be read off a validation curve the app never uses.
+    """
     import keras
 
     keras.utils.set_random_seed(config.seed)
     model = build(arch, config)
+    x = ds.x_train.reshape(-1, 28, 28, 1)
+    n_fit = len(x) - int(round(TRAIN_HOLDOUT * len(x)))  # the app's validation stays unseen
+    n_app = int(round(config.validation_fraction * len(x)))
+    monitor = slice(n_fit, len(x) - n_app)
+    steps = -(-n_fit // config.batch_size)
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=keras.optimizers.Adam(train_learning_rate(config, steps)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    x = ds.x_train.reshape(-1, 28, 28, 1)
-    n_fit = len(x) - int(round(TRAIN_HOLDOUT * len(x)))  # the app's validation stays unseen
+    validation = (x[monitor], ds.y_train[monitor]) if monitor.stop > monitor.start else None
     model.fit(x[:n_fit], ds.y_train[:n_fit], epochs=config.epochs,
-              batch_size=config.batch_size, verbose=2)
+              batch_size=config.batch_size, validation_data=validation, verbose=2)
     return model
 
 
@@ -274,6 +315,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
 
     from keras_localrank.validation import (
         check_choice,
+        check_finite_float,
         check_fraction,
         check_int,
         check_positive_int,
@@ -288,6 +330,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
     for budget in (*config.conv_budgets, *config.vit_budgets):
         check_fraction("budget", budget)
     check_choice("allocation", config.allocation, ("greedy", "energy"))
+    check_choice("train_schedule", config.train_schedule, ("constant", "cosine"))
+    check_finite_float("train_lr", config.train_lr, low=0, low_open=True)
     if not 0 < config.validation_fraction <= TRAIN_HOLDOUT:
         raise ValueError(
             f"Expected `validation_fraction` in (0, {TRAIN_HOLDOUT}] (samples the original "
@@ -346,6 +390,8 @@ def main(argv):
     config = ExperimentConfig(
         archs=tuple(FLAGS.arch),
         epochs=FLAGS.epochs,
+        train_lr=FLAGS.train_lr,
+        train_schedule=FLAGS.train_schedule,
         blocks=FLAGS.blocks,
         n_train=FLAGS.n_train,
         n_test=FLAGS.n_test,
