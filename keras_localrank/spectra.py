@@ -112,6 +112,8 @@ def _host_eigvalsh(gram: np.ndarray) -> np.ndarray:
             max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="eigvalsh"
         )
     n = gram.shape[-1]
+    if gram.size == 0:  # no matrices, or matrices of order 0
+        return np.zeros(gram.shape[:-1], np.float64)
     flat = gram.reshape(-1, n, n)
     with _host["controller"].limit(limits=1, user_api="blas"):
         if len(flat) <= 1:

@@ -74,9 +74,11 @@ def test_ray_sweep_equals_in_process_and_resumes_a_partial_run(ray_session, tmp_
     assert pd.read_csv(tmp_path / "b" / "measurements.csv").equals(
         pd.read_csv(tmp_path / "a" / "measurements.csv")
     )
-    for seed in ("0", "1"):  # equal but for the wall-clock training time
+    for seed in ("0", "1"):  # equal but for the wall-clock training and measuring times
         for run_summary in (summary, reference):
             assert run_summary["per_seed"][seed]["run"].pop("train_seconds") > 0
+            cost = run_summary["per_seed"][seed]["information"].pop("cost")
+            assert cost["local_rank_seconds"] > 0 and cost["information_seconds"] > 0
     assert summary["per_seed"] == reference["per_seed"]
     for key in ("layers", "final"):
         assert summary["mean_std"][key] == reference["mean_std"][key]

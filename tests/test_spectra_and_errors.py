@@ -202,3 +202,16 @@ def test_symmetric_eigenvalues_match_numpy_eagerly_in_graphs_and_under_xla(order
         assert out.shape == (3, order)
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-9 * expected.max())
     assert graph.get_concrete_function().structured_outputs.shape.as_list() == [None, order]
+
+
+def test_symmetric_eigenvalues_of_unknown_order_handle_empty_matrices():
+    from keras_localrank.spectra import symmetric_eigenvalues
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float64)])
+    def unknown(g):  # order unknown at trace time: the host's LAPACK path
+        return symmetric_eigenvalues(g)
+
+    assert unknown(tf.zeros((2, 0, 0), tf.float64)).numpy().shape == (2, 0)
+    assert unknown(tf.zeros((0, 3, 3), tf.float64)).numpy().shape == (0, 3)
+    g = np.diag([3.0, 1.0, 2.0])[None]
+    np.testing.assert_allclose(unknown(tf.constant(g)).numpy(), [[1.0, 2.0, 3.0]])
