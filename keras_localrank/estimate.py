@@ -497,9 +497,12 @@ class LocalRankEstimator:
             self._packs = [[t] for t in varying]
             per_sample = max((storage(t, mode) for t in varying), default=0)
         per_sample = max([per_sample] + [storage(t, mode) for t in exact])
-        # Colored taps are measured one after the other, before the packs:
-        # counted in full beside them (a safe over-estimate).
-        per_sample += sum(self._colored_bytes(t) for t in colored_taps)
+        # Colored taps are measured one after the other, before the packs
+        # (control dependencies): at most one of them is in flight, and what
+        # each leaves behind is its spectrum (`k` float64 values per sample).
+        if colored_taps:
+            per_sample = max([per_sample] + [self._colored_bytes(t) for t in colored_taps])
+            per_sample += sum(8 * directions(t) for t in colored_taps)
         for t in random:
             k = directions(t)
             # Room for the basis to reach min(n_l, k), up to half the budget.

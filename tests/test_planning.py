@@ -57,6 +57,28 @@ def test_exact_layers_are_measured_in_packs_within_the_budget():
         )
 
 
+def test_colored_layers_are_budgeted_one_at_a_time():
+    # c1 and c2 are measured by colored forward mode, one after the other
+    # (0.9 and 3.4 MB per sample). The planner used to add every colored
+    # layer's storage, so a *larger* budget (4 MB, where c2 too gets coloured)
+    # refused the model that a 2 MB budget measured: "memory_budget=4000000 is
+    # too small for one sample" (all-layer MobileNetV2 at 32x32 was refused
+    # at the default 2 GiB the same way).
+    model = five_convs()
+    budget = 4_000_000
+    est = klr.LocalRankEstimator(model, memory_budget=budget)
+    colored = [n for n, p in est.plans.items() if p.mode == "colored"]
+    assert colored == ["c1", "c2"]
+    assert est.estimated_peak_bytes <= budget
+    x = gaussian(3, 8, 8, 2)
+    result = est(x)[0]
+    ref = finite_difference_jacobians(model, x, list(result.per_sample))
+    for name, jac in ref.items():
+        np.testing.assert_array_equal(
+            result.per_sample[name], numpy_ranks(jac, eps_dtype=np.float32), err_msg=name
+        )
+
+
 def test_sketch_test_vectors_stay_within_the_block():
     # Several test vectors per round (probes_per_round > block): each product
     # must carry at most `block` directions, the width the memory plan allows.
