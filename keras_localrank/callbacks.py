@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras_localrank import information as info
 from keras_localrank import names
 from keras_localrank.estimate import LocalRankEstimator
+from keras_localrank.memory import DEFAULT_MEMORY_BUDGET
 from keras_localrank.inputs import as_samples
 from keras_localrank.io import read_rows, write_rows
 from keras_localrank.scheduled import ScheduledCallback
@@ -109,7 +110,11 @@ class LocalRankCallback(ScheduledCallback):
 
     Args:
         x: probe inputs: NumPy array, tensor or `tf.data.Dataset` of `x` or
-            `(x, y)`; the first `max_samples` are used.
+            `(x, y)`; the first `max_samples` are used. For a model with
+            several inputs, or with `wrt` naming an intermediate tensor (e.g.
+            token ids into an `Embedding`), a list or dict of every model
+            input, as for `local_rank` (checked against the model at the
+            start of training).
         layers: layer names/objects to measure. Default None: all measurable.
         atol: None, a float or a list of floats: also log robust local rank
             at these thresholds (the paper's `rank_eps`). Default None.
@@ -156,7 +161,10 @@ class LocalRankCallback(ScheduledCallback):
             with `estimator` and `sigma` columns, the per-sample statistics
             in `mean`..`max`. NaN on layers measured by the randomized method
             (no full spectrum). See `keras_localrank.information`.
-        batch_size, method, dtype, jit_compile: passed to `LocalRankEstimator`.
+        batch_size, method, dtype, jit_compile, wrt, memory_budget: passed to
+            `LocalRankEstimator`, as in `local_rank` (`wrt`: the model input,
+            or a layer whose output is, differentiated; `memory_budget`: bytes
+            one measurement may hold, default 2 GiB).
         verbose: 0 (silent, default) or 1 (one line per measurement or skip).
 
     Under a multi-worker strategy every worker measures (the measurement runs
@@ -197,9 +205,15 @@ class LocalRankCallback(ScheduledCallback):
         verbose: int = 0,
         active_units: bool = False,
         information: float | Sequence[float] | None = None,
+        wrt: int | str | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         super().__init__(schedule, measure_on_train_begin=measure_on_train_begin)
-        self._x = as_samples(x, input_shape=None, max_samples=max_samples)
+        if wrt is None and not isinstance(x, (list, tuple, dict)):
+            self._x = as_samples(x, input_shape=None, max_samples=max_samples)
+        else:  # several inputs or an intermediate `wrt`: checked with the model
+            self._x = x
+        self._max_samples = max_samples
         self.layers = None if layers is None else list(
             [layers] if isinstance(layers, (str, keras.layers.Layer)) else layers
         )
@@ -220,7 +234,8 @@ class LocalRankCallback(ScheduledCallback):
                 f"Expected `trace_path` ending in .csv or .json. Received: {self.trace_path!r}"
             )
         self._estimator_kwargs = dict(
-            batch_size=batch_size, method=method, dtype=dtype, jit_compile=jit_compile
+            batch_size=batch_size, method=method, dtype=dtype, jit_compile=jit_compile,
+            wrt=wrt, memory_budget=memory_budget,
         )
         self.verbose = verbose
         if not isinstance(active_units, bool):
@@ -288,7 +303,7 @@ class LocalRankCallback(ScheduledCallback):
                 **self._estimator_kwargs,
             )
             self._estimator_model = self.model
-            self._probe = self._estimator.check_samples(self._x)
+            self._probe = self._estimator.check_samples(self._x, max_samples=self._max_samples)
         self._latest = {key: math.nan for key in self.keys}
         self._measured_seconds = 0.0
         self._last_cost = 0.0

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from keras_localrank import names
 from keras_localrank.estimate import LocalRankEstimator
+from keras_localrank.memory import DEFAULT_MEMORY_BUDGET
 from keras_localrank.spectra import Tolerance
 
 __all__ = ["LocalRank"]
@@ -26,7 +27,9 @@ class LocalRank(keras.metrics.Metric):
         layer: the layer name or object to measure.
         atol: None (exact rank, default) or the robust-rank threshold.
         rtol: relative threshold. Default None (numpy's rule).
-        method, dtype, jit_compile: passed to `LocalRankEstimator`.
+        method, dtype, jit_compile, memory_budget: passed to
+            `LocalRankEstimator` (the same per-layer choice as `local_rank`:
+            convolutions, attention projections, nested models).
         name: metric name. Default `"local_rank/<layer>"`, or
             `"robust_local_rank/<layer>"` with `atol` (see `keras_localrank.names`).
 
@@ -52,6 +55,7 @@ class LocalRank(keras.metrics.Metric):
         method: str = "auto",
         dtype: str | None = None,
         jit_compile: bool = False,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
         name: str | None = None,
     ):
         layer_name = layer if isinstance(layer, str) else getattr(layer, "name", None)
@@ -69,6 +73,7 @@ class LocalRank(keras.metrics.Metric):
             method=method,
             dtype=dtype,
             jit_compile=jit_compile,
+            memory_budget=memory_budget,
         )
         self.layer_name = layer_name
         self.total = self.add_variable((), initializer="zeros", dtype="float64", name="total")

@@ -1,0 +1,124 @@
+"""Tracking and the CLI on convnets, attention and multi-input models: the
+callback, the metric and `python -m keras_localrank` give the ranks of
+explicit float64 finite-difference Jacobians, through the same per-layer
+engine choice (colored forward mode, attention projections) as `local_rank`."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_localrank as klr
+from keras_localrank.cli import Config, run
+from tests.reference import finite_difference_jacobians, numpy_ranks
+
+ATOL = 1e-2
+
+
+def residual_convnet():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="tanh", name="conv1")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    y = keras.layers.Conv2D(4, 3, padding="same", name="conv2")(h)
+    h = keras.layers.Activation("tanh")(keras.layers.Add()([h, y]))
+    h = keras.layers.AveragePooling2D(2)(h)
+    outputs = keras.layers.Dense(10, name="head")(keras.layers.Flatten()(h))
+    return keras.Model(inputs, outputs)
+
+
+def attention_block():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 6))
+    att = keras.layers.MultiHeadAttention(2, 3, name="mha")(inputs, inputs)
+    h = keras.layers.LayerNormalization(name="ln")(keras.layers.Add()([inputs, att]))
+    f = keras.layers.Dense(8, activation="tanh", name="ffn")(h)
+    outputs = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling1D()(f))
+    return keras.Model(inputs, outputs)
+
+
+def digits(n):
+    data = klr.datasets.digits()
+    return data.x_train[:n].reshape(n, 8, 8, 1), data.y_train[:n], data.x_test
+
+
+def reference_means(model, x, layers, atol=None):
+    jac = finite_difference_jacobians(model, x.astype(np.float64), layers)
+    return {
+        name: float(np.mean(numpy_ranks(j, atol=atol, eps_dtype=np.float32)))
+        for name, j in jac.items()
+    }
+
+
+def test_callback_on_a_residual_convnet_matches_float64_jacobians():
+    model = residual_convnet()
+    x, y, _ = digits(64)
+    probe = x[:6]
+    cb = klr.LocalRankCallback(probe, ["conv1", "conv2", "head"], atol=ATOL)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, epochs=1, batch_size=16, callbacks=[cb], verbose=0)
+    # The callback's estimator chose the same engine path as `local_rank`.
+    direct = klr.local_rank(model, probe, layers=["conv1", "conv2", "head"], atol=ATOL)
+    modes = dict(zip(direct.to_frame()["layer"], direct.to_frame()["mode"]))
+    assert modes["conv2"] == "colored"
+    assert {n: p.mode for n, p in cb._estimator.plans.items()} == {
+        n: p.mode for n, p in klr.LocalRankEstimator(
+            model, ["conv1", "conv2", "head"], tolerances=cb._estimator.tolerances
+        ).plans.items()
+    }
+    exact = reference_means(model, probe, ["conv1", "conv2", "head"])
+    robust = reference_means(model, probe, ["conv1", "conv2", "head"], atol=ATOL)
+    for name in exact:
+        assert history.history[f"local_rank/{name}"][-1] == pytest.approx(exact[name])
+        assert history.history[f"robust_local_rank/{name}"][-1] == pytest.approx(robust[name])
+
+
+def test_callback_and_metric_on_attention_projections():
+    model = attention_block()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 4, 6)).astype("float32")
+    y = rng.integers(0, 3, 32)
+    probe = x[:5]
+    names = ["mha/query", "mha/value", "ffn"]
+    cb = klr.LocalRankCallback(probe, names, atol=ATOL, exact=False)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, epochs=1, batch_size=8, callbacks=[cb], verbose=0)
+    robust = reference_means(model, probe, names, atol=ATOL)
+    for name in names:
+        assert history.history[f"robust_local_rank/{name}"][-1] == pytest.approx(robust[name])
+    metric = klr.metrics.LocalRank(model, "ffn", atol=ATOL, memory_budget=2**26)
+    metric.update_state(probe[:3])
+    metric.update_state(probe[3:])
+    assert float(metric.result()) == pytest.approx(robust["ffn"], abs=1e-6)
+
+
+def test_callback_with_wrt_on_a_two_input_model():
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((5,), name="a"), keras.Input((3,), name="b")
+    h = keras.layers.Dense(6, activation="tanh", name="h")(keras.layers.Concatenate()([a, b]))
+    model = keras.Model([a, b], keras.layers.Dense(2, name="out")(h))
+    rng = np.random.default_rng(1)
+    xa, xb = (rng.standard_normal((24, d)).astype("float32") for d in (5, 3))
+    y = rng.standard_normal((24, 2)).astype("float32")
+    cb = klr.LocalRankCallback([xa[:4], xb[:4]], ["h"], wrt="a", max_samples=3)
+    model.compile("sgd", "mse")
+    history = model.fit([xa, xb], y, epochs=1, batch_size=8, callbacks=[cb], verbose=0)
+    expected = klr.local_rank(model, [xa[:3], xb[:3]], layers=["h"], wrt="a")
+    assert cb.trace[-1]["mean"] == pytest.approx(expected.mean["h"])
+    assert history.history["local_rank/h"][-1] == pytest.approx(expected.mean["h"])
+    # d h / d a of a tanh layer: rank min(6, 5) = 5 at generic points.
+    assert expected.mean["h"] == 5
+
+
+def test_cli_measures_a_saved_convnet(tmp_path):
+    model = residual_convnet()
+    path = tmp_path / "convnet.keras"
+    model.save(path)
+    frame = run(Config(model=str(path), data="digits", samples=5, atol=ATOL,
+                       output=str(tmp_path / "t.csv")), echo=lambda s: None)
+    _, _, x_test = digits(1)
+    x = x_test[:5].reshape(5, 8, 8, 1)
+    robust = reference_means(model, x, ["conv1", "conv2", "head"], atol=ATOL)
+    rows = frame[frame["kind"] == "robust"] if "kind" in frame else frame
+    got = dict(zip(rows["layer"], rows["mean"]))
+    for name, value in robust.items():
+        assert got[name] == pytest.approx(value)
