@@ -294,6 +294,11 @@ def build(arch: str, config: ExperimentConfig, width: float = 1.0):
     raise ValueError(f"Expected `arch` in {ARCHS}. Received: arch={arch!r}")
 
 
+def budget_kind(arch: str) -> str:
+    """What `arch`'s budgets are fractions of: MACs for the convnets, parameters for the ViT."""
+    return "params" if arch == "vit" else "macs"
+
+
 def model_cost(model, kind: str) -> int:
     """MACs per sample (`compress.macs.count_macs`) or parameters of `model`."""
     from compress.macs import count_macs
@@ -508,19 +513,21 @@ def scratch_file(arch: str, budget: float) -> str:
 
 
 def run_scratch_control(
-    arch: str, budget: float, config: ExperimentConfig, ds, run_dir, original: dict
+    arch: str, budget: float, width: float, config: ExperimentConfig, ds, run_dir,
+    original: dict,
 ) -> dict:
     """Train (or reuse) and measure the scratch control of `arch` at `budget`.
 
-    The model is `build(arch, config, width)` at `width = scratch_width(...)`
-    (MACs budget for the convnets, parameters for the ViT), trained by
-    `train` (the original's recipe), saved atomically as
+    The model is `build(arch, config, width)`, trained by `train` (the
+    original's recipe), saved atomically as
     `scratch_file(arch, budget)` and marked complete in the manifest with its
     row, so a rerun neither retrains nor re-measures it.
 
     Args:
         arch: one of `ARCHS`.
         budget: fraction of the original's cost, in (0, 1].
+        width: the width multiplier, `scratch_width(arch, config, budget,
+            budget_kind(arch))`.
         config: the experiment configuration.
         ds: the data set (`keras_localrank.datasets.Dataset`).
         run_dir: the open `RunDirectory`.
@@ -543,12 +550,11 @@ def run_scratch_control(
         print(f"{arch} scratch control at {budget:g}: complete in an earlier run (resumed)",
               flush=True)
         return info["row"]
-    kind = "params" if arch == "vit" else "macs"
+    kind = budget_kind(arch)
     if info is not None and run_dir.exists(model_file):  # trained, not yet measured
         width, seconds = info["width"], info["train_seconds"]
         model = load_model(run_dir.join(model_file))
     else:
-        width = scratch_width(arch, config, budget, kind)
         print(f"training {arch} scratch control: width {width:g} "
               f"{channel_counts(arch, width)} at {budget:g} of the {kind}", flush=True)
         start = time.perf_counter()
@@ -649,6 +655,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
     for arch in config.archs:
         if arch not in ARCHS:
             raise ValueError(f"Expected `arch` in {ARCHS}. Received: arch={arch!r}")
+    # Scratch-control widths first: a budget no narrower model meets fails
+    # before anything is trained.
+    widths = {
+        (arch, budget): scratch_width(arch, config, budget, budget_kind(arch))
+        for arch in (config.archs if config.scratch_control else ())
+        for budget in (config.vit_budgets if arch == "vit" else config.conv_budgets)
+    }
     # Methods, budgets and the scratch control may be added on a rerun:
     # trained models are kept.
     mutable = ("methods", "conv_budgets", "vit_budgets", "archs", "scratch_control")
@@ -680,7 +693,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
                     model=run_dir.join(model_file),
                     workdir=run_dir.join(f"compress_{arch}"),
                     budgets=tuple(config.conv_budgets if convnet else config.vit_budgets),
-                    budget_kind="macs" if convnet else "params",
+                    budget_kind=budget_kind(arch),
                 ),
                 progress=lambda line: print(line, flush=True),
             )
@@ -693,7 +706,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict:
             if config.scratch_control:
                 budgets = config.conv_budgets if convnet else config.vit_budgets
                 scratch[arch] = [
-                    run_scratch_control(arch, b, config, ds, run_dir, report["original"])
+                    run_scratch_control(
+                        arch, b, widths[arch, b], config, ds, run_dir, report["original"]
+                    )
                     for b in budgets
                 ]
                 summary[arch]["scratch"] = scratch[arch]

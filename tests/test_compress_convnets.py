@@ -232,3 +232,11 @@ def test_scratch_control_must_be_a_bool(tmp_path):
     config = cc.ExperimentConfig(scratch_control="yes")
     with pytest.raises(TypeError, match="scratch_control='yes'"):
         cc.train_and_evaluate(config, str(tmp_path))
+
+
+def test_scratch_budget_no_narrower_model_meets_fails_before_training(tmp_path):
+    config = cc.ExperimentConfig(archs=("cnn",), conv_budgets=(1e-6,), scratch_control=True)
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="narrowest cnn.*budget=1e-06"):
+        cc.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()  # nothing trained, nothing written
