@@ -38,6 +38,17 @@ def five_convs():
     ])
 
 
+def assert_exact_ranks_match_float64(est, model):
+    """`est`'s exact ranks on 3 inputs equal those of float64 finite-difference Jacobians."""
+    x = gaussian(3, 8, 8, 2)
+    result = est(x)[0]
+    ref = finite_difference_jacobians(model, x, list(result.per_sample))
+    for name, jac in ref.items():
+        np.testing.assert_array_equal(
+            result.per_sample[name], numpy_ranks(jac, eps_dtype=np.float32), err_msg=name
+        )
+
+
 def test_exact_layers_are_measured_in_packs_within_the_budget():
     # c2..c5 each need an assembled 512 x 128 Jacobian (~1.2 MB per sample
     # with its copies): each fits a 2 MB budget, all four at once do not. The
@@ -48,13 +59,7 @@ def test_exact_layers_are_measured_in_packs_within_the_budget():
     est = klr.LocalRankEstimator(model, memory_budget=budget, method="autodiff-forward")
     assert {(p.method, p.mode) for p in est.plans.values()} == {("exact", "forward")}
     assert est.estimated_peak_bytes <= budget
-    x = gaussian(3, 8, 8, 2)
-    result = est(x)[0]
-    ref = finite_difference_jacobians(model, x, list(result.per_sample))
-    for name, jac in ref.items():
-        np.testing.assert_array_equal(
-            result.per_sample[name], numpy_ranks(jac, eps_dtype=np.float32), err_msg=name
-        )
+    assert_exact_ranks_match_float64(est, model)
 
 
 def test_colored_layers_are_budgeted_one_at_a_time():
@@ -70,13 +75,7 @@ def test_colored_layers_are_budgeted_one_at_a_time():
     colored = [n for n, p in est.plans.items() if p.mode == "colored"]
     assert colored == ["c1", "c2"]
     assert est.estimated_peak_bytes <= budget
-    x = gaussian(3, 8, 8, 2)
-    result = est(x)[0]
-    ref = finite_difference_jacobians(model, x, list(result.per_sample))
-    for name, jac in ref.items():
-        np.testing.assert_array_equal(
-            result.per_sample[name], numpy_ranks(jac, eps_dtype=np.float32), err_msg=name
-        )
+    assert_exact_ranks_match_float64(est, model)
 
 
 def test_sketch_test_vectors_stay_within_the_block():
