@@ -116,3 +116,19 @@ def test_cli_measures_a_saved_convnet(tmp_path):
     got = dict(zip(rows["layer"], rows["mean"]))
     for name, value in robust.items():
         assert got[name] == pytest.approx(value)
+
+
+def test_callback_on_a_text_model_with_wrt_the_embedding():
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((5,), dtype="int32")
+    e = keras.layers.Embedding(20, 3, name="embedding")(tokens)
+    h = keras.layers.Dense(4, activation="tanh", name="h")(keras.layers.Flatten()(e))
+    model = keras.Model(tokens, keras.layers.Dense(2, name="out")(h))
+    ids = np.random.default_rng(2).integers(0, 20, (16, 5)).astype("int32")
+    y = np.random.default_rng(3).integers(0, 2, 16)
+    cb = klr.LocalRankCallback(ids[:4], ["h"], wrt="embedding")
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(ids, y, epochs=1, batch_size=8, callbacks=[cb], verbose=0)
+    expected = klr.local_rank(model, ids[:4], layers=["h"], wrt="embedding")
+    assert history.history["local_rank/h"][-1] == pytest.approx(expected.mean["h"])
+    assert expected.mean["h"] == 4  # d h / d embedding: 4 x 15, tanh, generic points
