@@ -51,47 +51,60 @@ from absl import flags  # noqa: E402
 from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (resumable).")
-flags.DEFINE_multi_enum("arch", ["cnn", "resnet", "vit"], ["cnn", "resnet", "vit"], "Models.")
-flags.DEFINE_integer("epochs", 3, "Training epochs of the original models.")
-flags.DEFINE_float("train_lr", 1e-3, "Adam learning rate of the original models.")
-flags.DEFINE_enum(
-    "train_schedule",
-    "constant",
-    ["constant", "cosine"],
-    "Learning-rate schedule of the originals: constant, or cosine decay to 0 over `--epochs`.",
-)
-flags.DEFINE_integer("blocks", 3, "Residual blocks per ResNet stage (3: ResNet-20 style).")
-flags.DEFINE_integer("n_train", 20000, "Training samples (of 60,000).")
-flags.DEFINE_integer("n_test", 5000, "Test samples (of 10,000).")
-flags.DEFINE_multi_float("conv_budget", [0.3], "MACs fractions for the convnets.")
-flags.DEFINE_multi_float("vit_budget", [0.5], "Parameter fractions for the ViT.")
-flags.DEFINE_multi_string(
-    "method",
-    ["local_rank", "weight_svd", "tucker2", "tfmot"],
-    "Compression methods (see compress.app.METHODS).",
-)
-flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs after compression.")
-flags.DEFINE_float("finetune_lr", None, "Fine-tuning learning rate (default: the app's).")
-flags.DEFINE_enum("finetune_schedule", "constant", ["constant", "cosine"], "Fine-tuning schedule.")
-flags.DEFINE_float("distill", 0.0, "Share of distillation from the original while fine-tuning.")
-flags.DEFINE_float("distill_temperature", 2.0, "Distillation temperature.")
-flags.DEFINE_enum("allocation", "greedy", ["greedy", "energy"], "local_rank budget allocation.")
-flags.DEFINE_float(
-    "validation_fraction", 0.05, "Training samples the app holds out (<= 0.1, unseen in training)."
-)
-flags.DEFINE_integer("calibration_samples", 512, "Calibration samples.")
-flags.DEFINE_integer("latency_runs", 10, "Timed inference runs per model and batch size.")
-flags.DEFINE_integer("seed", 0, "Seed.")
-flags.DEFINE_bool(
-    "scratch_control",
-    False,
-    "Also train a narrower model of each architecture from scratch at each budget "
-    "(the original's recipe) and report it beside the compressed models.",
-)
-flags.DEFINE_string(
-    "data_path", None, "An .npz with `x` (28x28 images) and `y` read instead of the Keras data set."
-)
+
+
+def define_flags() -> None:
+    """Define the script's absl flags (only when run as a script: importing the
+    module, as the tests do, must not claim flag names such as `data_path`
+    that other entry points define in the same process)."""
+    flags.DEFINE_string("workdir", None, "Run directory (resumable).")
+    flags.DEFINE_multi_enum("arch", ["cnn", "resnet", "vit"], ["cnn", "resnet", "vit"], "Models.")
+    flags.DEFINE_integer("epochs", 3, "Training epochs of the original models.")
+    flags.DEFINE_float("train_lr", 1e-3, "Adam learning rate of the original models.")
+    flags.DEFINE_enum(
+        "train_schedule",
+        "constant",
+        ["constant", "cosine"],
+        "Learning-rate schedule of the originals: constant, or cosine decay to 0 over `--epochs`.",
+    )
+    flags.DEFINE_integer("blocks", 3, "Residual blocks per ResNet stage (3: ResNet-20 style).")
+    flags.DEFINE_integer("n_train", 20000, "Training samples (of 60,000).")
+    flags.DEFINE_integer("n_test", 5000, "Test samples (of 10,000).")
+    flags.DEFINE_multi_float("conv_budget", [0.3], "MACs fractions for the convnets.")
+    flags.DEFINE_multi_float("vit_budget", [0.5], "Parameter fractions for the ViT.")
+    flags.DEFINE_multi_string(
+        "method",
+        ["local_rank", "weight_svd", "tucker2", "tfmot"],
+        "Compression methods (see compress.app.METHODS).",
+    )
+    flags.DEFINE_integer("finetune_epochs", 2, "Fine-tuning epochs after compression.")
+    flags.DEFINE_float("finetune_lr", None, "Fine-tuning learning rate (default: the app's).")
+    flags.DEFINE_enum(
+        "finetune_schedule", "constant", ["constant", "cosine"], "Fine-tuning schedule."
+    )
+    flags.DEFINE_float("distill", 0.0, "Share of distillation from the original while fine-tuning.")
+    flags.DEFINE_float("distill_temperature", 2.0, "Distillation temperature.")
+    flags.DEFINE_enum("allocation", "greedy", ["greedy", "energy"], "local_rank budget allocation.")
+    flags.DEFINE_float(
+        "validation_fraction",
+        0.05,
+        "Training samples the app holds out (<= 0.1, unseen in training).",
+    )
+    flags.DEFINE_integer("calibration_samples", 512, "Calibration samples.")
+    flags.DEFINE_integer("latency_runs", 10, "Timed inference runs per model and batch size.")
+    flags.DEFINE_integer("seed", 0, "Seed.")
+    flags.DEFINE_bool(
+        "scratch_control",
+        False,
+        "Also train a narrower model of each architecture from scratch at each budget "
+        "(the original's recipe) and report it beside the compressed models.",
+    )
+    flags.DEFINE_string(
+        "data_path",
+        None,
+        "An .npz with `x` (28x28 images) and `y` read instead of the Keras data set.",
+    )
+
 
 ARCHS = ("cnn", "resnet", "vit")
 #: BatchNorm momentum: Keras's 0.99 leaves the moving statistics far from the
@@ -753,4 +766,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run(main)

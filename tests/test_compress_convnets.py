@@ -240,3 +240,14 @@ def test_scratch_budget_no_narrower_model_meets_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="narrowest cnn.*budget=1e-06"):
         cc.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()  # nothing trained, nothing written
+
+
+def test_importing_the_module_defines_no_flags():
+    # Its `--data_path` collided with `python -m keras_localrank`'s when the
+    # test suite imported both in one process (DuplicateFlagError).
+    from absl import flags
+
+    from keras_localrank import __main__ as entry  # noqa: F401  (defines data_path)
+
+    assert "scratch_control" not in flags.FLAGS
+    assert flags.FLAGS["data_path"].help.startswith("An .npz (x, y)")
