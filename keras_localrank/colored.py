@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_localrank.graph import producer
-from keras_localrank.matfree import gram_singular_values, jvp
+from keras_localrank.matfree import gram_singular_values, jvp, zeros
 from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap
 
 __all__ = [
@@ -428,7 +428,7 @@ def colored_gram(
         data = tf.reshape(data, tf.stack([-1, batch]))
         return i + 1, acc + tf.math.unsorted_segment_sum(data, seg, n0 * n0 + 1)
 
-    init = tf.zeros(tf.stack([n0 * n0 + 1, batch]), tf.float64)
+    init = zeros(tf.stack([n0 * n0 + 1, batch]), tf.float64)
     _, acc = tf.while_loop(
         lambda i, _: i < num,
         body,

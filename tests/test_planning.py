@@ -125,3 +125,58 @@ def test_randomized_blocks_grow_and_the_interval_holds():
         true = numpy_ranks(jac, atol=0.05)
         assert np.all(result.per_sample[name] <= true), name
         assert np.all(true <= result.upper_per_sample[name]), name
+
+
+def _large_graph_constants(concrete, min_elements):
+    """`Const` nodes of at least `min_elements` values left by Grappler's
+    default optimisation of `concrete` (what TensorFlow keeps for the
+    function's lifetime)."""
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+    from tensorflow.python.grappler import tf_optimizer
+    from tensorflow.python.training import saver
+
+    graph = concrete.graph
+    meta = saver.export_meta_graph(graph_def=graph.as_graph_def(), graph=graph)
+    fetch = meta_graph_pb2.CollectionDef()
+    fetch.node_list.value.extend(t.name for t in tf.nest.flatten(concrete.outputs))
+    meta.collection_def["train_op"].CopyFrom(fetch)
+    optimized = tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta)
+    nodes = [(None, n) for n in optimized.node] + [
+        (f.signature.name, n) for f in optimized.library.function for n in f.node_def
+    ]
+    found = []
+    for where, node in nodes:
+        if node.op == "Const":
+            dims = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
+            if int(np.prod(dims or [1])) >= min_elements:
+                found.append((where, node.name, dims))
+    return found
+
+
+def test_loop_accumulators_are_not_folded_into_graph_constants():
+    # The Gram accumulators start from zeros of a shape known at trace time;
+    # `tf.zeros` there was folded by Grappler into constants the function kept
+    # for its lifetime, one float64 n0 x n0 Gram per colored layer and one
+    # per forward-pack output: memory outside the plan (2.8 GiB on
+    # MobileNetV2 whatever the budget).
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((24, 24, 1)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="tanh", name="conv"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(500, activation="tanh", name="wide"),
+        keras.layers.Dense(10, name="head"),
+    ])
+    x = gaussian(1, 24, 24, 1)
+    n0 = 24 * 24
+    for method in ("exact", "autodiff-reverse"):
+        est = klr.LocalRankEstimator(model, method=method, count_active=False)
+        concrete = est._fn.get_concrete_function(tf.constant(x), None, None)
+        assert _large_graph_constants(concrete, 500 * 500 // 2) == [], method
+        result = est(x)[0]  # and the accumulators still start from zero
+        ref = finite_difference_jacobians(model, x, list(result.per_sample))
+        for name, jac in ref.items():
+            np.testing.assert_array_equal(
+                result.per_sample[name], numpy_ranks(jac, eps_dtype=np.float32),
+                err_msg=f"{method} {name}",
+            )
