@@ -23,7 +23,10 @@ and the robust rank `#{s_i(A) > t}` lies in
 with probability at least `1 - delta`. The lower end is the estimate; the
 interval is the error statement. `delta` is spent over all test rounds (union
 bound): the number of probes `r` per round is chosen so that
-`rounds * 10^-r <= delta`.
+`rounds * 10^-r <= delta`. The test runs when the basis has grown by a
+quarter since the last one (and at the memory cap), not after every block:
+with the small blocks that large models afford (1-2 directions in flight),
+testing every block cost more products than growing the basis.
 
 References:
     Halko, Martinsson & Tropp, "Finding structure with randomness:
@@ -73,6 +76,25 @@ class SketchResult:
 def probes_per_round(failure_probability: float, max_rounds: int) -> int:
     """Gaussian test vectors per round so that `max_rounds * 10^-r <= delta`."""
     return max(1, math.ceil(math.log10(max_rounds / failure_probability)))
+
+
+#: A test round runs once the basis is this much larger than at the last one.
+TEST_GROWTH = 1.25
+
+
+def planned_test_sizes(block: int, cap: int, growth: float = TEST_GROWTH) -> list[int]:
+    """Basis sizes at which the posterior test may run, in order.
+
+    The first test after the first block; then whenever the basis has grown
+    by at least `growth` (and by one block), and at `cap`. Their number bounds
+    the test rounds of the union bound.
+    """
+    sizes, size = [], min(block, cap)
+    while True:
+        sizes.append(size)
+        if size >= cap:
+            return sizes
+        size = min(cap, max(size + block, math.ceil(size * growth)))
 
 
 def _project_out(y: tf.Tensor, q: tf.Tensor) -> tf.Tensor:
@@ -141,8 +163,9 @@ def certified_sketch(
     m, n = shape
     max_rank = min(m, n)
     cap = max_rank if max_size is None else max(1, min(max_rank, int(max_size)))
-    max_rounds = max(1, math.ceil(max_rank / block))
+    max_rounds = len(planned_test_sizes(block, cap))
     probes = probes_per_round(failure_probability, max_rounds)
+    next_test = min(block, cap)
     rng = np.random.default_rng(seed)
 
     def apply(op, v):
@@ -150,10 +173,12 @@ def certified_sketch(
 
     q = tf.zeros([batch, 0, m], tf.float64)
     bound = np.full(batch, np.inf)
-    rounds = 0
+    rounds = 0  # test rounds
+    grown = 0  # blocks added
     widest = block if max_block is None else max(block, int(max_block))
     while q.shape[1] < cap:
-        b = min(block * 2**rounds, widest, cap - q.shape[1])
+        b = min(block * 2**grown, widest, cap - q.shape[1])
+        grown += 1
         y = apply(matvec, rng.standard_normal((batch, b, n)))
         for _ in range(power_iterations):
             scale = _row_scale(y)
@@ -164,6 +189,9 @@ def certified_sketch(
         scale = _row_scale(y)
         y = _project_out(_orthonormal_rows(_project_out(y, q), scale), q)
         q = tf.concat([q, y], axis=1)
+        if q.shape[1] < min(next_test, cap):
+            continue
+        next_test = max(q.shape[1] + block, math.ceil(q.shape[1] * TEST_GROWTH))
         rounds += 1
         # The test vectors, at most `block` per product (the memory plan
         # budgets `block` directions in flight).

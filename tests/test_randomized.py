@@ -15,6 +15,7 @@ import tensorflow as tf
 import keras_localrank as klr
 from keras_localrank.randomized import (
     certified_sketch,
+    planned_test_sizes,
     probes_per_round,
     robust_rank_interval,
 )
@@ -88,6 +89,47 @@ def test_sketch_is_deterministic_given_the_seed_and_reaches_exactness():
 def test_probes_cover_the_union_bound():
     assert probes_per_round(1e-3, 10) == 4  # 10 rounds * 1e-4 = 1e-3
     assert probes_per_round(0.5, 1) == 1
+
+
+def test_tests_run_when_the_basis_has_grown_by_a_quarter():
+    # With 1-2 directions in flight (large models), a test after every block
+    # spent more products on test vectors than on the basis: ResNet50 at 224
+    # did not finish. The test sizes grow geometrically; their count bounds
+    # the union bound's rounds.
+    assert planned_test_sizes(2, 2) == [2]
+    assert planned_test_sizes(2, 30) == [2, 4, 6, 8, 10, 13, 17, 22, 28, 30]
+    assert planned_test_sizes(8, 20) == [8, 16, 20]
+    sizes = planned_test_sizes(2, 313)  # ResNet50 at 224, conv5: block 2, memory cap 313
+    assert len(sizes) <= 25 and sizes[-1] == 313
+    assert all(b >= a + 2 and (b >= 1.25 * a or b == 313) for a, b in zip(sizes, sizes[1:]))
+
+    rng = np.random.default_rng(0)
+    decay = 0.93 ** np.arange(120)
+    a = tf.constant(rng.standard_normal((1, 150, 120)) * decay)
+    calls = {"tests": 0, "products": 0}
+
+    def matvec(v):
+        calls["products"] += int(v.shape[1])
+        return tf.einsum("bmn,bdn->bdm", a, v)
+
+    def rmatvec(u):
+        calls["products"] += int(u.shape[1])
+        return tf.einsum("bmn,bdm->bdn", a, u)
+
+    sketch = certified_sketch(
+        matvec, rmatvec, batch=1, shape=(150, 120), target=0.05, block=2, seed=0
+    )
+    # still certified, and the estimate holds
+    assert np.all(sketch.residual_bound <= 0.05)
+    true = (np.linalg.svd(a.numpy(), compute_uv=False) > 0.1).sum(axis=-1)
+    low, high = robust_rank_interval(sketch.singular_values, sketch.residual_bound, 0.1, 120)
+    assert np.all(low <= true) and np.all(true <= high)
+    # test rounds at most the planned sizes, far fewer than one per block
+    assert sketch.rounds <= len(planned_test_sizes(2, 120)) < sketch.sketch_size // 2
+    # products: 3 per basis vector (power iteration 1) + 1 to assemble it, +
+    # the tests; with a test after every block the tests alone were
+    # ~ probes * size / block (about 3 per basis vector here).
+    assert calls["products"] <= 5 * sketch.sketch_size
 
 
 def test_uncertified_sketch_reports_the_trivial_upper_bound():
