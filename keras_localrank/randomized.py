@@ -94,7 +94,13 @@ def planned_test_sizes(block: int, cap: int, growth: float = TEST_GROWTH) -> lis
         sizes.append(size)
         if size >= cap:
             return sizes
-        size = min(cap, max(size + block, math.ceil(size * growth)))
+        size = _next_test_size(size, block, cap, growth)
+
+
+def _next_test_size(size: int, block: int, cap: int, growth: float = TEST_GROWTH) -> int:
+    """The basis size of the test after one at `size`: grown by `growth`
+    and by one block, at most `cap`."""
+    return min(cap, max(size + block, math.ceil(size * growth)))
 
 
 def _project_out(y: tf.Tensor, q: tf.Tensor) -> tf.Tensor:
@@ -189,9 +195,9 @@ def certified_sketch(
         scale = _row_scale(y)
         y = _project_out(_orthonormal_rows(_project_out(y, q), scale), q)
         q = tf.concat([q, y], axis=1)
-        if q.shape[1] < min(next_test, cap):
+        if q.shape[1] < next_test:
             continue
-        next_test = max(q.shape[1] + block, math.ceil(q.shape[1] * TEST_GROWTH))
+        next_test = _next_test_size(q.shape[1], block, cap)
         rounds += 1
         # The test vectors, at most `block` per product (the memory plan
         # budgets `block` directions in flight).
