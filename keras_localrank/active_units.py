@@ -61,6 +61,7 @@ import tensorflow as tf
 from keras_localrank.dense_chain import DenseLink, _apply_with_derivative, find_dense_forest
 from keras_localrank.inputs import as_samples
 from keras_localrank.taps import select_taps
+from keras_localrank.tracing import instance_function
 from keras_localrank.validation import check_choice, check_fraction
 
 __all__ = [
@@ -231,12 +232,7 @@ class ActiveUnitCounter:
                 link, tuple(own), tuple(reversed(path)), tap.units, tap.input_dim
             )
         self.supported = [n for n in names if n in self._plans]
-        def compute(x):
-            return self._compute(x)
-
-        # A closure per counter: TensorFlow pools the retracing statistics of
-        # all instances of a method, which warns once many counters exist.
-        self._fn = tf.function(compute, autograph=False, reduce_retracing=True)
+        self._fn = instance_function(self._compute, reduce_retracing=True)
 
     def _compute(self, x):
         batch = tf.shape(x)[0]

@@ -49,6 +49,7 @@ from keras_localrank.spectra import (
     tolerance_threshold,
 )
 from keras_localrank.taps import select_taps, tap_inputs_model
+from keras_localrank.tracing import instance_function
 from keras_localrank.validation import check_choice, check_fraction, check_int
 
 __all__ = ["LocalRankEstimator", "local_rank"]
@@ -349,22 +350,14 @@ class LocalRankEstimator:
             n = self._strategy.num_replicas_in_sync
             self.batch_size = max(n, self.batch_size - self.batch_size % n)
         self._in_flight = in_flight
-        def chunk(x, basis=None, constants=None):
-            return self._chunk(x, basis, constants)
-
-        # A closure per estimator: TensorFlow pools the retracing statistics
-        # of all instances of a method, which warns once many estimators exist.
-        self._fn = tf.function(
-            chunk,
-            jit_compile=self.jit_compile,
-            autograph=False,
-            reduce_retracing=True,
+        self._fn = instance_function(
+            self._chunk, jit_compile=self.jit_compile, reduce_retracing=True
         )
-        self._basis_fn = tf.function(self._basis, autograph=False) if self._root else None
+        self._basis_fn = instance_function(self._basis) if self._root else None
         self._count_active = bool(count_active)
         self._counter = self._active_counter(layers, input_shape) if count_active else None
         self._constant_fn = (
-            tf.function(self._constant_spectra, autograph=False)
+            instance_function(self._constant_spectra)
             if self._general and self._constant_taps
             else None
         )
@@ -892,16 +885,14 @@ class LocalRankEstimator:
         # Fixed signatures: the sketch calls these with several widths.
         basis_spec = tf.TensorSpec([k, n0] if reduced else [0], self.dtype)
         return (
-            tf.function(
+            instance_function(
                 matvec,
-                autograph=False,
                 input_signature=[
                     x_spec, tf.TensorSpec([None, None, k], self.dtype), basis_spec, held_spec
                 ],
             ),
-            tf.function(
+            instance_function(
                 rmatvec,
-                autograph=False,
                 input_signature=[
                     x_spec,
                     tf.TensorSpec([None, None, tap.units], self.dtype),

@@ -27,6 +27,7 @@ from keras_localrank.io import read_rows, write_rows
 from keras_localrank.names import information_key
 from keras_localrank.scheduled import ScheduledCallback
 from keras_localrank.taps import model_graph, preactivation, select_taps, tap_inputs_model
+from keras_localrank.tracing import instance_function
 from keras_localrank.validation import check_choice, check_finite_float, check_positive_int
 
 __all__ = ["InformationCallback", "LayerRepresentations", "TRACE_COLUMNS"]
@@ -69,7 +70,7 @@ class LayerRepresentations:
             self._inputs_model = keras.Model(
                 graph.inputs[0], [t.layer.output for t in self.taps]
             )
-        self._fn = tf.function(self._forward, autograph=False)
+        self._fn = instance_function(self._forward)
 
     @property
     def names(self) -> list[str]:

@@ -343,6 +343,18 @@ def test_repeated_local_rank_calls_do_not_retrace(caplog):
     assert est.trace_count <= 2
 
 
+def test_measuring_many_models_in_a_row_does_not_warn_about_retracing(caplog):
+    # Each estimator traces its own functions once; TensorFlow pooled the
+    # statistics of all estimators' functions (one code object) and warned
+    # from the sixth model on.
+    x = gaussian(3, 6, 6, 2)
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for i in range(7):
+            model = build("conv2d_bn_residual")
+            klr.local_rank(model, x)
+    assert "retracing" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "kwargs,error",
     [
