@@ -89,7 +89,10 @@ def _is_probe(layer) -> bool:
 
 
 def is_measurable(layer) -> bool:
-    """True for a layer whose pre-activation this package can measure."""
+    """True for a layer whose pre-activation this package can measure
+    (a `TimeDistributed` wrapper of one included)."""
+    if isinstance(layer, keras.layers.TimeDistributed):
+        return isinstance(layer.layer, MEASURABLE_LAYERS)
     return isinstance(layer, MEASURABLE_LAYERS) or _is_probe(layer)
 
 
@@ -306,7 +309,8 @@ def select_taps(
             `"mha/query"`), layer names (every call of that layer), names of
             a nested model or attention call (every measurable call inside),
             or layer objects. Default None: every measurable call (see
-            `MEASURABLE_LAYERS`) and every `RankProbe`.
+            `MEASURABLE_LAYERS`; a `TimeDistributed` wrapper of one) and
+            every `RankProbe`.
         input_shape: per-sample shape of the `wrt` input, needed only when
             the model input has undefined (None) dimensions.
         wrt: the tensor to differentiate with respect to: None (the only
@@ -389,7 +393,7 @@ def select_taps(
             + (f" (skipped: {skipped})" if skipped else "")
             + ". Measurable: "
             + ", ".join(c.__name__ for c in MEASURABLE_LAYERS)
-            + ", RankProbe."
+            + ", TimeDistributed of one of these, RankProbe."
         )
     return TapSelection(taps=tuple(taps), skipped=skipped, input_shape=in_shape, wrt=resolved)
 
@@ -435,9 +439,12 @@ def preactivation(layer, inputs):
 
     Uses the layer's own `call` with its activation swapped for the identity
     (only while the call is traced), so every detail of the layer (causal
-    padding, groups, LoRA) is honoured. A `RankProbe` returns its input.
+    padding, groups, LoRA) is honoured. A `TimeDistributed` wrapper applies
+    its inner layer's pre-activation at every step. A `RankProbe` returns its
+    input.
     """
     if _is_probe(layer):
         return inputs
-    with _linear_activation(layer):
+    inner = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
+    with _linear_activation(inner):
         return layer.call(keras.ops.cast(inputs, layer.compute_dtype))

@@ -244,6 +244,10 @@ def _linear_copy(layer, in_shape):
     config = dict(layer.get_config())
     if "activation" in config:
         config["activation"] = "linear"
+    if isinstance(layer, keras.layers.TimeDistributed):  # the wrapped layer's
+        inner = dict(config["layer"])
+        inner["config"] = {**inner["config"], "activation": "linear"}
+        config["layer"] = inner
     copy = layer.__class__.from_config(config)
     copy.build((None, *in_shape))
     copy.set_weights([np.asarray(w, np.float64) for w in layer.get_weights()])

@@ -439,3 +439,41 @@ def test_depthwise_separable_transpose_with_bn_residual_pooling_padding():
 
     assert_ranks(result, function_jacobians(forward, x))
     assert result.skipped == {}
+
+
+def test_time_distributed_layers_are_measured_at_every_step():
+    keras.utils.set_random_seed(10)
+    TD = keras.layers.TimeDistributed
+    x_in = keras.Input((5, 4))
+    h = TD(keras.layers.Dense(3, activation="relu"), name="td")(x_in)
+    h = TD(keras.layers.Dense(6, activation="tanh"), name="td2")(h)
+    out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(h))
+    model = keras.Model(x_in, out)
+    frames_in = keras.Input((2, 4, 4, 1))
+    f = TD(keras.layers.Conv2D(2, 3, activation="relu"), name="tdconv")(frames_in)
+    frames = keras.Model(frames_in, keras.layers.Dense(3, name="fhead")(keras.layers.Flatten()(f)))
+    x, v = gaussian(4, 5, 4), gaussian(3, 2, 4, 4, 1)
+    before = model(x).numpy()
+    result, framed = measure(model, x), measure(frames, v)
+    assert result.skipped == {} and framed.skipped == {}
+    td = float64_layer(model.get_layer("td").layer, (4,))
+    td2 = float64_layer(model.get_layer("td2").layer, (3,))
+    head = float64_layer(model.get_layer("head"), (30,))
+    conv = float64_layer(frames.get_layer("tdconv").layer, (4, 4, 1))
+    fhead = float64_layer(frames.get_layer("fhead"), (16,))
+
+    def forward(x):  # a Dense applies to the last axis: every step at once
+        p1 = td(x)
+        p2 = td2(tf.nn.relu(p1))
+        return {"td": p1, "td2": p2, "head": head(tf.reshape(tf.tanh(p2), [-1, 30]))}
+
+    def forward_frames(v):
+        p = tf.reshape(conv(tf.reshape(v, [-1, 4, 4, 1])), [-1, 2, 2, 2, 2])
+        return {"tdconv": p, "fhead": fhead(tf.reshape(tf.nn.relu(p), [-1, 16]))}
+
+    assert_ranks(result, function_jacobians(forward, x))
+    assert_ranks(framed, function_jacobians(forward_frames, v))
+    # The pre-activation: 5 steps x 3 units, whatever the ReLU after it does.
+    np.testing.assert_array_equal(result.per_sample["td"], 15)
+    # The wrapped layer's activation is restored after the measurement.
+    np.testing.assert_array_equal(model(x).numpy(), before)
