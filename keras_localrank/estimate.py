@@ -909,7 +909,7 @@ class LocalRankEstimator:
         specs = []
         for i in self.wrt.held:
             t = inputs[i]
-            dtype = self.dtype if str(t.dtype).startswith("float") else str(t.dtype)
+            dtype = self.dtype if keras.backend.is_float_dtype(t.dtype) else str(t.dtype)
             specs.append(tf.TensorSpec([None, *t.shape[1:]], dtype))
         return specs
 

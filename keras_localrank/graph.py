@@ -383,7 +383,7 @@ def resolve_wrt(model, wrt) -> Wrt:
     input_names = [t.name for t in inputs]
     described = ", ".join(f"{i}: {t.name!r} {t.dtype}" for i, t in enumerate(inputs))
     if wrt is None:
-        floats = [i for i, t in enumerate(inputs) if str(t.dtype).startswith("float")]
+        floats = [i for i, t in enumerate(inputs) if keras.backend.is_float_dtype(t.dtype)]
         if len(floats) == 1:
             index = floats[0]
         elif not floats:
@@ -415,7 +415,7 @@ def resolve_wrt(model, wrt) -> Wrt:
     else:
         return _intermediate(model, wrt, inputs, described)
     tensor = inputs[index]
-    if not str(tensor.dtype).startswith("float"):
+    if not keras.backend.is_float_dtype(tensor.dtype):
         raise ValueError(
             f"Expected `wrt` to name a float tensor. Received: wrt={wrt!r}, input "
             f"{tensor.name!r} of dtype {tensor.dtype}; pass `wrt` naming a layer "
@@ -453,7 +453,7 @@ def _intermediate(model, wrt: str, inputs, described) -> Wrt:
             f"with {len(call.outputs)} outputs."
         )
     out = call.outputs[0]
-    if not str(out.dtype).startswith("float"):
+    if not keras.backend.is_float_dtype(out.dtype):
         raise ValueError(
             f"Expected `wrt` to name a layer with a float output. Received: "
             f"wrt={wrt!r} whose output has dtype {out.dtype}."
@@ -580,7 +580,7 @@ def cast_model(model, dtype: str):
     new_inputs = [
         keras.Input(
             batch_shape=t.shape,
-            dtype=dtype if str(t.dtype).startswith("float") else t.dtype,
+            dtype=dtype if keras.backend.is_float_dtype(t.dtype) else t.dtype,
             name=t.name,
         )
         for t in graph.inputs

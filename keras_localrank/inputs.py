@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -205,7 +206,7 @@ def as_model_samples(x, model, wrt, *, max_samples: int | None = None, dtype="fl
     arrays = []
     for tensor, value in zip(inputs, _inputs_list(x, inputs)):
         name = f"x[{tensor.name!r}]"
-        if str(tensor.dtype).startswith("float"):
+        if keras.backend.is_float_dtype(tensor.dtype):
             arr = as_samples(
                 value, input_shape=tuple(tensor.shape[1:]), max_samples=max_samples, name=name
             ).astype(dtype, copy=False)

@@ -238,7 +238,7 @@ def _call_problem(call: LayerCall, wrt: Wrt) -> str | None:
         return "quantized layers are not supported"
     if any(d is None for d in call.output_shape):
         return f"output shape {call.output_shape} is not fully defined"
-    if call.input_dtype and not call.input_dtype.startswith("float"):
+    if call.input_dtype and not keras.backend.is_float_dtype(call.input_dtype):
         return f"layer input has non-float dtype {call.input_dtype}"
     if not call.depends:
         return f"does not depend on the differentiated tensor {wrt.name!r} (`wrt`)"

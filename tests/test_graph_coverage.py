@@ -477,3 +477,28 @@ def test_time_distributed_layers_are_measured_at_every_step():
     np.testing.assert_array_equal(result.per_sample["td"], 15)
     # The wrapped layer's activation is restored after the measurement.
     np.testing.assert_array_equal(model(x).numpy(), before)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_models_are_measured_in_the_compute_dtype(policy):
+    # bfloat16 layer inputs were refused as "non-float" (a dtype-name check).
+    keras.utils.set_random_seed(11)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        x_in = keras.Input((6, 2))
+        h = keras.layers.Conv1D(4, 3, activation="relu", name="conv")(x_in)
+        out = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(h))
+        model = keras.Model(x_in, out)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = gaussian(4, 6, 2)
+    result = measure(model, x)
+    assert result.skipped == {}
+    conv = float64_layer(model.get_layer("conv"), (6, 2))
+    head = float64_layer(model.get_layer("head"), (16,))
+
+    def forward(x):
+        p = conv(x)
+        return {"conv": p, "head": head(tf.reshape(tf.nn.relu(p), [-1, 16]))}
+
+    assert_ranks(result, function_jacobians(forward, x))
