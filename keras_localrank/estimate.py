@@ -385,7 +385,8 @@ class LocalRankEstimator:
         recurrent = _needs_reverse_mode(
             self._work_model, work_taps, tap_inputs_model(self._work_model, work_taps)
         )
-        per_replica = ACTIVATION_FACTOR * itemsize * activation_elements(self._work_model)
+        elements = activation_elements(self._work_model, self.selection.open_input_shape)
+        per_replica = ACTIVATION_FACTOR * itemsize * elements
         self._per_replica_bytes = per_replica
 
         root = find_linear_root(self._work_model, work_taps)

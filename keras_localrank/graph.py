@@ -140,6 +140,7 @@ class LayerCall:
         outputs: the call's output `KerasTensor`s (empty for attention parts).
         input_shape: per-sample shape of the first input.
         output_shape: per-sample shape of the first output.
+        output_shapes: per-sample shapes of all outputs.
         input_dtype: dtype of the first input.
         depends: True when the call's input depends on the `wrt` tensor.
         through_recurrent: True when a recurrent layer lies between the `wrt`
@@ -161,6 +162,7 @@ class LayerCall:
     through_recurrent: bool
     top_level: bool
     part_of: str | None = None
+    output_shapes: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,19 +220,48 @@ def _execution_order(graph):
     return nodes
 
 
-def layer_calls(model, wrt=None) -> list[LayerCall]:
+def layer_calls(model, wrt=None, input_shape=None) -> list[LayerCall]:
     """Every layer call of `model`, flattened, in execution order.
 
     Args:
         model: a built functional or Sequential `keras.Model`.
         wrt: a `Wrt` marking the differentiated tensor (sets `depends` and
             `through_recurrent`), or None (nothing depends).
+        input_shape: per-sample shape of the model's first input, for a
+            model built with undefined (None) dimensions: the calls' shapes
+            are then those of a run on inputs of this shape (Keras' own
+            `compute_output_spec` of every layer); undefined where a layer
+            cannot tell. Default None: the shapes the model was built with.
 
     Returns:
         A list of `LayerCall`. Nested functional/Sequential models are
         replaced by their inner calls; `InputLayer`s are left out.
     """
     graph = functional_graph(model)
+    # Concrete per-sample shapes by tensor id (only with `input_shape`).
+    concrete: dict[int, tuple] = {}
+    if input_shape is not None:
+        concrete[id(graph.inputs[0])] = tuple(input_shape)
+
+    def shape_of(tensor) -> tuple:
+        return concrete.get(id(tensor), _shape(tensor))
+
+    def propagate(node) -> None:
+        """Concrete shapes of the node's outputs from those of its inputs."""
+        if not any(id(t) in concrete for t in node.input_tensors):
+            return
+        specs = {
+            id(t): keras.KerasTensor((1, *shape_of(t)), dtype=t.dtype)
+            for t in node.input_tensors
+        }
+        try:
+            args, kwargs = node.arguments.fill_in(specs)
+            outs = keras.tree.flatten(node.operation.compute_output_spec(*args, **kwargs))
+        except Exception:  # a layer that cannot tell: its declared shapes stay
+            return
+        if len(outs) == len(node.output_tensors):
+            for t, out in zip(node.output_tensors, outs):
+                concrete[id(t)] = tuple(out.shape[1:])
     calls: list[LayerCall] = []
     global_counts: dict[int, int] = {}
     wrt_call_key = (id(wrt.call.layer), wrt.call.index) if wrt is not None and wrt.call else None
@@ -244,6 +275,8 @@ def layer_calls(model, wrt=None) -> list[LayerCall]:
         for tensor, state in zip(graph.inputs, input_states):
             states[id(tensor)] = state
         for node in _execution_order(graph):
+            if concrete and not is_nested_model(node.operation):
+                propagate(node)
             op = node.operation
             k_local = local.get(id(op), 0)
             local[id(op)] = k_local + 1
@@ -257,9 +290,15 @@ def layer_calls(model, wrt=None) -> list[LayerCall]:
                 inner = functional_graph(op)
                 if len(inner.inputs) == len(in_states):
                     inner_states = in_states
+                    for outer, tensor in zip(node.input_tensors, inner.inputs):
+                        if id(outer) in concrete:
+                            concrete[id(tensor)] = concrete[id(outer)]
                 else:
                     inner_states = [_State(depends, recurrent) for _ in inner.inputs]
                 out_states = walk(inner, name + "/", inner_states, False)
+                for outer, tensor in zip(node.output_tensors, inner.outputs):
+                    if id(tensor) in concrete:
+                        concrete[id(outer)] = concrete[id(tensor)]
                 if len(out_states) != len(node.output_tensors):
                     merged = _State(
                         any(s.depends for s in out_states), any(s.recurrent for s in out_states)
@@ -276,8 +315,9 @@ def layer_calls(model, wrt=None) -> list[LayerCall]:
                 index=k_global,
                 inputs=tuple(node.input_tensors),
                 outputs=tuple(node.output_tensors),
-                input_shape=_shape(first_in) if first_in is not None else (),
-                output_shape=_shape(first_out),
+                input_shape=shape_of(first_in) if first_in is not None else (),
+                output_shape=shape_of(first_out),
+                output_shapes=tuple(shape_of(t) for t in node.output_tensors),
                 input_dtype=str(first_in.dtype) if first_in is not None else "",
                 depends=depends,
                 through_recurrent=recurrent,
@@ -286,7 +326,9 @@ def layer_calls(model, wrt=None) -> list[LayerCall]:
             calls.append(call)
             if isinstance(op, keras.layers.MultiHeadAttention):
                 calls.extend(
-                    _attention_parts(call, node, lambda t: states.get(id(t), _State()))
+                    _attention_parts(
+                        call, node, lambda t: states.get(id(t), _State()), shape_of
+                    )
                 )
             out_state = _State(depends, recurrent or (depends and isinstance(op, RECURRENT_LAYERS)))
             if wrt_call_key == (id(op), k_global):
@@ -303,10 +345,11 @@ def layer_calls(model, wrt=None) -> list[LayerCall]:
     return calls
 
 
-def _attention_parts(call: LayerCall, node, state_of) -> list[LayerCall]:
+def _attention_parts(call: LayerCall, node, state_of, shape_of=_shape) -> list[LayerCall]:
     """The projections of one `MultiHeadAttention` call, as sub-calls.
 
-    `state_of(tensor)` gives the dependence state of an argument tensor.
+    `state_of(tensor)` gives the dependence state of an argument tensor,
+    `shape_of(tensor)` its per-sample shape.
     """
     mha = call.layer
     args, kwargs = node.arguments.args, node.arguments.kwargs
@@ -324,11 +367,11 @@ def _attention_parts(call: LayerCall, node, state_of) -> list[LayerCall]:
             continue
         if attr in ("_gate_dense", "_query_dense"):
             source = query
-            in_shape = _shape(query)
+            in_shape = shape_of(query)
         elif attr == "_key_dense":
-            source, in_shape = key, _shape(key)
+            source, in_shape = key, shape_of(key)
         elif attr == "_value_dense":
-            source, in_shape = value, _shape(value)
+            source, in_shape = value, shape_of(value)
         else:
             source = None
             in_shape = tuple(query_out[:-1]) + (mha._value_dim,)
@@ -354,6 +397,7 @@ def _attention_parts(call: LayerCall, node, state_of) -> list[LayerCall]:
                 through_recurrent=call.through_recurrent,
                 top_level=False,
                 part_of=call.name,
+                output_shapes=(out_shape,),
             )
         )
     return parts
@@ -589,13 +633,18 @@ def cast_model(model, dtype: str):
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a stateless operation (`x + y` in a functional model)
+        if is_nested_model(layer):
+            # Cast with its inputs: a nested model keeping float32 inputs casts
+            # its input values, and (in reverse mode) the gradients flowing
+            # back through them, to float32.
+            return cast_model(layer, dtype)
         return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
 
     copy = keras.models.clone_model(
         model,
         input_tensors=new_inputs[0] if len(new_inputs) == 1 else new_inputs,
         clone_function=clone,
-        recursive=True,
+        recursive=False,
     )
     copy.set_weights(model.get_weights())
     return copy

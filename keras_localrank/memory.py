@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 
-import keras
-
+from keras_localrank.graph import functional_graph, layer_calls
 from keras_localrank.validation import check_int
 
 __all__ = [
@@ -49,33 +48,25 @@ def check_memory_budget(value) -> int:
     return check_int("memory_budget", value, minimum=1)
 
 
-def _output_elements(layer_or_model, seen: set) -> int:
-    total = 0
-    graph = getattr(layer_or_model, "_functional", None) or layer_or_model
-    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
-    if nodes_by_depth is None:
-        return 0
-    for nodes in nodes_by_depth.values():
-        for node in nodes:
-            op = node.operation
-            if id(op) in seen or isinstance(op, keras.layers.InputLayer):
-                continue
-            seen.add(id(op))
-            for t in node.output_tensors:
-                dims = [d if d is not None else 1 for d in t.shape[1:]]
-                total += math.prod(dims)
-            if isinstance(op, keras.Model):
-                total += _output_elements(op, seen)
-    return total
-
-
-def activation_elements(model) -> int:
+def activation_elements(model, input_shape=None) -> int:
     """Values per sample of all layer outputs of `model` (nested models included).
 
-    Undefined dimensions count as 1; the input itself is counted once.
+    Args:
+        model: a functional or Sequential model.
+        input_shape: per-sample shape of the first input, for a model built
+            with undefined (None) dimensions (see `graph.layer_calls`).
+            Dimensions still undefined count as 1; the input itself is
+            counted once.
     """
-    inputs = sum(math.prod(d or 1 for d in t.shape[1:]) for t in model.inputs)
-    return inputs + _output_elements(model, set())
+    inputs = functional_graph(model).inputs
+    shapes = [tuple(t.shape[1:]) for t in inputs]
+    if input_shape is not None:
+        shapes[0] = tuple(input_shape)
+    total = sum(math.prod(d or 1 for d in shape) for shape in shapes)
+    for call in layer_calls(model, input_shape=input_shape):
+        if call.part_of is None:  # attention projections are inside their call
+            total += sum(math.prod(d or 1 for d in shape) for shape in call.output_shapes)
+    return total
 
 
 def exact_storage_bytes(units: int, directions: int, itemsize: int, *, accumulate: bool) -> int:

@@ -155,12 +155,16 @@ class TapSelection:
             design (normalisation, PReLU).
         input_shape: per-sample shape of the differentiated tensor.
         wrt: the `graph.Wrt` (None only for hand-built selections).
+        open_input_shape: the shape given for the model's first input when
+            the model leaves dimensions of it undefined (the layer shapes
+            are then those of a run on inputs of this shape); else None.
     """
 
     taps: tuple[Tap, ...]
     skipped: dict[str, str]
     input_shape: tuple[int, ...]
     wrt: Wrt | None = None
+    open_input_shape: tuple[int, ...] | None = None
 
     @property
     def input_dim(self) -> int:
@@ -332,6 +336,7 @@ def select_taps(
     functional_graph(model)
     resolved = resolve_wrt(model, wrt)
     in_shape = tuple(resolved.shape)
+    concrete = None  # the model input's shape, when the model leaves it open
     if any(d is None for d in in_shape):
         if input_shape is None:
             raise ValueError(
@@ -339,8 +344,10 @@ def select_taps(
                 f"{in_shape}; pass data so the input shape is known."
             )
         in_shape = tuple(input_shape)
+        if resolved.input_index == 0:
+            concrete = in_shape
     input_dim = _flat_size(in_shape, "the model input")
-    calls = layer_calls(model, resolved)
+    calls = layer_calls(model, resolved, input_shape=concrete)
 
     skipped: dict[str, str] = {}
     if layers is None:
@@ -395,7 +402,13 @@ def select_taps(
             + ", ".join(c.__name__ for c in MEASURABLE_LAYERS)
             + ", TimeDistributed of one of these, RankProbe."
         )
-    return TapSelection(taps=tuple(taps), skipped=skipped, input_shape=in_shape, wrt=resolved)
+    return TapSelection(
+        taps=tuple(taps),
+        skipped=skipped,
+        input_shape=in_shape,
+        wrt=resolved,
+        open_input_shape=concrete,
+    )
 
 
 def tap_inputs_model(model, taps: TapSelection | Sequence[Tap]) -> keras.Model:

@@ -15,6 +15,7 @@ from keras_localrank.taps import select_taps
 from tests.reference import (
     activation_fn,
     attention_projections,
+    finite_difference_jacobians,
     float64_layer,
     function_jacobians,
     numpy_ranks,
@@ -502,3 +503,74 @@ def test_mixed_precision_models_are_measured_in_the_compute_dtype(policy):
         return {"conv": p, "head": head(tf.reshape(tf.nn.relu(p), [-1, 16]))}
 
     assert_ranks(result, function_jacobians(forward, x))
+
+
+def _sequence_model(length):
+    """Conv1D over a sequence inside a nested base, then a transformer block."""
+    keras.utils.set_random_seed(12)
+    base_in = keras.Input((length, 3))
+    b = keras.layers.Conv1D(4, 3, padding="same", activation="relu", name="bconv")(base_in)
+    base = keras.Model(base_in, b, name="base")
+    x_in = keras.Input((length, 3))
+    h = base(x_in)
+    a = keras.layers.MultiHeadAttention(2, 4, name="mha")(h, h)
+    h = keras.layers.LayerNormalization(name="ln")(keras.layers.Add()([h, a]))
+    f = keras.layers.Dense(6, activation="gelu", name="ff")(h)
+    out = keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling1D()(f))
+    return keras.Model(x_in, out)
+
+
+def test_variable_length_models_are_measured_at_the_length_of_the_data():
+    # Layers whose built output shape has an undefined (None) axis were all
+    # skipped ("output shape ... is not fully defined"), and the memory plan
+    # counted that axis as 1.
+    from keras_localrank.memory import activation_elements
+
+    model, fixed = _sequence_model(None), _sequence_model(5)
+    fixed.set_weights(model.get_weights())
+    x = gaussian(3, 5, 3)
+    result = measure(model, x)
+    assert result.skipped == {}
+    want = measure(fixed, x)
+    assert set(result.per_sample) == set(want.per_sample)
+    assert len(result.per_sample) == 7  # bconv, 4 attention projections, ff, head
+    for name in want.per_sample:
+        np.testing.assert_array_equal(result.per_sample[name], want.per_sample[name], name)
+    frame, fixed_frame = result.to_frame(), want.to_frame()
+    np.testing.assert_array_equal(frame["units"], fixed_frame["units"])
+    assert activation_elements(model, (5, 3)) == activation_elements(fixed)
+    assert activation_elements(model, (9, 3)) > activation_elements(fixed)
+    # The ranks themselves, against float64 finite differences of the model
+    # (robust ranks: the LayerNorm's null direction sits at the numpy rule's
+    # threshold, where float32 and float64 computations may disagree).
+    names = ["mha/query", "mha/value", "mha/attention_output", "ff", "head"]
+    robust = measure(model, x, atol=0.01)
+    ref = finite_difference_jacobians(model, x, names)
+    for name in names:
+        np.testing.assert_array_equal(
+            robust.per_sample[name], numpy_ranks(ref[name], atol=0.01), name
+        )
+    assert robust.per_sample["ff"].min() < 15  # not all at the bound
+
+
+@pytest.mark.parametrize("method", ["autodiff-reverse", "autodiff-forward"])
+def test_nested_model_in_float64_is_float64_throughout(method):
+    # The float64 copy kept the nested model's float32 inputs: reverse mode
+    # cast the gradients to float32 at that boundary, and the float64 rule
+    # counted the rounding as rank (ff: 15 of 15 instead of the active units).
+    keras.utils.set_random_seed(12)
+    base_in = keras.Input((5, 3))
+    conv = keras.layers.Conv1D(2, 3, padding="same", activation="relu", name="bconv")
+    base = keras.Model(base_in, conv(base_in), name="base")
+    x_in = keras.Input((5, 3))
+    model = keras.Model(x_in, keras.layers.Dense(6, name="ff")(base(x_in)))
+    x = gaussian(4, 5, 3)
+    result = measure(model, x, method=method, dtype="float64")
+    conv64 = float64_layer(conv, (5, 3))
+    ff64 = float64_layer(model.get_layer("ff"), (5, 2))
+
+    def forward(x):
+        p = conv64(x)
+        return {"base/bconv": p, "ff": ff64(tf.nn.relu(p))}
+
+    assert_ranks(result, function_jacobians(forward, x), eps_dtype=np.float64)

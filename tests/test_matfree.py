@@ -349,7 +349,7 @@ def test_measuring_many_models_in_a_row_does_not_warn_about_retracing(caplog):
     # from the sixth model on.
     x = gaussian(3, 6, 6, 2)
     with caplog.at_level(logging.WARNING, logger="tensorflow"):
-        for i in range(7):
+        for _ in range(7):
             model = build("conv2d_bn_residual")
             klr.local_rank(model, x)
     assert "retracing" not in caplog.text
