@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from compress.distill import DistillationLoss, pack_targets
-from compress.macs import count_macs
+from compress.macs import count_macs, uncounted_layers
 from compress.outputs import OutputKind, output_kind
 from compress.registry import count_params
 from keras_localrank.validation import check_choice, check_fraction, check_positive_int
@@ -332,7 +332,8 @@ def measure(
             Default None: detected.
 
     Returns:
-        `{"metrics": {...}, "params", "macs", "file_bytes",
+        `{"metrics": {...}, "params", "macs", "macs_uncounted" (layers with
+        weights that no MAC rule covers), "file_bytes",
         "latency_ms_b<batch>" for each latency batch, "load_average"}`
         (latencies in milliseconds per batch, measured on this machine's
         CPU; the 1-minute load average of the machine when they were
@@ -345,6 +346,7 @@ def measure(
         "metrics": {k: float(v) for k, v in metrics.items()},
         "params": count_params(model, nonzero=nonzero),
         "macs": count_macs(model),
+        "macs_uncounted": uncounted_layers(model),
         "file_bytes": file_size(model),
     }
     for batch in latency_batches:

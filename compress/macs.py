@@ -25,6 +25,7 @@ size 1). Counts follow the usual conventions (as in fvcore/ptflops):
 - Pooling: one MAC-equivalent per window element per output (an add for
   average pooling, a comparison for max pooling); global pooling: one per
   input element.
+- `TimeDistributed`: the steps x the wrapped layer's MACs per step.
 - Biases, activations, `Add`, reshapes and dropout count 0.
 
 Layers with weights that no rule covers are returned by `uncounted_layers`
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 import string
+import types
 from collections.abc import Callable, Iterator
 
 import keras
@@ -188,6 +190,28 @@ def _attention(layer, node) -> int:
     return int(total)
 
 
+class _StepNode:
+    """The tensors of one step of a `TimeDistributed` call (time axis dropped),
+    in the shape of a node for the inner layer's rule."""
+
+    def __init__(self, node):
+        def step(t):
+            return keras.KerasTensor((t.shape[0], *t.shape[2:]), dtype=t.dtype)
+
+        tensors = [step(t) for t in node.arguments.keras_tensors]
+        self.arguments = types.SimpleNamespace(keras_tensors=tensors, args=tensors, kwargs={})
+        self.outputs = [step(t) for t in node.outputs]
+
+
+def _time_distributed(layer, node) -> int | None:
+    """Steps x the wrapped layer's MACs per step (None: no rule for it)."""
+    rule = _rule(layer.layer)
+    if rule is None:
+        return None
+    inputs, _ = _node_shapes(node)
+    return _dims(inputs[0])[0] * rule(layer.layer, _StepNode(node))
+
+
 L = keras.layers
 #: `(layer class, rule)`, checked in order (subclasses before their bases).
 MAC_RULES: tuple[tuple[type, Callable], ...] = (
@@ -206,6 +230,7 @@ MAC_RULES: tuple[tuple[type, Callable], ...] = (
     (L.Conv2D, _conv),
     (L.Conv3D, _conv),
     (L.MultiHeadAttention, _attention),
+    (L.TimeDistributed, _time_distributed),
     (L.BatchNormalization, _elements),
     (L.LayerNormalization, _elements),
     (L.GroupNormalization, _elements),
@@ -252,11 +277,12 @@ def _walk(model, prefix: str, counts: dict, uncounted: list) -> None:
             _walk(layer, name + "/", counts, uncounted)
             continue
         rule = _rule(layer)
-        if rule is None:
+        macs = None if rule is None else rule(layer, node)
+        if macs is None:
             if layer.weights:
                 uncounted.append(name)
             continue
-        counts[name] = counts.get(name, 0) + int(rule(layer, node))
+        counts[name] = counts.get(name, 0) + int(macs)
 
 
 def layer_macs(model) -> dict[str, int]:

@@ -159,6 +159,12 @@ def write_report(
     ]
     if output:
         lines.append(f"Output taken as **{output['kind']}**: {output['evidence']}.")
+    if original.get("macs_uncounted"):
+        lines.append(
+            "MACs leave out layers with weights that no counting rule covers: "
+            + ", ".join(f"`{name}`" for name in original["macs_uncounted"])
+            + "."
+        )
     lines += [
         "Latency: median wall-clock time of one `predict_on_batch` on this machine's CPU.",
         "",

@@ -50,6 +50,9 @@ def _model(input_shape, *layers):
         ((7, 6), L.EinsumDense("abc,cde->abde", output_shape=(None, 2, 4), name="l"),
          7 * 6 * 2 * 4),
         ((6,), L.EinsumDense("...b,bc->...c", output_shape=5, name="l"), 6 * 5),
+        # TimeDistributed: 7 steps x the wrapped layer (it was left uncounted).
+        ((7, 6), L.TimeDistributed(L.Dense(5), name="l"), 7 * 6 * 5),
+        ((3, 10, 10, 4), L.TimeDistributed(L.Conv2D(8, 3), name="l"), 3 * 8 * 8 * 9 * 4 * 8),
     ],
 )
 def test_layer_macs_by_hand(input_shape, layer, expected):
@@ -115,9 +118,21 @@ def test_shared_layer_counts_every_call_and_nested_models_recurse():
 
 
 def test_unknown_layers_with_weights_are_named():
-    model = _model((5, 3), L.LSTM(2, name="rnn"), L.Dense(1, name="d"))
-    assert uncounted_layers(model) == ["rnn"]
+    model = _model(
+        (5, 4, 3), L.TimeDistributed(L.LSTM(2), name="td_rnn"),
+        L.LSTM(2, name="rnn"), L.Dense(1, name="d"),
+    )
+    assert uncounted_layers(model) == ["rnn", "td_rnn"]
     assert layer_macs(model) == {"d": 2}
+
+
+def test_report_names_the_layers_left_out_of_the_macs(tmp_path):
+    from compress.report import write_report
+
+    row = {"params": 10, "macs": 4, "accuracy": 0.5, "macs_uncounted": ["rnn"]}
+    paths = write_report({"model": "m", "original": row, "rows": []}, str(tmp_path), plots=False)
+    text = open(paths["markdown"]).read()
+    assert "no counting rule covers: `rnn`" in text
 
 
 def test_einsum_macs_ellipsis_and_batch():
