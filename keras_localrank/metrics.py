@@ -79,12 +79,21 @@ class LocalRank(keras.metrics.Metric):
         self.total = self.add_variable((), initializer="zeros", dtype="float64", name="total")
         self.count = self.add_variable((), initializer="zeros", dtype="float64", name="count")
 
-    def update_state(self, x, sample_weight=None):
+    def update_state(self, x, *y_pred, sample_weight=None):
         """Add the ranks of `J_layer(x)` for every sample of the batch `x`.
 
         Raises:
+            TypeError: called as a compiled metric (`update_state(y_true,
+                y_pred)`): those never see the inputs `x`.
             ValueError: (eagerly) non-finite `x`.
         """
+        if y_pred:
+            raise TypeError(
+                "LocalRank measures the model inputs `x`, which metrics passed to "
+                "`compile(metrics=...)` never see (Keras gives them y_true and "
+                "y_pred). Use `keras_localrank.LocalRankCallback` in `model.fit`, or "
+                "call `metric.update_state(x)` in a custom training loop."
+            )
         if sample_weight is not None:
             raise ValueError("LocalRank does not support `sample_weight`.")
         x = tf.convert_to_tensor(x)

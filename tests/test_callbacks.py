@@ -236,6 +236,16 @@ def test_metric_in_a_gradient_tape_loop(data):
     assert klr.metrics.LocalRank(model, "h1", atol=0.1).name == "robust_local_rank/h1"
 
 
+def test_metric_passed_to_compile_says_to_use_the_callback(data):
+    # Keras calls compiled metrics with (y_true, y_pred); the metric needs the
+    # inputs. It failed with "got multiple values for argument 'sample_weight'".
+    model = small_mlp()
+    model.compile("adam", "sparse_categorical_crossentropy",
+                  metrics=[klr.metrics.LocalRank(model, "h1")])
+    with pytest.raises(TypeError, match="LocalRankCallback"):
+        model.fit(data.x_train[:64], data.y_train[:64], epochs=1, verbose=0)
+
+
 def test_rank_probe_measures_any_tensor_and_round_trips(tmp_path):
     keras.utils.set_random_seed(0)
     inp = keras.Input((10,))
