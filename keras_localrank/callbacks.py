@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from keras_localrank import information as info
 from keras_localrank import names
-from keras_localrank.estimate import LocalRankEstimator
+from keras_localrank.estimate import LocalRankEstimator, input_shape_hint
 from keras_localrank.memory import DEFAULT_MEMORY_BUDGET
 from keras_localrank.inputs import as_samples
 from keras_localrank.io import read_rows, write_rows
@@ -300,6 +300,7 @@ class LocalRankCallback(ScheduledCallback):
                 tolerances=[t for _, _, t in self._tolerances()],
                 count_active=self.active_units,
                 spectral_stats={stat.__name__: stat for stat in self._channel_stats} or None,
+                input_shape=input_shape_hint(self.model, self._x),
                 **self._estimator_kwargs,
             )
             self._estimator_model = self.model

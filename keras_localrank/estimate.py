@@ -1228,7 +1228,7 @@ def local_rank(
         ['dense', 'dense_1']
     """
     tolerance = Tolerance(atol=atol, rtol=rtol)
-    input_shape = _input_shape_hint(model, x)
+    input_shape = input_shape_hint(model, x)
     layers_key = _layers_key(layers)
     key = (
         None if layers_key is None else layers_key[0],
@@ -1268,7 +1268,7 @@ def local_rank(
     return estimator(x, verbose=verbose, max_samples=max_samples)[0]
 
 
-def _input_shape_hint(model, x):
+def input_shape_hint(model, x):
     """Per-sample shape from `x` for models whose input has None dimensions."""
     graph = functional_graph(model)
     if len(graph.inputs) != 1 or all(d is not None for d in graph.inputs[0].shape[1:]):

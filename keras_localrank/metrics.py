@@ -27,6 +27,9 @@ class LocalRank(keras.metrics.Metric):
         layer: the layer name or object to measure.
         atol: None (exact rank, default) or the robust-rank threshold.
         rtol: relative threshold. Default None (numpy's rule).
+        input_shape: per-sample input shape, for a model whose input has
+            undefined (None) dimensions (a sequence of any length): the
+            samples given to `update_state` must have it.
         method, dtype, jit_compile, memory_budget: passed to
             `LocalRankEstimator` (the same per-layer choice as `local_rank`:
             convolutions, attention projections, nested models).
@@ -56,6 +59,7 @@ class LocalRank(keras.metrics.Metric):
         dtype: str | None = None,
         jit_compile: bool = False,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        input_shape=None,
         name: str | None = None,
     ):
         layer_name = layer if isinstance(layer, str) else getattr(layer, "name", None)
@@ -74,6 +78,7 @@ class LocalRank(keras.metrics.Metric):
             dtype=dtype,
             jit_compile=jit_compile,
             memory_budget=memory_budget,
+            input_shape=input_shape,
         )
         self.layer_name = layer_name
         self.total = self.add_variable((), initializer="zeros", dtype="float64", name="total")

@@ -341,7 +341,8 @@ def select_taps(
         if input_shape is None:
             raise ValueError(
                 "The model input has undefined dimensions "
-                f"{in_shape}; pass data so the input shape is known."
+                f"{in_shape}; pass `input_shape=` (the per-sample shape of the data "
+                "to measure; `local_rank` and `LocalRankCallback` take it from `x`)."
             )
         in_shape = tuple(input_shape)
         if resolved.input_index == 0:

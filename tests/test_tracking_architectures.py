@@ -132,3 +132,29 @@ def test_callback_on_a_text_model_with_wrt_the_embedding():
     expected = klr.local_rank(model, ids[:4], layers=["h"], wrt="embedding")
     assert history.history["local_rank/h"][-1] == pytest.approx(expected.mean["h"])
     assert expected.mean["h"] == 4  # d h / d embedding: 4 x 15, tanh, generic points
+
+
+def test_callback_and_metric_on_a_variable_length_model():
+    # A model on keras.Input((None, 6)): the callback refused it ("undefined
+    # dimensions"), since it did not pass the probe's shape to the engine.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, 6))
+    att = keras.layers.MultiHeadAttention(2, 3, name="mha")(inputs, inputs)
+    h = keras.layers.LayerNormalization(name="ln")(keras.layers.Add()([inputs, att]))
+    f = keras.layers.Dense(8, activation="tanh", name="ffn")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(
+        keras.layers.GlobalAveragePooling1D()(f)))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 4, 6)).astype("float32")
+    y = rng.integers(0, 3, 32)
+    probe = x[:5]
+    names = ["mha/query", "ffn"]
+    cb = klr.LocalRankCallback(probe, names, atol=ATOL, exact=False)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, epochs=1, batch_size=8, callbacks=[cb], verbose=0)
+    robust = reference_means(model, probe, names, atol=ATOL)
+    for name in names:
+        assert history.history[f"robust_local_rank/{name}"][-1] == pytest.approx(robust[name])
+    metric = klr.metrics.LocalRank(model, "ffn", atol=ATOL, input_shape=(4, 6))
+    metric.update_state(probe)
+    assert float(metric.result()) == pytest.approx(robust["ffn"], abs=1e-6)
