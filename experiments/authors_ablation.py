@@ -1,10 +1,11 @@
 r"""Ablation: the authors' MNIST protocol against ours, one factor at a time.
 
 Starts from the `mnist_authors` preset (a replication of the authors'
-`MNIST_Full_Analysis.py`: double softmax, standardised inputs, N(0, 1/fan_in)
-kernels, local rank on 128 test images) and switches one of the four protocol
-factors (`dynamics_config.PROTOCOL_FACTORS`) to ours; and from `ours` (the
-same run with all four factors ours) switches one factor to theirs. Every
+`MNIST_Full_Analysis.py`: double softmax, PyTorch's AdamW epsilon,
+standardised inputs, N(0, 1/fan_in) kernels, local rank on 128 test images)
+and switches one of the five protocol factors
+(`dynamics_config.PROTOCOL_FACTORS`) to ours; and from `ours` (the same run
+with all five factors ours) switches one factor to theirs. Every
 variant is otherwise identical (data subsets, optimiser, steps, measurement
 grid), trained with the same seeds.
 

@@ -30,6 +30,9 @@ def define_flags(*, workdir: str, presets: dict[str, str]) -> None:
     flags.DEFINE_float("learning_rate", None, "AdamW learning rate.")
     flags.DEFINE_float("weight_decay", None, "AdamW decoupled weight decay (times the lr).")
     flags.DEFINE_bool("decay_bias", None, "Also decay biases (default: kernels only).")
+    flags.DEFINE_float(
+        "adam_epsilon", None, "AdamW epsilon (Keras' default 1e-7; the authors' PyTorch 1e-8)."
+    )
     flags.DEFINE_integer("batch_size", None, "Batch size.")
     flags.DEFINE_integer("epochs", None, "Epochs.")
     flags.DEFINE_integer("num_measurements", None, "Log-spaced measurement steps.")
@@ -91,6 +94,7 @@ def config_from_flags(**fixed) -> dynamics.DynamicsConfig:
         "learning_rate",
         "weight_decay",
         "decay_bias",
+        "adam_epsilon",
         "batch_size",
         "epochs",
         "num_measurements",

@@ -4,9 +4,10 @@ Presets: `default` (AdamW lr 1e-3, weight decay 1.0 on kernels, batch 64, 600
 epochs = 9,600 steps: the compression phase within minutes on 2 CPU cores),
 `paper` (the paper's lr 1e-4, weight decay 0.01, 10^6 steps, ~50
 log-spaced measurements) and `authors` (`paper` with the protocol of the
-authors' code: --loss=double_softmax, --input_scaling=standardize,
---init=normal_fan_in, --rank_on=test --rank_samples=128, random 1,000-image
-subsets, their floor log grid). Example (offline, with the bundled digits):
+authors' code: --loss=double_softmax, --adam_epsilon=1e-8 (PyTorch's),
+--input_scaling=standardize, --init=normal_fan_in, --rank_on=test
+--rank_samples=128, random 1,000-image subsets, their floor log grid).
+Example (offline, with the bundled digits):
 
     python -m experiments.mnist_mlp --data_path=/path/to/mnist10k.npz \
         --workdir=runs/mnist_mlp

@@ -144,6 +144,11 @@ def test_authors_preset_and_grid():
     assert (c.learning_rate, c.weight_decay, c.batch_size, c.hidden) == (
         1e-4, 0.01, 64, (200,) * 4
     )
+    # PyTorch's AdamW epsilon (Keras' default is 1e-7), in the compiled optimizer.
+    assert (c.adam_epsilon, dynamics.get_preset("mnist_paper").adam_epsilon) == (1e-8, 1e-7)
+    model = mlp.build_mlp(6, 4, (8,))
+    mlp.compile_mlp(model, c)
+    assert model.optimizer.epsilon == 1e-8
     assert measurement_steps(c) == np.unique(np.logspace(0, 6, 50).astype(int)).tolist()
     paper = dynamics.get_preset("mnist_paper")
     assert measurement_steps(paper) == sorted(
@@ -162,6 +167,7 @@ def test_authors_preset_and_grid():
         (dict(loop="eager"), ValueError, "loop='eager'"),
         (dict(steps_per_execution=0), ValueError, "steps_per_execution=0"),
         (dict(subset=1), ValueError, "subset=1"),
+        (dict(adam_epsilon=0.0), ValueError, "adam_epsilon=0"),
     ],
 )
 def test_protocol_field_errors(overrides, error, match):

@@ -174,7 +174,9 @@ def compile_mlp(model: keras.Model, config: DynamicsConfig) -> None:
     only unless `config.decay_bias`) and build the optimizer, so its state can
     be restored."""
     optimizer = keras.optimizers.AdamW(
-        learning_rate=config.learning_rate, weight_decay=config.weight_decay
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        epsilon=config.adam_epsilon,
     )
     if not config.decay_bias:
         optimizer.exclude_from_weight_decay(var_names=["bias"])
