@@ -470,10 +470,19 @@ def resolve_wrt(model, wrt) -> Wrt:
 
 
 def _intermediate_hint(model) -> str:
-    embeddings = [
-        c.name for c in layer_calls(model) if isinstance(c.layer, keras.layers.Embedding)
-    ]
-    return f", e.g. wrt={embeddings[0]!r}" if embeddings else ""
+    """`, e.g. wrt=<name>` naming the first call that turns non-float inputs
+    into a float tensor (an `Embedding`, a `Rescaling` of uint8 images, a
+    cast), or "" when there is none."""
+    for call in layer_calls(model):
+        if (
+            call.part_of is None
+            and len(call.outputs) == 1
+            and keras.backend.is_float_dtype(call.outputs[0].dtype)
+            and call.inputs
+            and not any(keras.backend.is_float_dtype(t.dtype) for t in call.inputs)
+        ):
+            return f", e.g. wrt={call.name!r}"
+    return ""
 
 
 def _intermediate(model, wrt: str, inputs, described) -> Wrt:
@@ -598,13 +607,23 @@ class CaptureModel(keras.Model):
         if self._wrt.is_input:
             model_inputs[self._wrt.input_index] = x
         with self._capture.active(fed_value=x) as values:
-            self._source(
-                model_inputs[0] if self._num_inputs == 1 else model_inputs, training=False
-            )
+            self._source(structured_inputs(self._source, model_inputs), training=False)
         missing = [c.name for i, c in enumerate(self._calls) if i not in values]
         if missing:
             raise RuntimeError(f"Layer calls {missing} were not run by the model.")
         return [values[i] for i in range(len(self._calls))]
+
+
+def structured_inputs(model, flat: list):
+    """`flat` (one value per model input, in `functional_graph(model).inputs`
+    order) in the structure `model` was built with: the one value, a list,
+    or a dict keyed by input name for a model built on a dict of inputs."""
+    if len(flat) == 1:
+        return flat[0]
+    struct = getattr(functional_graph(model), "_inputs_struct", None)
+    if isinstance(struct, dict):
+        return keras.tree.pack_sequence_as(struct, list(flat))
+    return list(flat)
 
 
 def flat_size(shape) -> int:
@@ -642,7 +661,7 @@ def cast_model(model, dtype: str):
 
     copy = keras.models.clone_model(
         model,
-        input_tensors=new_inputs[0] if len(new_inputs) == 1 else new_inputs,
+        input_tensors=structured_inputs(model, new_inputs),
         clone_function=clone,
         recursive=False,
     )
@@ -670,6 +689,6 @@ def wrt_values(model, wrt: Wrt, inputs, *, batch_size: int = 256):
     for start in range(0, num, batch_size):
         batch = [a[start : start + batch_size] for a in inputs]
         with capture.active(fed_value=None) as values:
-            model(batch[0] if len(batch) == 1 else batch, training=False)
+            model(structured_inputs(model, batch), training=False)
         parts.append(np.asarray(values["wrt"]))
     return np.concatenate(parts, axis=0)

@@ -163,7 +163,9 @@ def test_shared_layer_with_different_input_shapes():
 # -- several inputs ----------------------------------------------------------------
 
 
-def two_input_model():
+def two_input_model(structure="list"):
+    """`structure="dict"` builds it on a dict of inputs, keys not in sorted
+    order (Keras then orders `model.inputs` by key)."""
     keras.utils.set_random_seed(3)
     a = keras.Input((5,), name="a")
     b = keras.Input((3,), name="b")
@@ -172,14 +174,15 @@ def two_input_model():
     h = keras.layers.Multiply()([keras.layers.Concatenate()([ha, hb]),
                                  keras.layers.Concatenate()([hb, ha])])
     out = keras.layers.Dense(6, name="head")(h)
-    return keras.Model([a, b], out)
+    return keras.Model({"b": b, "a": a} if structure == "dict" else [a, b], out)
 
 
+@pytest.mark.parametrize("structure", ["list", "dict"])
 @pytest.mark.parametrize("wrt", ["a", 0])
-def test_several_inputs_other_inputs_held_at_their_values(wrt):
-    model = two_input_model()
+def test_several_inputs_other_inputs_held_at_their_values(wrt, structure):
+    model = two_input_model(structure)
     xa, xb = gaussian(6, 5, seed=1), gaussian(6, 3, seed=2)
-    result = measure(model, [xa, xb], wrt=wrt)
+    result = measure(model, {"b": xb, "a": xa} if structure == "dict" else [xa, xb], wrt=wrt)
     da = float64_layer(model.get_layer("da"), (5,))
     db = float64_layer(model.get_layer("db"), (3,))
     head = float64_layer(model.get_layer("head"), (7,))
@@ -197,8 +200,9 @@ def test_several_inputs_other_inputs_held_at_their_values(wrt):
     np.testing.assert_array_equal(by_dict.per_sample["head"], result.per_sample["head"])
 
 
-def test_second_input_and_float64():
-    model = two_input_model()
+@pytest.mark.parametrize("structure", ["list", "dict"])
+def test_second_input_and_float64(structure):
+    model = two_input_model(structure)
     xa, xb = gaussian(4, 5, seed=1), gaussian(4, 3, seed=2)
     result = measure(model, [xa, xb], wrt="b", dtype="float64")
     assert list(result.per_sample) == ["db", "head"]
@@ -247,14 +251,32 @@ def test_embedding_model_measured_with_respect_to_the_embedding(mode):
     assert set(result.skipped) == {"embedding"}
 
 
-def test_integer_input_error_advice_works():
-    model = text_model()
-    tokens = np.random.default_rng(0).integers(0, 30, size=(3, 7))
-    with pytest.raises(TypeError, match="wrt='embedding'") as info:
+def uint8_image_model():
+    keras.utils.set_random_seed(4)
+    images = keras.Input((6, 6, 1), dtype="uint8")
+    h = keras.layers.Rescaling(1 / 255, name="scale")(images)
+    h = keras.layers.Conv2D(2, 3, activation="relu", name="conv")(h)
+    out = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(h))
+    return keras.Model(images, out)
+
+
+@pytest.mark.parametrize(
+    "build, tokens, advice",
+    [
+        (text_model, np.random.default_rng(0).integers(0, 30, size=(3, 7)), "embedding"),
+        (
+            uint8_image_model,
+            np.random.default_rng(0).integers(0, 256, size=(3, 6, 6, 1)).astype("uint8"),
+            "scale",
+        ),
+    ],
+)
+def test_integer_input_error_advice_works(build, tokens, advice):
+    model = build()
+    with pytest.raises(TypeError, match=f"wrt='{advice}'") as info:
         klr.local_rank(model, tokens)
-    advice = str(info.value).split("e.g. ")[1].rstrip(".")
-    assert advice == "wrt='embedding'"
-    result = measure(model, tokens, wrt="embedding")  # the advice, followed
+    assert str(info.value).split("e.g. ")[1].rstrip(".") == f"wrt='{advice}'"
+    result = measure(model, tokens, wrt=advice)  # the advice, followed
     assert list(result.per_sample) == ["conv", "head"]
 
 
