@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
 
 import keras
@@ -47,6 +48,14 @@ __all__ = [
     "resolve_wrt",
     "wrt_values",
 ]
+
+def _private_class(module: str, name: str):
+    """A class of Keras' private modules, or None if this Keras has none."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
 
 #: Recurrent layers: their internal gates are not measured, and forward-mode
 #: differentiation does not pass through their while loops.
@@ -68,6 +77,11 @@ TRAVERSED_WEIGHTED_LAYERS: tuple[type, ...] = tuple(
         "PReLU",
     )
     if hasattr(keras.layers, n)
+) + tuple(
+    # Keras applications' own element-wise layers (ConvNeXt's per-channel scale).
+    cls
+    for cls in [_private_class("keras.src.applications.convnext", "LayerScale")]
+    if cls is not None
 )
 
 #: Sub-layers of a `MultiHeadAttention` call, in the order its `call` runs them.

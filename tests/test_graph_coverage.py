@@ -464,6 +464,31 @@ def test_depthwise_separable_transpose_with_bn_residual_pooling_padding():
     assert result.skipped == {}
 
 
+def test_convnext_layer_scale_is_traversed_not_listed():
+    from keras.src.applications.convnext import LayerScale
+
+    keras.utils.set_random_seed(10)
+    x_in = keras.Input((3, 3, 2))
+    p = keras.layers.Conv2D(2, 1, activation="gelu", name="pw")(x_in)
+    scale = LayerScale(1.0, 2, name="layer_scale")
+    h = keras.layers.Add()([x_in, scale(p)])
+    out = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(h))
+    model = keras.Model(x_in, out)
+    scale.set_weights([np.array([0.5, -2.0])])
+    x = gaussian(4, 3, 3, 2)
+    result = measure(model, x)
+    pw = float64_layer(model.get_layer("pw"), (3, 3, 2))
+    head = float64_layer(model.get_layer("head"), (18,))
+
+    def forward(x):
+        p_pw = pw(x)
+        h = x + tf.nn.gelu(p_pw, approximate=False) * tf.constant([0.5, -2.0], tf.float64)
+        return {"pw": p_pw, "head": head(tf.reshape(h, [-1, 18]))}
+
+    assert_ranks(result, function_jacobians(forward, x))
+    assert result.skipped == {}
+
+
 def test_time_distributed_layers_are_measured_at_every_step():
     keras.utils.set_random_seed(10)
     TD = keras.layers.TimeDistributed
