@@ -48,6 +48,7 @@ from compress.registry import CONV_FACTORIZABLE_LAYERS
 from compress.statistics import calibration_statistics, jacobian_gram
 from compress.surgery import consumer_of, factorize, prune_units
 from keras_localrank.estimate import local_rank
+from keras_localrank.graph import functional_graph
 from keras_localrank.taps import model_graph
 
 __all__ = [
@@ -116,11 +117,26 @@ def _projected_factors(layer, u: np.ndarray, mean: np.ndarray):
     return (kernel @ u).astype(dtype), u.T.astype(dtype), bias
 
 
-def _check_calibration(x):
+def _check_calibration(model, x):
+    inputs = functional_graph(model).inputs
+    described = ", ".join(f"{t.name!r} {t.dtype}" for t in inputs)
+    if len(inputs) != 1:
+        raise ValueError(
+            "Expected a model with one input: the rewrites are calibrated on one "
+            f"array of samples. Received: model {model.name!r} with {len(inputs)} "
+            f"inputs ({described})."
+        )
+    if not keras.backend.is_float_dtype(inputs[0].dtype):
+        raise TypeError(
+            "Expected a model with a float input: the rewrites are calibrated on "
+            "float statistics of the input, so integer-input models (token ids into "
+            f"an Embedding) are not compressed. Received: model {model.name!r} with "
+            f"input {described}."
+        )
     if not hasattr(x, "shape") or len(x) == 0:
         raise ValueError(
-            "Expected non-empty calibration data `x`. Received: "
-            f"x with shape {getattr(x, 'shape', None)}."
+            "Expected non-empty calibration data `x`, an array of samples. Received: "
+            f"x of type {type(x).__name__} with shape {getattr(x, 'shape', None)}."
         )
 
 
@@ -331,7 +347,7 @@ def local_rank_compress(
     cost = get_cost(cost)
     if not isinstance(policy, RankPolicy):
         policy = ParamFraction(policy) if isinstance(policy, (int, float)) else get_policy(policy)
-    _check_calibration(x)
+    _check_calibration(model, x)
     model_graph(model)
     original = cost.model(model)
     plan = plan_rewrite(model, layers, fold_bn=fold_bn)

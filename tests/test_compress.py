@@ -435,6 +435,20 @@ def test_no_compressible_layer_and_bad_subspace():
         )
 
 
+def test_models_that_cannot_be_calibrated_are_refused_with_what_they_are():
+    a, b = keras.Input((6,), name="a"), keras.Input((2,), name="b")
+    h = keras.layers.Concatenate()([keras.layers.Dense(8, activation="relu")(a), b])
+    two_inputs = keras.Model([a, b], keras.layers.Dense(3)(keras.layers.Dense(8)(h)))
+    x = RNG.normal(size=(8, 6)).astype("float32")
+    with pytest.raises(ValueError, match=r"one input.*2 inputs \('a' float32, 'b' float32\)"):
+        local_rank_compress(two_inputs, [x, x[:, :2]], 0.5)
+    tokens = keras.Input((5,), dtype="int32", name="tokens")
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(20, 4)(tokens))
+    text = keras.Model(tokens, keras.layers.Dense(3)(keras.layers.Dense(8)(h)))
+    with pytest.raises(TypeError, match="float input.*Embedding.*'tokens' int32"):
+        local_rank_compress(text, RNG.integers(0, 20, size=(8, 5)), 0.5)
+
+
 # --- fine-tuning ---------------------------------------------------------------------
 
 
