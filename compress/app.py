@@ -31,6 +31,7 @@ import numpy as np
 from compress.baselines import select_layers
 from compress.costs import MACS, PARAMS, CostModel
 from compress.data_aware import local_rank_compress
+from compress.graph import flatten_nested
 from compress.evaluate import (
     FINETUNE_SCHEDULES,
     LATENCY_BATCHES,
@@ -585,7 +586,7 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
     check_writable_dir("workdir", config.workdir)
     # Read and check every input before the run directory is opened (which
     # writes its config): a bad model or data file leaves the folder as it was.
-    model = load_model(config.model)
+    model = flatten_nested(load_model(config.model))  # every method sees a flat model
     select_layers(model)  # raises for a model with no compressible layer
     ds = _load_data(config)
     _check_finite(ds)

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from compress.costs import get_cost
+from compress.graph import flatten_nested
 from compress.outcome import Compressed
 from compress.policies import Candidate, ParamFraction, RankPolicy, get_policy
 from compress.registry import compressible_layers, count_params
@@ -55,7 +56,8 @@ def weight_svd(
     kernel (the energy of the weights), with a floor of 1.
 
     Args:
-        model: a built functional or Sequential model.
+        model: a built functional or Sequential model (nested models are
+            inlined first: `compress.graph.flatten_nested`).
         policy: a `RankPolicy`, or a float: the target parameter fraction.
         layers: names of the layers to factorize. Default None: every Dense.
 
@@ -64,6 +66,7 @@ def weight_svd(
     """
     if not isinstance(policy, RankPolicy):
         policy = ParamFraction(policy) if isinstance(policy, (int, float)) else get_policy(policy)
+    model = flatten_nested(model)
     chosen = select_layers(model, layers)
     svds, candidates = {}, []
     for layer in chosen:

@@ -17,7 +17,8 @@ import dataclasses
 import keras
 import numpy as np
 
-from compress.graph import Part, consumers, rebuild
+from compress.graph import Part, consumers, flatten_nested, rebuild
+from keras_localrank.graph import is_nested_model
 from keras_localrank.taps import model_graph
 
 __all__ = ["FOLDABLE_LAYERS", "FoldRecord", "fold_batchnorm", "fold_scale_shift"]
@@ -169,7 +170,8 @@ class RewritePlan:
 
 
 def plan_rewrite(model, layers=None, *, fold_bn: bool = True) -> RewritePlan:
-    """Fold BatchNorm (if `fold_bn`) and choose the layers a rewrite may change.
+    """Inline nested models (`compress.graph.flatten_nested`), fold BatchNorm
+    (if `fold_bn`) and choose the layers a rewrite may change.
 
     Raises:
         ValueError: the model has no Dense, Conv1D or Conv2D layer to rewrite
@@ -177,11 +179,16 @@ def plan_rewrite(model, layers=None, *, fold_bn: bool = True) -> RewritePlan:
     """
     from compress.registry import rewritable_layers
 
-    work, folded, notes = model, {}, {}
+    work, folded = flatten_nested(model), {}
+    notes = {
+        layer.name: "nested model: inlined, its layers are rewritten as the model's own"
+        for layer in model_graph(model).layers
+        if work is not model and is_nested_model(layer)
+    }
     if fold_bn:
-        work, record = fold_batchnorm(model)
+        work, record = fold_batchnorm(work)
         folded = dict(record.folded)
-        notes = {k: f"not folded: {v}" for k, v in record.skipped.items()}
+        notes.update({k: f"not folded: {v}" for k, v in record.skipped.items()})
     dense, convs, skipped = rewritable_layers(work, layers)
     if not dense and not convs:
         raise ValueError(

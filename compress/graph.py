@@ -4,8 +4,11 @@
 convolution is two or three stock layers, and a folded BatchNormalization
 disappears. `rebuild` runs the model's graph on a fresh input, calling a
 clone of every layer except the ones replaced (by a chain of `Part`s) or
-removed (skipped: their input flows on). The result is a plain functional
-model of stock layers that loads with `keras.models.load_model`.
+removed (skipped: their input flows on). Nested functional and Sequential
+models (the transfer-learning pattern `head(base(inputs))`) are inlined:
+their layers become layers of the new model. The result is a plain
+functional model of stock layers that loads with `keras.models.load_model`.
+`flatten_nested` is that rebuild with nothing replaced.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import keras
 import numpy as np
 
 from compress.surgery import recompile_like
+from keras_localrank.graph import functional_graph, is_nested_model
 from keras_localrank.taps import model_graph
 
-__all__ = ["Part", "consumers", "producer_node", "rebuild"]
+__all__ = ["Part", "consumers", "flatten_nested", "producer_node", "rebuild"]
 
 
 @dataclasses.dataclass
@@ -89,7 +93,11 @@ def rebuild(
         if len([n for n in layer._inbound_nodes if n in nodes]) != 1:
             raise ValueError(f"Layer {name!r} is called several times; it cannot be rewritten.")
     clones: dict[int, object] = {}
-    new_weights: dict[str, list[np.ndarray]] = {}
+    new_weights: dict[int, list[np.ndarray]] = {}
+    # Names of the new model's layers: the outer model's names are kept; an
+    # inlined layer whose name is taken gets its nested model's name in front.
+    used = {layer.name for layer in model.layers if not is_nested_model(layer)}
+    used |= {p.layer.name for parts in replace.values() for p in parts}
 
     def chain(parts):
         def call(x, **kwargs):
@@ -99,22 +107,46 @@ def rebuild(
 
         return call
 
-    def operation_fn(op):
+    def inline(nested):
+        inner = functional_graph(nested)
+
+        def call(*args, **kwargs):
+            inputs = args[0] if len(args) == 1 else list(args)
+            return inner._run_through_graph(
+                inputs, operation_fn=lambda op: operation_fn(op, nested.name)
+            )
+
+        return call
+
+    def clone(op, prefix):
+        config = op.get_config()
+        if prefix is not None and op.name in used:
+            name, k = f"{prefix}_{op.name}", 1
+            while name in used:
+                name, k = f"{prefix}_{op.name}_{k}", k + 1
+            config["name"] = name
+        used.add(config.get("name", op.name))
+        fn = op.__class__.from_config(config)
+        if op.weights:
+            new_weights[id(fn)] = op.get_weights()
+        return fn
+
+    def operation_fn(op, prefix=None):
         if id(op) in clones:
             return clones[id(op)]
-        if op.name in remove:
+        if prefix is None and op.name in remove:
             fn = _identity
-        elif op.name in replace:
+        elif prefix is None and op.name in replace:
             parts = replace[op.name]
             for part in parts:
-                new_weights[part.layer.name] = list(part.weights)
+                new_weights[id(part.layer)] = list(part.weights)
             fn = chain(parts)
         elif isinstance(op, keras.layers.InputLayer):
             fn = op
+        elif is_nested_model(op):
+            fn = inline(op)
         else:
-            fn = op.__class__.from_config(op.get_config())
-            if op.weights:
-                new_weights.setdefault(op.name, op.get_weights())
+            fn = clone(op, prefix)
         clones[id(op)] = fn
         return fn
 
@@ -127,10 +159,30 @@ def rebuild(
     outputs = graph._run_through_graph(new_input, operation_fn=operation_fn)
     new = keras.Model(new_input, outputs, name=model.name)
     for layer in new.layers:
-        if layer.name in new_weights:
-            layer.set_weights(new_weights[layer.name])
+        if id(layer) in new_weights:
+            layer.set_weights(new_weights[id(layer)])
     recompile_like(new, model)
     return new
+
+
+def flatten_nested(model: keras.Model) -> keras.Model:
+    """`model` with its nested functional and Sequential models inlined.
+
+    The transfer-learning pattern `head(base(inputs))` becomes one flat
+    functional model whose layers are the base's and the head's, with the
+    same weights and outputs, so every layer can be rewritten. A layer of a
+    nested model keeps its name unless the name is taken, then it is
+    `<nested model>_<name>`. A nested model called several times shares its
+    layers between the calls. Keras 3 runs a nested model's layers with the
+    outer call's `training` value, so inlining does not change training.
+
+    Returns:
+        `model` itself when it has no nested model, else a new model
+        (compiled like `model`); `model` is not modified.
+    """
+    if not any(is_nested_model(layer) for layer in model_graph(model).layers):
+        return model
+    return rebuild(model)
 
 
 def _identity(x, **kwargs):

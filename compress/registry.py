@@ -126,7 +126,7 @@ def rewritable_layers(model, layers=None) -> tuple[list, list, dict[str, str]]:
         elif isinstance(layer, keras.layers.Dense):
             reason = "quantized, LoRA or non-matrix Dense layers are not rewritten"
         elif isinstance(layer, keras.Model):
-            reason = "nested model: rewrite its layers in a flat functional model"
+            reason = "nested model: `compress.graph.flatten_nested(model)` inlines its layers"
         elif layer.weights and not isinstance(layer, _NORMALIZATION):
             reason = f"{type(layer).__name__} layers are not rewritten by this method"
         elif layers is not None:

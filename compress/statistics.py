@@ -19,6 +19,7 @@ import tensorflow as tf
 from keras_localrank.inputs import as_samples
 from keras_localrank.jacobians import preactivation_jacobians
 from keras_localrank.taps import model_graph, preactivation, select_taps, tap_inputs_model
+from keras_localrank.tracing import instance_function
 
 __all__ = ["LayerStatistics", "calibration_statistics", "channel_ranges", "jacobian_gram"]
 
@@ -77,8 +78,7 @@ def calibration_statistics(
     inputs_model = tap_inputs_model(model, selection.taps)
     taps = selection.taps
 
-    @tf.function(autograph=False, reduce_retracing=True)
-    def step(chunk):
+    def _step(chunk):
         outs = inputs_model(chunk, training=False)
         if not isinstance(outs, (list, tuple)):
             outs = [outs]
@@ -106,6 +106,8 @@ def calibration_statistics(
                 )
             )
         return result
+
+    step = instance_function(_step, reduce_retracing=True)
 
     # Chunk moments are merged with the pairwise update of Chan, Golub and
     # LeVeque (1979), in float64: no cancellation from E[p p^T] - m m^T.
@@ -166,10 +168,11 @@ def jacobian_gram(
     inputs_model = tap_inputs_model(model, selection.taps)
     taps = selection.taps
 
-    @tf.function(autograph=False, reduce_retracing=True)
-    def step(chunk):
+    def _step(chunk):
         jacs = preactivation_jacobians(inputs_model, taps, chunk, mode="reverse")
         return [tf.einsum("bij,bkj->ik", j, j) for j in jacs]
+
+    step = instance_function(_step, reduce_retracing=True)
 
     sums = None
     for sl in _chunks(len(x), batch_size):
@@ -200,8 +203,7 @@ def channel_ranges(
     x = as_samples(x, input_shape=in_shape, name="x")
     features = keras.Model(graph.inputs[0], list(tensors))
 
-    @tf.function(autograph=False, reduce_retracing=True)
-    def step(chunk):
+    def _step(chunk):
         outs = features(chunk, training=False)
         if not isinstance(outs, (list, tuple)):
             outs = [outs]
@@ -210,6 +212,8 @@ def channel_ranges(
             flat = tf.reshape(tf.cast(out, tf.float32), [-1, out.shape[-1]])
             result.append((tf.reduce_min(flat, axis=0), tf.reduce_max(flat, axis=0)))
         return result
+
+    step = instance_function(_step, reduce_retracing=True)
 
     acc = None
     for sl in _chunks(len(x), batch_size):

@@ -27,7 +27,7 @@ from compress import (
     weight_svd,
 )
 from compress.evaluate import finetune
-from compress.statistics import calibration_statistics
+from compress.statistics import calibration_statistics, jacobian_gram
 
 RNG = np.random.default_rng(0)
 
@@ -415,6 +415,21 @@ def test_calibration_statistics_match_numpy():
     )
     np.testing.assert_allclose(stats["d0"].out_max, np.maximum(p0, 0).max(0), atol=1e-5)
     np.testing.assert_allclose(stats["d1"].input_mean, np.maximum(p0, 0).mean(0), atol=1e-5)
+
+
+def test_calibration_statistics_on_many_models_do_not_warn_about_retracing(caplog):
+    # Each call built its own `tf.function` from one code object; TensorFlow
+    # pooled their tracing and warned from the fifth call on (the greedy
+    # allocation and the conv floors call it once per candidate model).
+    import logging
+
+    x = RNG.normal(size=(8, 12)).astype("float32")
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for _ in range(7):
+            model = _mlp([6, 4])
+            calibration_statistics(model, x, [model.layers[0].name])
+            jacobian_gram(model, x, [model.layers[0].name])
+    assert "retracing" not in caplog.text
 
 
 def test_no_compressible_layer_and_bad_subspace():

@@ -418,6 +418,62 @@ def test_layers_it_cannot_rewrite_are_named_and_bad_input_is_rejected():
     assert layer.kernel.shape == (1, 1, 4, 3)
 
 
+def _transfer_model():
+    """`head(block(base(x)), block(base(x)))` with one call of `base`: a
+    functional base with a BatchNorm, a Sequential block called twice, and a
+    name (`head`) used both inside the block and outside."""
+    keras.utils.set_random_seed(3)
+    b_in = keras.Input((6, 6, 4))
+    h = keras.layers.Conv2D(16, 3, name="c")(b_in)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU()(h)
+    base = keras.Model(b_in, keras.layers.GlobalAveragePooling2D()(h), name="base")
+    block = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(12, activation="relu", name="head")], name="blk"
+    )
+    inp = keras.Input((6, 6, 4))
+    h = base(inp)
+    h = keras.layers.Concatenate()([block(h), block(h)])
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(h))
+    bn = base.get_layer("bn")
+    bn.set_weights([RNG.uniform(0.5, 2, 16), RNG.normal(size=16), RNG.normal(size=16),
+                    RNG.uniform(0.5, 2, 16)])
+    return model
+
+
+def test_flatten_nested_inlines_the_base_with_the_same_function(tmp_path):
+    from compress.graph import flatten_nested
+
+    model = _transfer_model()
+    flat = flatten_nested(model)
+    base = model.get_layer("base")
+    concatenate = model.layers[-2]
+    assert [la.name for la in flat.layers[1:]] == [
+        *(la.name for la in base.layers[1:]), "blk_head", concatenate.name, "head"
+    ]
+    assert not any(isinstance(la, keras.Model) for la in flat.layers)
+    assert count_params(flat) == count_params(model)
+    x = RNG.normal(size=(5, 6, 6, 4)).astype("float32")
+    np.testing.assert_array_equal(flat.predict(x, verbose=0), model.predict(x, verbose=0))
+    flat.save(tmp_path / "flat.keras")
+    loaded = keras.models.load_model(tmp_path / "flat.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert flatten_nested(flat) is flat
+    assert model.get_layer("base").get_layer("c").kernel.shape == (3, 3, 4, 16)  # untouched
+
+
+def test_layers_inside_a_nested_base_are_rewritten():
+    model = _transfer_model()
+    x = RNG.normal(size=(64, 6, 6, 4)).astype("float32")
+    out = local_rank_compress(model, x, 0.7, floor=False)
+    assert out.folded == {"bn": "c"}
+    assert "c" in out.ranks and "base" not in out.skipped
+    assert "inlined" in out.notes["base"]
+    assert count_params(out.model) <= 0.7 * count_params(model)
+    svd = weight_factorize(model, 0.6)
+    assert "c" in svd.ranks and "base" not in svd.skipped
+
+
 def test_calibration_statistics_of_a_strided_valid_conv_match_numpy():
     # Regression: rows were counted on the layer's input (9 x 8 positions),
     # not on its output (4 x 3 for this strided 'valid' conv).
