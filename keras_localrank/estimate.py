@@ -25,8 +25,14 @@ from keras_localrank.active_units import ActiveUnitAccumulator, ActiveUnitCounte
 from keras_localrank.colored import colored_spectra, positions_per_block, tap_coloring
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
 from keras_localrank.factor import find_linear_root, is_constant_tap, row_space_basis
-from keras_localrank.graph import RECURRENT_LAYERS, CaptureModel, cast_model, functional_graph
-from keras_localrank.inputs import as_model_samples, as_samples, check_positive_int
+from keras_localrank.graph import (
+    RECURRENT_LAYERS,
+    CaptureModel,
+    cast_model,
+    functional_graph,
+    wrt_tensor,
+)
+from keras_localrank.inputs import as_model_samples, as_samples, check_positive_int, inputs_list
 from keras_localrank.jacobians import preactivations
 from keras_localrank.matfree import forward_spectra, jvp, reverse_spectra, vjp
 from keras_localrank.memory import (
@@ -1032,6 +1038,46 @@ class LocalRankEstimator:
             )
         samples = as_samples(x, input_shape=self.selection.input_shape, max_samples=max_samples)
         return samples.astype(self.dtype, copy=False)
+
+    def samples_tensor(self, x):
+        """Graph-friendly `check_samples` of one batch (usable inside
+        `tf.function`): `x` as `measure_tensor` takes it.
+
+        Args:
+            x: a float batch `[B, *input_shape]`; with held inputs or an
+                intermediate `wrt`, a list (model input order) or dict (input
+                names) of batches, or the one integer batch of a text model.
+
+        Raises:
+            TypeError: a non-float batch where a float one is differentiated.
+            tf.errors.InvalidArgumentError: (at run time) NaN or Inf in a float
+                batch.
+        """
+
+        def checked(value, what):
+            value = tf.convert_to_tensor(value)
+            if not value.dtype.is_floating:
+                raise TypeError(
+                    f"Expected floating-point {what}. Received dtype {value.dtype.name}."
+                )
+            return tf.debugging.assert_all_finite(
+                tf.cast(value, self.dtype), f"NaN or Inf in {what}"
+            )
+
+        if self.selection.single_input:
+            return checked(x, "`x`")
+        inputs = functional_graph(self.model).inputs
+        values = [
+            checked(value, f"`x[{tensor.name!r}]`")
+            if keras.backend.is_float_dtype(tensor.dtype)
+            else tf.convert_to_tensor(value)
+            for tensor, value in zip(inputs, inputs_list(x, inputs))
+        ]
+        if self.wrt.is_input:
+            first = values[self.wrt.input_index]
+        else:
+            first = tf.cast(wrt_tensor(self.model, self.wrt, values), self.dtype)
+        return [first, *(values[i] for i in self.wrt.held)]
 
     def measure(self, samples, *, verbose: int = 0) -> list[LocalRankResult]:
         """Measure on samples already checked by `check_samples`."""

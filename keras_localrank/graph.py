@@ -46,6 +46,8 @@ __all__ = [
     "is_nested_model",
     "layer_calls",
     "resolve_wrt",
+    "structured_inputs",
+    "wrt_tensor",
     "wrt_values",
 ]
 
@@ -697,12 +699,24 @@ def wrt_values(model, wrt: Wrt, inputs, *, batch_size: int = 256):
     """
     import numpy as np
 
-    capture = _Capture({}, (wrt.call.layer, wrt.call.index))
     num = len(inputs[0])
     parts = []
     for start in range(0, num, batch_size):
         batch = [a[start : start + batch_size] for a in inputs]
-        with capture.active(fed_value=None) as values:
-            model(structured_inputs(model, batch), training=False)
-        parts.append(np.asarray(values["wrt"]))
+        parts.append(np.asarray(wrt_tensor(model, wrt, batch)))
     return np.concatenate(parts, axis=0)
+
+
+def wrt_tensor(model, wrt: Wrt, inputs):
+    """The intermediate `wrt` tensor on one batch (usable inside `tf.function`).
+
+    Args:
+        model: the model.
+        wrt: an intermediate `Wrt` (the output of a layer call).
+        inputs: one batch per model input (tensors or arrays), in model
+            input order.
+    """
+    capture = _Capture({}, (wrt.call.layer, wrt.call.index))
+    with capture.active(fed_value=None) as values:
+        model(structured_inputs(model, list(inputs)), training=False)
+    return values["wrt"]

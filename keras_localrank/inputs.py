@@ -12,7 +12,7 @@ import tensorflow as tf
 from keras_localrank.validation import check_positive_int
 
 # `check_positive_int` is re-exported for older imports; it lives in `validation`.
-__all__ = ["as_model_samples", "as_samples", "check_positive_int"]
+__all__ = ["as_model_samples", "as_samples", "check_positive_int", "inputs_list"]
 
 
 def _check_batched(dataset: tf.data.Dataset, input_shape, name: str) -> None:
@@ -147,7 +147,7 @@ def as_samples(
     return arr
 
 
-def _inputs_list(x, inputs) -> list:
+def inputs_list(x, inputs) -> list:
     """`x` as one entry per model input (a list in input order, a dict by
     input name, or one array for a one-input model)."""
     names = [t.name for t in inputs]
@@ -204,7 +204,7 @@ def as_model_samples(x, model, wrt, *, max_samples: int | None = None, dtype="fl
 
     inputs = functional_graph(model).inputs
     arrays = []
-    for tensor, value in zip(inputs, _inputs_list(x, inputs)):
+    for tensor, value in zip(inputs, inputs_list(x, inputs)):
         name = f"x[{tensor.name!r}]"
         if keras.backend.is_float_dtype(tensor.dtype):
             arr = as_samples(

@@ -23,8 +23,14 @@ class LocalRank(keras.metrics.Metric):
     """Mean local rank of one layer over all samples given to `update_state`.
 
     Args:
-        model: the model the layer belongs to (built, one float input).
+        model: the model the layer belongs to (built).
         layer: the layer name or object to measure.
+        wrt: what is differentiated, as in `local_rank`: None (the only float
+            input), an input name or index (the other inputs are held at
+            their values), or a layer name (e.g. `"embedding"` of a text
+            model). With several inputs, `update_state` takes a list or dict
+            of batches; with an intermediate `wrt`, the model's own inputs
+            (e.g. the token ids).
         atol: None (exact rank, default) or the robust-rank threshold.
         rtol: relative threshold. Default None (numpy's rule).
         input_shape: per-sample input shape, for a model whose input has
@@ -60,6 +66,7 @@ class LocalRank(keras.metrics.Metric):
         jit_compile: bool = False,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         input_shape=None,
+        wrt: int | str | None = None,
         name: str | None = None,
     ):
         layer_name = layer if isinstance(layer, str) else getattr(layer, "name", None)
@@ -79,6 +86,7 @@ class LocalRank(keras.metrics.Metric):
             jit_compile=jit_compile,
             memory_budget=memory_budget,
             input_shape=input_shape,
+            wrt=wrt,
         )
         self.layer_name = layer_name
         self.total = self.add_variable((), initializer="zeros", dtype="float64", name="total")
@@ -101,11 +109,8 @@ class LocalRank(keras.metrics.Metric):
             )
         if sample_weight is not None:
             raise ValueError("LocalRank does not support `sample_weight`.")
-        x = tf.convert_to_tensor(x)
-        if not x.dtype.is_floating:
-            raise TypeError(f"Expected floating-point `x`. Received dtype {x.dtype.name}.")
-        x = tf.debugging.assert_all_finite(x, "LocalRank.update_state: NaN or Inf in `x`")
-        ranks = self._estimator.measure_tensor(x)[self.layer_name][0][0]
+        samples = self._estimator.samples_tensor(x)
+        ranks = self._estimator.measure_tensor(samples)[self.layer_name][0][0]
         self.total.assign_add(tf.reduce_sum(tf.cast(ranks, tf.float64)))
         self.count.assign_add(tf.cast(tf.size(ranks), tf.float64))
 

@@ -6,6 +6,7 @@ engine choice (colored forward mode, attention projections) as `local_rank`."""
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_localrank as klr
 from keras_localrank.cli import Config, run
@@ -106,6 +107,34 @@ def test_callback_with_wrt_on_a_two_input_model():
     assert history.history["local_rank/h"][-1] == pytest.approx(expected.mean["h"])
     # d h / d a of a tanh layer: rank min(6, 5) = 5 at generic points.
     assert expected.mean["h"] == 5
+    # The metric takes the same `wrt` (it measured one float input only).
+    metric = klr.metrics.LocalRank(model, "h", wrt="a")
+    tf.function(metric.update_state)({"b": xb[:2], "a": xa[:2]})  # graph mode, dict
+    metric.update_state([xa[2:3], xb[2:3]])
+    assert float(metric.result()) == pytest.approx(expected.mean["h"])
+
+
+def test_metric_on_a_text_model_with_respect_to_the_embedding():
+    keras.utils.set_random_seed(2)
+    tokens = keras.Input((6,), dtype="int32")
+    e = keras.layers.Embedding(20, 3, name="embedding")(tokens)
+    h = keras.layers.Conv1D(4, 3, activation="relu", name="conv")(e)
+    model = keras.Model(tokens, keras.layers.Dense(2, name="head")(keras.layers.Flatten()(h)))
+    ids = np.random.default_rng(3).integers(0, 20, size=(7, 6))
+    metric = klr.metrics.LocalRank(model, "conv", wrt="embedding", atol=ATOL)
+    update = tf.function(metric.update_state)
+    update(ids[:4])
+    update(ids[4:])
+    expected = klr.local_rank(model, ids, layers=["conv"], wrt="embedding", atol=ATOL)
+    assert float(metric.result()) == pytest.approx(expected.mean["conv"])
+    kernel = model.get_layer("conv").get_weights()[0].astype(np.float64)  # [3, 3, 4]
+    # d conv / d embedding: a banded (16 x 18) matrix built from the kernel.
+    jac = np.zeros((4, 4, 6, 3))
+    for t in range(4):
+        for k in range(3):
+            jac[t, :, t + k, :] = kernel[k].T
+    rank = np.sum(np.linalg.svd(jac.reshape(16, 18), compute_uv=False) > ATOL)
+    assert expected.mean["conv"] == rank  # linear in the embedding: one rank
 
 
 def test_cli_measures_a_saved_convnet(tmp_path):
