@@ -69,6 +69,10 @@ flags.DEFINE_integer(
     "latency_runs", 15, "Timed inference runs per model and batch size (1 and 64)."
 )
 flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_bool("safe_mode", True, "Keras safe_mode: --nosafe_mode loads Lambda layers "
+                  "(only for model files you trust).")
+flags.DEFINE_list("imports", [], "Modules to import before loading --model (they define "
+                  "and register its custom layers).")
 flags.mark_flags_as_required(["model", "workdir"])
 
 

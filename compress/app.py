@@ -51,6 +51,7 @@ from compress.surgery import recompile_like
 from compress.transformer import UnsupportedLayerError
 from compress.weight_only import weight_factorize
 from keras_localrank import datasets
+from keras_localrank.io import read_keras_model
 from keras_localrank.rundir import RunDirectory
 from keras_localrank.validation import (
     check_choice,
@@ -134,6 +135,9 @@ class CompressionConfig:
         latency_runs: timed inference runs per model and latency batch size
             (the median is reported). Default 15.
         seed: seed of data splits and fine-tuning. Default 0.
+        safe_mode, imports: how `model` is loaded (not part of the run's
+            configuration; see `keras_localrank.io.read_keras_model`):
+            False loads `Lambda` layers; modules that register custom layers.
     """
 
     model: str
@@ -158,6 +162,8 @@ class CompressionConfig:
     batch_size: int = 128
     latency_runs: int = 15
     seed: int = 0
+    safe_mode: bool = True
+    imports: Sequence[str] = ()
 
     @classmethod
     def from_mapping(cls, source, /, **overrides) -> CompressionConfig:
@@ -214,23 +220,14 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def load_model(path: str) -> keras.Model:
-    """Load a `.keras` model, with a clear error for a missing or bad file.
+def load_model(path: str, *, safe_mode: bool = True, imports=()) -> keras.Model:
+    """Load a `.keras` model, with a clear error for a missing or bad file
+    (`keras_localrank.io.read_keras_model`).
 
     Raises:
         ValueError: a missing, non-`.keras` or unreadable file.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"Expected an existing .keras model file. Received: model={path!r}")
-    if not path.endswith(".keras"):
-        raise ValueError(f"Expected a model file ending in .keras. Received: model={path!r}")
-    try:
-        return keras.models.load_model(path)
-    except Exception as e:
-        raise ValueError(
-            f"Could not read the model file. Received: model={path!r} ({_one_line(e)})"
-        ) from e
+    return read_keras_model(path, safe_mode=safe_mode, imports=imports)
 
 
 def _check_budgets(budgets) -> list[float]:
@@ -505,7 +502,8 @@ def _sha256(path: str) -> str:
 def _run_config(config: CompressionConfig) -> dict:
     """What the results depend on: the config (without the folder) and the model's bytes."""
     fields = dataclasses.asdict(config)
-    fields.pop("workdir")
+    for loading_only in ("workdir", "safe_mode", "imports"):
+        fields.pop(loading_only)
     fields["budgets"] = [float(b) for b in fields["budgets"]]
     fields["methods"] = list(fields["methods"])
     fields["model"] = os.path.abspath(config.model)
@@ -586,7 +584,10 @@ def run(config: CompressionConfig, *, progress: Callable[[str], None] | None = N
     check_writable_dir("workdir", config.workdir)
     # Read and check every input before the run directory is opened (which
     # writes its config): a bad model or data file leaves the folder as it was.
-    model = flatten_nested(load_model(config.model))  # every method sees a flat model
+    # Every method sees a flat model.
+    model = flatten_nested(
+        load_model(config.model, safe_mode=config.safe_mode, imports=config.imports)
+    )
     select_layers(model)  # raises for a model with no compressible layer
     ds = _load_data(config)
     _check_finite(ds)

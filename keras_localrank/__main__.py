@@ -46,6 +46,10 @@ flags.DEFINE_bool("jit_compile", False, "Run the measurement under XLA.")
 flags.DEFINE_string(
     "wrt", None, "Layer whose output is differentiated (e.g. embedding for a text model)."
 )
+flags.DEFINE_bool("safe_mode", True, "Keras safe_mode: --nosafe_mode loads Lambda layers "
+                  "(only for model files you trust).")
+flags.DEFINE_list("imports", None, "Modules to import before loading --model (they define "
+                  "and register its custom layers).")
 
 
 def main(argv):
@@ -61,7 +65,7 @@ def main(argv):
                 layers=FLAGS.layers, output=FLAGS.output, epochs=FLAGS.epochs,
                 seed=FLAGS.seed, method=FLAGS.method, dtype=FLAGS.dtype,
                 batch_size=FLAGS.batch_size, jit_compile=FLAGS.jit_compile,
-                wrt=FLAGS.wrt,
+                wrt=FLAGS.wrt, safe_mode=FLAGS.safe_mode, imports=FLAGS.imports,
             )
         )
     except (ValueError, TypeError, OSError, ImportError) as e:

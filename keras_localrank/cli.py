@@ -18,11 +18,11 @@ import pandas as pd
 
 from keras_localrank import datasets
 from keras_localrank.estimate import local_rank
-from keras_localrank.io import UnreadableFileError, read_npz
+from keras_localrank.io import read_keras_model, read_npz
 from keras_localrank.result import LocalRankResult
 from keras_localrank.validation import check_int, check_positive_int, check_writable_dir
 
-__all__ = ["Config", "run", "load_model", "load_samples", "check_output", "TABLE_COLUMNS"]
+__all__ = ["Config", "run", "load_samples", "check_output", "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = ["layer", "class", "units", "bound", "mean", "std", "stderr", "min", "max",
                  "effective_rank", "stable_rank"]
@@ -48,6 +48,9 @@ class Config:
         wrt: the tensor differentiated: None (the model input), or a layer
             name whose output is used (`embedding` for a text model fed
             integer token ids from an `.npz`).
+        safe_mode, imports: how `model` is loaded (see
+            `keras_localrank.io.read_keras_model`): False loads `Lambda`
+            layers; modules that register custom layers.
     """
 
     model: str | None = None
@@ -65,6 +68,8 @@ class Config:
     batch_size: int | None = None
     jit_compile: bool = False
     wrt: str | None = None
+    safe_mode: bool = True
+    imports: list[str] | None = None
 
     def __post_init__(self):
         self.samples = check_positive_int("samples", self.samples)
@@ -91,22 +96,6 @@ def check_output(output: str) -> None:
         check_writable_dir("output folder", os.path.dirname(os.path.abspath(output)))
     except ValueError as e:
         raise ValueError(f"Cannot write output={output!r}: {e}") from None
-
-
-def load_model(path: str) -> keras.Model:
-    """A saved `.keras` model, or a one-line error naming the file.
-
-    Raises:
-        UnreadableFileError (a `ValueError`): a missing, truncated or corrupt file.
-    """
-    if not os.path.isfile(path):
-        raise UnreadableFileError(f"Expected an existing .keras file. Received: model={path!r}")
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as e:  # Keras raises many types for unreadable files
-        lines = str(e).strip().splitlines()
-        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-        raise UnreadableFileError(f"Could not load model {path!r} ({reason})") from None
 
 
 def load_samples(data: str, input_shape, *, samples: int, seed: int, data_path=None):
@@ -212,7 +201,10 @@ def run(config: Config, *, echo=print) -> pd.DataFrame:
         result = _measure(model, x, config)
         echo("\nLocal rank after training:\n" + format_table(result))
     else:
-        model = load_model(config.model)
+        model = read_keras_model(
+            config.model, compile=False, safe_mode=config.safe_mode,
+            imports=config.imports or (),
+        )
         if len(model.inputs) != 1:
             raise ValueError(
                 "Expected a model with one input on the command line. Received: "

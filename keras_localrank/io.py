@@ -9,6 +9,7 @@ names the file.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ __all__ = [
     "UnreadableFileError",
     "atomic_write_json",
     "atomic_write_text",
+    "read_keras_model",
     "read_npz",
     "read_rows",
     "write_rows",
@@ -74,6 +76,72 @@ def read_npz(
             f"Expected arrays {list(keys)} in {path!r}. Found: {sorted(files)}"
         )
     return arrays
+
+
+MODEL_SUFFIXES = (".keras", ".h5")
+
+
+def read_keras_model(
+    path: str | os.PathLike,
+    *,
+    compile: bool = True,
+    safe_mode: bool = True,
+    imports: Sequence[str] = (),
+    argument: str = "model",
+):
+    """A saved Keras model (`.keras`, or a legacy `.h5`), or one clear error.
+
+    Args:
+        path: the model file.
+        compile: restore the compile configuration. Default True.
+        safe_mode: Keras' `safe_mode`: False also loads `Lambda` layers
+            holding Python code (only for files one trusts). Default True.
+        imports: modules imported first, so that custom layers they define
+            and register (`keras.saving.register_keras_serializable`) load.
+        argument: the argument/flag name quoted in messages. Default "model".
+
+    Raises:
+        UnreadableFileError (a `ValueError`): a missing, truncated or corrupt
+            file, a module of `imports` that cannot be imported; the message
+            names the file and, for a `Lambda` layer or an unknown custom
+            class, the option that loads it.
+    """
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            raise UnreadableFileError(
+                f"Could not import module {module!r} ({_one_line(e)}). Received: "
+                f"imports={list(imports)!r}"
+            ) from None
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UnreadableFileError(
+            f"Expected an existing .keras model file. Received: {argument}={path!r}"
+        )
+    if not path.endswith(MODEL_SUFFIXES):
+        raise UnreadableFileError(
+            f"Expected a model file ending in .keras (or a legacy .h5). Received: "
+            f"{argument}={path!r}"
+        )
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=compile, safe_mode=safe_mode)
+    except Exception as e:  # Keras raises many types for unreadable files
+        text = str(e)
+        if "safe_mode" in text:
+            advice = " It holds a Lambda layer; if you trust the file, pass --nosafe_mode."
+        elif "deserializ" in text or "Could not locate" in text or "Unknown layer" in text:
+            advice = (
+                " If it uses custom layers, pass --imports=<module> naming the module "
+                "that defines and registers them."
+            )
+        else:
+            advice = ""
+        raise UnreadableFileError(
+            f"Could not load the model file {path!r} ({_one_line(e)}).{advice}"
+        ) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -75,7 +75,7 @@ def test_data_that_does_not_fit_the_model(saved_model, tmp_path):
 def test_unreadable_model_file(tmp_path):
     bad = tmp_path / "bad.keras"
     bad.write_text("not a model")
-    with pytest.raises(ValueError, match="Could not load model"):
+    with pytest.raises(ValueError, match="Could not load the model file"):
         run(Config(model=str(bad)), echo=lambda s: None)
 
 
@@ -115,9 +115,58 @@ def test_truncated_or_corrupt_files_name_the_file(saved_model, tmp_path):
     with pytest.raises(ValueError, match=r"cut\.npz.*data_path="):
         run(Config(model=str(path), data="mnist", data_path=str(bad_npz)), echo=lambda s: None)
     bad_model = truncated(path, tmp_path / "cut.keras")
-    with pytest.raises(ValueError, match=r"Could not load model .*cut\.keras") as info:
+    with pytest.raises(ValueError, match=r"Could not load the model file .*cut\.keras") as info:
         run(Config(model=str(bad_model)), echo=lambda s: None)
     assert "\n" not in str(info.value)
+
+
+def test_lambda_models_load_with_safe_mode_off(tmp_path):
+    # Keras refuses Lambda layers by default; the one-line error said to pass
+    # `safe_mode=False` "to the loading function", which the CLI had no way to do.
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8))
+    h = keras.layers.Lambda(lambda t: 2.0 * t)(keras.layers.Flatten()(inp))
+    model = keras.Model(inp, keras.layers.Dense(3, name="out")(h))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match="Lambda layer.*--nosafe_mode"):
+        run(Config(model=str(path), data="digits", samples=4), echo=lambda s: None)
+    frame = run(Config(model=str(path), data="digits", samples=4, safe_mode=False),
+                echo=lambda s: None)
+    assert list(frame["layer"]) == ["out"] and list(frame["mean"]) == [3]
+
+
+CUSTOM_LAYER_MODULE = """
+import keras
+
+@keras.saving.register_keras_serializable(package="klr_test")
+class Triple(keras.layers.Layer):
+    def call(self, x):
+        return 3.0 * x
+"""
+
+
+def test_custom_layers_load_with_imports(tmp_path):
+    (tmp_path / "klr_test_layers.py").write_text(CUSTOM_LAYER_MODULE)
+    script = (
+        "import sys, keras; sys.path.insert(0, sys.argv[1]); import klr_test_layers\n"
+        "i = keras.Input((8, 8)); h = klr_test_layers.Triple()(keras.layers.Flatten()(i))\n"
+        "keras.Model(i, keras.layers.Dense(3, name='out')(h)).save(sys.argv[2])\n"
+    )
+    path = tmp_path / "custom.keras"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), str(path)], check=True,
+                   capture_output=True, timeout=300)
+    command = [sys.executable, "-m", "keras_localrank", f"--model={path}", "--data=digits",
+               "--samples=4"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--imports=<module>" in errors[0]
+    proc = subprocess.run(command + ["--imports=klr_test_layers"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "out" in proc.stdout
 
 
 def test_unwritable_output_is_refused_before_any_work(tmp_path):

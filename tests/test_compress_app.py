@@ -144,7 +144,7 @@ def _config(model, tmp_path, **kw):
 def test_error_unreadable_model_file(tmp_path):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="Could not read the model file.*bad.keras"):
+    with pytest.raises(ValueError, match="Could not load the model file.*bad.keras"):
         run(_config(str(bad), tmp_path))
     txt = tmp_path / "model.txt"
     txt.write_text("x")
