@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+from keras_localrank import memory
 from keras_localrank.spectra import symmetric_eigenvalues
 
 __all__ = [
@@ -112,17 +113,40 @@ def _finish(stored, k: int, *, use_gram: bool) -> tf.Tensor:
     """Singular values of the matrix assembled from stored blocks.
 
     `stored` stacks `[num_blocks, B, block, m]`; the assembled matrix is
-    `[B, num_blocks * block, m]`, truncated to `k` rows.
+    `[B, num_blocks * block, m]`, truncated to `k` rows. With `use_gram`
+    its `k x k` Gram is accumulated in float64 over chunks of the `m`
+    columns, read from the stacked blocks: beside them, only one chunk
+    (`memory.GRAM_CHUNK_VALUES` values) is held in float64, not a transposed copy
+    and a float64 copy of the whole matrix.
     """
     t = stored.stack()
-    t = tf.transpose(t, [1, 0, 2, 3])
     shape = tf.shape(t)
-    mat = tf.reshape(t, [shape[0], shape[1] * shape[2], shape[3]])[:, :k]
+    num, batch, block, m = shape[0], shape[1], shape[2], shape[3]
     if not use_gram:
+        t = tf.transpose(t, [1, 0, 2, 3])
+        mat = tf.reshape(t, [batch, num * block, m])[:, :k]
         return tf.linalg.svd(mat, compute_uv=False)
-    m64 = tf.cast(mat, tf.float64)
-    # mat is [B, k, m] with k the smaller side when this path is taken.
-    return gram_singular_values(tf.linalg.matmul(m64, m64, transpose_b=True))
+    rows = num * block
+    chunk = tf.maximum(1, memory.GRAM_CHUNK_VALUES // tf.maximum(1, batch * rows))
+    steps = (m + chunk - 1) // chunk
+
+    def body(j, gram):
+        start = j * chunk
+        size = tf.minimum(chunk, m - start)
+        part = tf.slice(t, tf.stack([0, 0, 0, start]), tf.stack([-1, -1, -1, size]))
+        part = tf.reshape(tf.transpose(tf.cast(part, tf.float64), [1, 0, 2, 3]),
+                          tf.stack([batch, rows, size]))
+        update = tf.linalg.matmul(part, part, transpose_b=True)
+        return j + 1, tf.ensure_shape(gram + update, gram.shape)
+
+    _, gram = tf.while_loop(
+        lambda j, _: j < steps,
+        body,
+        (tf.constant(0), zeros(tf.stack([batch, rows, rows]), tf.float64)),
+        parallel_iterations=1,
+    )
+    # The assembled matrix is [B, k, m] with k the smaller side on this path.
+    return gram_singular_values(gram[:, :k, :k])
 
 
 def zeros(shape, dtype) -> tf.Tensor:

@@ -35,6 +35,10 @@ __all__ = [
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 #: Replica cost factor: primal + tangent (or tape) + temporaries.
 ACTIVATION_FACTOR = 3
+#: Values of one column chunk of an assembled Jacobian cast to float64 while
+#: its Gram is formed (`matfree._finish`; 64 MiB): the matrix itself is never
+#: copied in float64.
+GRAM_CHUNK_VALUES = 2**23
 
 
 def check_memory_budget(value) -> int:
@@ -78,14 +82,17 @@ def exact_storage_bytes(units: int, directions: int, itemsize: int, *, accumulat
         itemsize: bytes of one value of the compute dtype.
         accumulate: True when the Gram is accumulated block by block (the
             products arrive along the larger dimension); False when the
-            reduced Jacobian is assembled first (stored blocks, their
-            assembled copy, and its float64 copy for the Gram).
+            reduced Jacobian is assembled first (the stored blocks and their
+            stacked copy; the float64 Gram is then formed one column chunk at
+            a time, at most `GRAM_CHUNK_VALUES` float64 values and their
+            transposed copy).
     """
     small = min(units, directions)
     gram = 8 * small * small
     if accumulate:
         return gram
-    return (2 * itemsize + 8) * units * directions + gram
+    chunk = 2 * 8 * min(units * directions, GRAM_CHUNK_VALUES)
+    return 2 * itemsize * units * directions + chunk + gram
 
 
 def colored_storage_bytes(

@@ -79,6 +79,31 @@ def test_colored_layers_are_budgeted_one_at_a_time():
     assert_exact_ranks_match_float64(est, model)
 
 
+def test_reverse_mode_gram_is_formed_in_chunks_so_the_faster_mode_fits(monkeypatch):
+    # A 20-unit head on a 768-value input: reverse mode (20 rows) is the fast
+    # mode. Its assembled Jacobian was budgeted with a transposed copy and a
+    # float64 copy (16 bytes a value), so within a tight budget the planner
+    # fell back to forward mode (768 directions; on ResNet50 at 224x224 the
+    # 1,000-unit head went to 150,528 forward directions, hours per input).
+    # The Gram is now formed one float64 column chunk at a time.
+    from keras_localrank import memory
+
+    monkeypatch.setattr(memory, "GRAM_CHUNK_VALUES", 64, raising=False)  # several chunks
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((16, 16, 3)),
+        keras.layers.Conv2D(4, 4, strides=4, activation="tanh", name="conv"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(32, activation="tanh", name="mid"),
+        keras.layers.Dense(20, name="head"),
+    ])
+    budget = 160_000
+    est = klr.LocalRankEstimator(model, ["head"], memory_budget=budget)
+    assert est.plans["head"].mode == "reverse"
+    assert est.estimated_peak_bytes <= budget
+    assert_exact_ranks_match_float64(est, model, gaussian(3, 16, 16, 3))
+
+
 def test_sketch_test_vectors_stay_within_the_block():
     # Several test vectors per round (probes_per_round > block): each product
     # must carry at most `block` directions, the width the memory plan allows.
