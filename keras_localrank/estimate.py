@@ -171,6 +171,11 @@ def _check_spectral_stats(stats) -> dict:
     return dict(stats)
 
 
+#: The planner warns when the only mode that fits the budget needs this many
+#: times the products of the faster mode.
+SLOW_MODE_FACTOR = 10
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """How one layer is measured.
@@ -480,7 +485,18 @@ class LocalRankEstimator:
                 def total(m):
                     return sum(storage(t, m) for t in exact) + per_replica
 
+                products = {"forward": k, "reverse": sum(t.units for t in exact)}
                 if total(mode) > budget >= total(other):
+                    if products[other] >= SLOW_MODE_FACTOR * products[mode]:
+                        warnings.warn(
+                            f"Layers {[t.name for t in exact]} are measured in {other} "
+                            f"mode ({products[other]:,} products per sample) because "
+                            f"{mode} mode ({products[mode]:,} products) needs about "
+                            f"{total(mode) / 2**20:,.0f} MiB, more than memory_budget="
+                            f"{self.memory_budget}; a larger `memory_budget` (or "
+                            "`layers=` fewer layers) measures them faster.",
+                            stacklevel=4,
+                        )
                     mode = other
         self._mode = mode
 

@@ -2,8 +2,11 @@
 vectors of the randomized estimate within the directions in flight, and the
 growth of its blocks."""
 
+import warnings
+
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import keras_localrank as klr
@@ -98,8 +101,13 @@ def test_reverse_mode_gram_is_formed_in_chunks_so_the_faster_mode_fits(monkeypat
         keras.layers.Dense(20, name="head"),
     ])
     budget = 160_000
-    est = klr.LocalRankEstimator(model, ["head"], memory_budget=budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the slower mode
+        est = klr.LocalRankEstimator(model, ["head"], memory_budget=budget)
     assert est.plans["head"].mode == "reverse"
+    with pytest.warns(UserWarning, match=r"in forward mode \(768 products.*reverse mode"):
+        slow = klr.LocalRankEstimator(model, ["head"], memory_budget=120_000)
+    assert slow.plans["head"].mode == "forward"
     assert est.estimated_peak_bytes <= budget
     assert_exact_ranks_match_float64(est, model, gaussian(3, 16, 16, 3))
 
