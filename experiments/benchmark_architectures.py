@@ -348,10 +348,16 @@ def run_model(name: str) -> dict:
         result = klr.local_rank(model, x, layers=layers, atol=atol, method=FLAGS.method)
         t_new = time.perf_counter() - start
     frame = result.to_frame()
+    # The randomized layers' error statement: the certified interval
+    # [rank, upper] holds with probability >= 1 - failure_probability.
+    randomized = any(info.method == "randomized" for info in result.layers)
     columns = [c for c in frame.columns if c in (
         "layer", "class", "units", "bound", "method", "mean", "std", "min", "max")
-        or "error" in c or "margin" in c or "stderr" == c]
-    print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        or "error" in c or "margin" in c or "stderr" == c
+        or (randomized and c in ("upper", "failure_probability", "sketch_size"))]
+    print(frame[columns].to_string(
+        index=False, float_format=lambda v: f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.0e}"
+    ))
     if result.skipped:
         print(f"   not measured: {result.skipped}")
     counts = {}
@@ -362,7 +368,17 @@ def run_model(name: str) -> dict:
           f"({t_new / samples:.3f} s/sample), peak RSS growth {mem.growth_mib:.0f} MiB")
     record = {"model": name, "layers": len(result.layers), "samples": samples,
               "methods": {i.name: i.method for i in result.layers}, "seconds": t_new,
-              "peak_rss_mib": mem.growth_mib, "atol": atol}
+              "peak_rss_mib": mem.growth_mib, "atol": atol,
+              "per_layer": {
+                  info.name: {
+                      "mean": result.mean[info.name],
+                      "upper": result.upper[info.name],
+                      "failure_probability": info.failure_probability,
+                      "per_sample": result.per_sample[info.name].tolist(),
+                      "upper_per_sample": result.upper_per_sample[info.name].tolist(),
+                  }
+                  for info in result.layers
+              }}
     if FLAGS.check_exact:
         record["check_exact"] = check_exact(model, x[: FLAGS.check_exact], result, layers, atol)
     top_level = {layer.name for layer in model.layers}
