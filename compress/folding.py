@@ -179,11 +179,11 @@ def plan_rewrite(model, layers=None, *, fold_bn: bool = True) -> RewritePlan:
     """
     from compress.registry import rewritable_layers
 
+    nested = [layer.name for layer in model_graph(model).layers if is_nested_model(layer)]
     work, folded = flatten_nested(model), {}
     notes = {
-        layer.name: "nested model: inlined, its layers are rewritten as the model's own"
-        for layer in model_graph(model).layers
-        if work is not model and is_nested_model(layer)
+        name: "nested model: inlined, its layers are rewritten as the model's own"
+        for name in nested
     }
     if fold_bn:
         work, record = fold_batchnorm(work)
