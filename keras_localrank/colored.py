@@ -54,6 +54,7 @@ __all__ = [
     "colored_products",
     "colored_gram",
     "positions_per_block",
+    "colored_jacobian_gram",
     "colored_spectra",
     "recover_jacobian",
 ]
@@ -439,11 +440,11 @@ def colored_gram(
     return tf.reshape(tf.transpose(acc[: n0 * n0]), tf.stack([batch, n0, n0]))
 
 
-def colored_spectra(
+def colored_jacobian_gram(
     fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int
 ) -> tf.Tensor:
-    """Exact singular values (`[B, n0]`, float64, from the Gram `J^T J`) of a
-    local tap's Jacobian by colored forward mode.
+    """`J^T J` (`[B, n0, n0]`, float64) of a local tap's Jacobian by colored
+    forward mode.
 
     Args:
         fn: maps `[N, *input_shape]` inputs to `[[N, n_l]]`.
@@ -456,7 +457,16 @@ def colored_spectra(
     color_ids, index, valid = tables
     directions = tf.transpose(tf.one_hot(color_ids, coloring.num_colors, dtype=x.dtype))
     products = colored_products(fn, x, directions, block=block)
-    return gram_singular_values(colored_gram(products, index, valid, coloring))
+    return colored_gram(products, index, valid, coloring)
+
+
+def colored_spectra(
+    fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int
+) -> tf.Tensor:
+    """Exact singular values (`[B, n0]`, float64, from the Gram `J^T J`) of a
+    local tap's Jacobian by colored forward mode (arguments as
+    `colored_jacobian_gram`)."""
+    return gram_singular_values(colored_jacobian_gram(fn, x, coloring, tables, block=block))
 
 
 def recover_jacobian(products: tf.Tensor, coloring: Coloring) -> tf.Tensor:

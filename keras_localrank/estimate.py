@@ -21,8 +21,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_localrank import host_linalg
 from keras_localrank.active_units import ActiveUnitAccumulator, ActiveUnitCounter
-from keras_localrank.colored import colored_spectra, positions_per_block, tap_coloring
+from keras_localrank.colored import (
+    colored_jacobian_gram,
+    colored_spectra,
+    positions_per_block,
+    tap_coloring,
+)
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
 from keras_localrank.factor import find_linear_root, is_constant_tap, row_space_basis
 from keras_localrank.graph import (
@@ -34,7 +40,7 @@ from keras_localrank.graph import (
 )
 from keras_localrank.inputs import as_model_samples, as_samples, check_positive_int, inputs_list
 from keras_localrank.jacobians import preactivations
-from keras_localrank.matfree import forward_spectra, jvp, reverse_spectra, vjp
+from keras_localrank.matfree import forward_spectra, gram_singular_values, jvp, reverse_spectra, vjp
 from keras_localrank.memory import (
     ACTIVATION_FACTOR,
     DEFAULT_MEMORY_BUDGET,
@@ -515,10 +521,13 @@ class LocalRankEstimator:
         per_sample = max([per_sample] + [storage(t, mode) for t in exact])
         # Colored taps are measured one after the other, before the packs
         # (control dependencies): at most one of them is in flight, and what
-        # each leaves behind is its spectrum (`k` float64 values per sample).
+        # each leaves behind is its spectrum (`k` float64 values per sample),
+        # plus, while the next tap (or pack) runs, the previous tap's `n0 x n0`
+        # Gram and the eigen-solver's copy of it.
         if colored_taps:
             per_sample = max([per_sample] + [self._colored_bytes(t) for t in colored_taps])
             per_sample += sum(8 * directions(t) for t in colored_taps)
+            per_sample += max(2 * 8 * t.input_dim**2 for t in colored_taps)
         for t in random:
             k = directions(t)
             # Room for the basis to reach min(n_l, k), up to half the budget.
@@ -831,29 +840,16 @@ class LocalRankEstimator:
         batch = tf.shape(x)[0]
         for name, s in constants.items():
             spectra[name] = tf.broadcast_to(s, tf.stack([batch, tf.shape(s)[1]]))
-        previous = None
-        for tap in self._exact_taps:  # one at a time: their loops must not overlap
-            if tap.name not in self._colorings or tap in self._constant_taps:
-                continue
-            with tf.control_dependencies([] if previous is None else [previous]):
-                s = colored_spectra(
-                    _outputs_fn(self._tap_inputs[tap.name], [tap], held),
-                    tf.identity(x),
-                    self._colorings[tap.name],
-                    self._colored_tables(tap.name),
-                    block=min(block, self._directions[tap.name]),
-                )
-            spectra[tap.name] = s
-            previous = s
         taps = [t for t in self._dense_taps if t not in self._constant_taps]
 
         def tap_basis(tap):
             return basis if root is not None and tap.name in root.covered else None
 
-        if not taps:
-            return spectra
-        if self._mode == "forward":
-            previous = [] if previous is None else [previous]
+        # Dense taps first: their Grams are held on the host
+        # (`host_linalg`) and released before the colored taps run, whose
+        # buffers then come from what TensorFlow's allocator already holds.
+        previous = []
+        if taps and self._mode == "forward":
             for reduced, group, model in self._forward_groups:
                 # One pack after the other: their results must not coexist.
                 with tf.control_dependencies(previous):
@@ -867,21 +863,38 @@ class LocalRankEstimator:
                     )
                 spectra.update({t.name: v for t, v in zip(group, values)})
                 previous = list(values)
-            return spectra
-        for tap in taps:  # one tap at a time: their loops must not overlap
-            model = self._tap_inputs[tap.name]
-            deps = [] if previous is None else [previous]
-            with tf.control_dependencies(deps):
-                s = reverse_spectra(
-                    _outputs_fn(model, [tap], held),
+        elif taps:
+            for tap in taps:  # one tap at a time: their loops must not overlap
+                with tf.control_dependencies(previous):
+                    s = reverse_spectra(
+                        _outputs_fn(self._tap_inputs[tap.name], [tap], held),
+                        tf.identity(x),
+                        tap_basis(tap),
+                        tap.units,
+                        block=min(block, tap.units),
+                        use_gram=self._use_gram,
+                    )
+                spectra[tap.name] = s
+                previous = [s]
+        # Colored taps one at a time: their loops must not overlap. Each
+        # waits for the previous tap's Gram, not its eigen-solve, which runs
+        # on the host beside the next tap's products; and for the spectrum
+        # before that, so at most one solve is pending (`_plan` budgets its
+        # Gram and the solver's copy).
+        solved = None
+        for tap in self._exact_taps:
+            if tap.name not in self._colorings or tap in self._constant_taps:
+                continue
+            with tf.control_dependencies(previous):
+                gram = colored_jacobian_gram(
+                    _outputs_fn(self._tap_inputs[tap.name], [tap], held),
                     tf.identity(x),
-                    tap_basis(tap),
-                    tap.units,
-                    block=min(block, tap.units),
-                    use_gram=self._use_gram,
+                    self._colorings[tap.name],
+                    self._colored_tables(tap.name),
+                    block=min(block, self._directions[tap.name]),
                 )
-            spectra[tap.name] = s
-            previous = s
+            previous = [gram] + ([] if solved is None else [solved])
+            solved = spectra[tap.name] = gram_singular_values(gram)
         return spectra
 
     # -- the randomized path (eager loop over sketch rounds) -------------------
@@ -1126,7 +1139,9 @@ class LocalRankEstimator:
             valid = min(size, n - i * size)
             out = {}
             if self._forest or self._exact_taps:
-                for name, values in self._run(chunk, basis, constants).items():
+                with host_linalg.released_on_error():
+                    summaries = self._run(chunk, basis, constants)
+                for name, values in summaries.items():
                     out[name] = tuple(np.asarray(v) for v in values)
             if self._random_taps:
                 out.update(self._randomized(chunk, basis, i))

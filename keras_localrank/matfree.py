@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from keras_localrank import memory
-from keras_localrank.spectra import symmetric_eigenvalues
+from keras_localrank import host_linalg, memory
+from keras_localrank.spectra import HOST_LAPACK_MIN_ORDER, in_xla_context, symmetric_eigenvalues
 
 __all__ = [
     "jvp",
@@ -96,6 +96,39 @@ def gram_singular_values(gram: tf.Tensor) -> tf.Tensor:
     return tf.sqrt(tf.maximum(symmetric_eigenvalues(gram), 0.0))
 
 
+def _on_host(sizes) -> bool:
+    """Whether Grams of these orders are accumulated on the host
+    (`host_linalg`: BLAS `dsyrk` in place, then LAPACK), not by TensorFlow:
+    outside XLA, from order `HOST_LAPACK_MIN_ORDER` up."""
+    return bool(sizes) and min(sizes) >= HOST_LAPACK_MIN_ORDER and not in_xla_context()
+
+
+def _host_open(batch, sizes) -> tf.Tensor:
+    """Keys `[L]` of new zero float64 Grams `[batch, n, n]` held on the host."""
+    keys = [
+        tf.numpy_function(host_linalg.gram_open, [batch, n], tf.int64, stateful=True)
+        for n in sizes
+    ]
+    return tf.ensure_shape(tf.stack(keys), [len(sizes)])
+
+
+def _host_update(keys: tf.Tensor, blocks) -> tf.Tensor:
+    """`G_l += F_l^T F_l` on the host for every `[B, d, n_l]` block; returns
+    the keys, to be threaded through the loop (it orders the updates)."""
+    out = tf.numpy_function(host_linalg.gram_update, [keys, *blocks], tf.int64, stateful=True)
+    return tf.ensure_shape(out, keys.shape)
+
+
+def _host_singular_values(keys: tf.Tensor, sizes) -> list[tf.Tensor]:
+    """Singular values `[B, n_l]` from the held Grams (which are released)."""
+    values = tf.numpy_function(
+        host_linalg.gram_eigvalsh, [keys], [tf.float64] * len(sizes), stateful=True
+    )
+    if not isinstance(values, (list, tuple)):  # eager mode unpacks a single output
+        values = [values]
+    return [tf.sqrt(tf.maximum(tf.ensure_shape(v, [None, n]), 0.0)) for v, n in zip(values, sizes)]
+
+
 def _block_source(basis: tf.Tensor | None, size: int, block: int, dtype):
     """A function `i -> [block, n]` giving the `i`-th block of direction rows,
     and the number of blocks. `basis` None means the identity of size `size`,
@@ -129,22 +162,25 @@ def _finish(stored, k: int, *, use_gram: bool) -> tf.Tensor:
     rows = num * block
     chunk = tf.maximum(1, memory.GRAM_CHUNK_VALUES // tf.maximum(1, batch * rows))
     steps = (m + chunk - 1) // chunk
+    host = _on_host([k])
 
     def body(j, gram):
         start = j * chunk
         size = tf.minimum(chunk, m - start)
         part = tf.slice(t, tf.stack([0, 0, 0, start]), tf.stack([-1, -1, -1, size]))
-        part = tf.reshape(tf.transpose(tf.cast(part, tf.float64), [1, 0, 2, 3]),
-                          tf.stack([batch, rows, size]))
+        part = tf.reshape(tf.transpose(part, [1, 0, 2, 3]), tf.stack([batch, rows, size]))
+        if host:  # the first k rows (the rest is padding), as [B, size, k] blocks
+            return j + 1, _host_update(gram, [tf.transpose(part[:, :k], [0, 2, 1])])
+        part = tf.cast(part, tf.float64)
         update = tf.linalg.matmul(part, part, transpose_b=True)
         return j + 1, tf.ensure_shape(gram + update, gram.shape)
 
+    init = _host_open(batch, [k]) if host else zeros(tf.stack([batch, rows, rows]), tf.float64)
     _, gram = tf.while_loop(
-        lambda j, _: j < steps,
-        body,
-        (tf.constant(0), zeros(tf.stack([batch, rows, rows]), tf.float64)),
-        parallel_iterations=1,
+        lambda j, _: j < steps, body, (tf.constant(0), init), parallel_iterations=1
     )
+    if host:
+        return _host_singular_values(gram, [k])[0]
     # The assembled matrix is [B, k, m] with k the smaller side on this path.
     return gram_singular_values(gram[:, :k, :k])
 
@@ -197,35 +233,45 @@ def forward_spectra(
     batch = tf.shape(x)[0]
     source, num = _block_source(basis, k, block, x.dtype)
     accumulate = [use_gram and n <= k for n in units]
+    sizes = [n for n, acc in zip(units, accumulate) if acc]
+    host = _on_host(sizes)
 
     init = []
     for n, acc in zip(units, accumulate):
-        if acc:
+        if acc and not host:
             init.append(zeros(tf.stack([batch, n, n]), tf.float64))
-        else:
+        elif not acc:
             init.append(tf.TensorArray(x.dtype, size=num, element_shape=None))
+    keys = _host_open(batch, sizes) if host else tf.zeros([0], tf.int64)
 
-    def body(i, state):
+    def body(i, keys, state):
         v = tf.broadcast_to(source(i), tf.stack([batch, block, n0]))
         columns = jvp(fn, x, v)  # [B, block, n_l] each: block columns of F_l, transposed
+        if host:
+            keys = _host_update(keys, [c for acc, c in zip(accumulate, columns) if acc])
+            columns = [c for acc, c in zip(accumulate, columns) if not acc]
         new = []
-        for acc, c, s in zip(accumulate, columns, state):
-            if acc:
+        for c, s in zip(columns, state):
+            if isinstance(s, tf.TensorArray):
+                new.append(s.write(i, c))
+            else:
                 c64 = tf.cast(c, tf.float64)
                 new.append(s + tf.linalg.matmul(c64, c64, transpose_a=True))
-            else:
-                new.append(s.write(i, c))
-        return i + 1, new
+        return i + 1, keys, new
 
-    _, state = tf.while_loop(
-        lambda i, _: i < num, body, (tf.constant(0), init), parallel_iterations=1
+    _, keys, state = tf.while_loop(
+        lambda i, *_: i < num, body, (tf.constant(0), keys, init), parallel_iterations=1
     )
+    held = iter(_host_singular_values(keys, sizes) if host else [])
+    state = iter(state)
     out = []
-    for acc, s in zip(accumulate, state):
-        if acc:
-            out.append(gram_singular_values(s))
+    for acc in accumulate:
+        if acc and host:
+            out.append(next(held))
+        elif acc:
+            out.append(gram_singular_values(next(state)))
         else:  # assembled F_l^T: [B, k, n_l], k < n_l or SVD wanted
-            out.append(_finish(s, k, use_gram=use_gram))
+            out.append(_finish(next(state), k, use_gram=use_gram))
     return out
 
 
@@ -259,7 +305,10 @@ def reverse_spectra(
     batch = tf.shape(x)[0]
     source, num = _block_source(None, units, block, x.dtype)
     accumulate = use_gram and k <= units
-    if accumulate:
+    host = accumulate and _on_host([k])
+    if host:
+        init = _host_open(batch, [k])
+    elif accumulate:
         init = zeros(tf.stack([batch, k, k]), tf.float64)
     else:
         init = tf.TensorArray(x.dtype, size=num, element_shape=None)
@@ -269,6 +318,8 @@ def reverse_spectra(
         rows = vjp(fn, x, u, index=index)  # [B, block, n0]
         if basis is not None:
             rows = tf.linalg.matmul(rows, tf.cast(basis, x.dtype), transpose_b=True)
+        if host:
+            return i + 1, _host_update(s, [rows])
         if accumulate:
             r64 = tf.cast(rows, tf.float64)
             return i + 1, s + tf.linalg.matmul(r64, r64, transpose_a=True)
@@ -277,6 +328,8 @@ def reverse_spectra(
     _, state = tf.while_loop(
         lambda i, _: i < num, body, (tf.constant(0), init), parallel_iterations=1
     )
+    if host:
+        return _host_singular_values(state, [k])[0]
     if accumulate:
         return gram_singular_values(state)
     return _finish(state, units, use_gram=use_gram)

@@ -1,0 +1,112 @@
+"""The host BLAS/LAPACK kernels of the exact path against NumPy, and the
+engine's Grams held on the host against float64 references.
+
+`host_linalg` accumulates float64 Grams in place by `dsyrk` and solves them
+by LAPACK's two-stage eigenvalue routine; `matfree` uses it for Grams of
+order `HOST_LAPACK_MIN_ORDER` and up, so the engine tests on small models
+never reach it: these use orders 130-200.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_localrank import host_linalg, memory
+from keras_localrank.matfree import forward_spectra, reverse_spectra
+from keras_localrank.spectra import HOST_LAPACK_MIN_ORDER
+
+
+def test_eigvalsh_equals_numpy_and_may_overwrite():
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((300, 200)) @ np.diag(np.logspace(0, -6, 200))
+    a = b.T @ b
+    expected = np.linalg.eigvalsh(a)
+    np.testing.assert_allclose(host_linalg.eigvalsh(a), expected, rtol=0, atol=1e-13 * expected[-1])
+    work = np.asfortranarray(a.copy())
+    np.testing.assert_allclose(
+        host_linalg.eigvalsh(work, overwrite=True), expected, rtol=0, atol=1e-13 * expected[-1]
+    )
+    np.testing.assert_array_equal(host_linalg.eigvalsh(np.ones((1, 1)) * 3.0), [3.0])
+    with pytest.raises(ValueError, match="square"):
+        host_linalg.eigvalsh(np.ones((2, 3)))
+
+
+def test_two_stage_solver_is_found_in_numpys_openblas():
+    # The wheels this project installs ship OpenBLAS with LAPACK 3.7+; if the
+    # lookup broke, every solve would silently fall back to the slower one.
+    assert host_linalg.two_stage_available()
+
+
+def test_held_grams_accumulate_blocks_in_place_and_are_released():
+    rng = np.random.default_rng(1)
+    blocks = [rng.standard_normal((2, d, 150)).astype("float32") for d in (7, 64, 1)]
+    keys = np.array([host_linalg.gram_open(2, 150), host_linalg.gram_open(2, 150)])
+    for c in blocks:
+        assert host_linalg.gram_update(keys, c, 2 * c) is keys
+    assert set(keys.tolist()) <= set(host_linalg.open_grams())
+    first, second = host_linalg.gram_eigvalsh(keys)
+    full = np.concatenate(blocks, axis=1).astype(np.float64)
+    expected = np.stack([np.linalg.eigvalsh(f.T @ f) for f in full])
+    np.testing.assert_allclose(first, expected, rtol=0, atol=1e-12 * expected.max())
+    np.testing.assert_allclose(second, 4 * expected, rtol=0, atol=4e-12 * expected.max())
+    assert not set(keys.tolist()) & set(host_linalg.open_grams())
+    (empty,) = host_linalg.gram_eigvalsh(np.array([host_linalg.gram_open(0, 5)]))
+    assert empty.shape == (0, 5)
+
+
+def test_grams_of_a_measurement_that_raises_are_released():
+    before = set(host_linalg.open_grams())
+    with pytest.raises(RuntimeError):
+        with host_linalg.released_on_error():
+            host_linalg.gram_open(1, 300)
+            raise RuntimeError("interrupted")
+    assert set(host_linalg.open_grams()) == before
+
+
+@pytest.mark.parametrize("m, n", [(130, 200), (200, 130)])
+def test_engine_grams_on_the_host_equal_numpy_singular_values(m, n, monkeypatch):
+    # A per-sample linear map of known matrix, large enough for the host path
+    # in both modes (forward accumulates n_l x n_l when m <= n, reverse k x k
+    # when n <= m), blocks of directions that do not divide the sizes.
+    assert min(m, n) >= HOST_LAPACK_MIN_ORDER
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((2, m, n)) @ np.diag(np.logspace(0, -4, n))
+    x = tf.constant(rng.standard_normal((2, n)).astype("float32"))
+    calls = []
+    update = host_linalg.gram_update
+    monkeypatch.setattr(host_linalg, "gram_update", lambda *a: calls.append(1) or update(*a))
+    monkeypatch.setattr(memory, "GRAM_CHUNK_VALUES", 20_000)  # assembled: several chunks
+
+    def fn(z):
+        mats = tf.repeat(tf.constant(a, tf.float32), tf.shape(z)[0] // 2, axis=0)
+        return [tf.einsum("bmn,bn->bm", mats, z)]
+
+    expected = np.sort(np.linalg.svd(a.astype(np.float32).astype(np.float64), compute_uv=False))
+    fw = forward_spectra(fn, x, None, [m], block=37)[0]
+    rv = reverse_spectra(fn, x, None, m, block=41)
+    graph = tf.function(lambda z: forward_spectra(fn, z, None, [m], block=37)[0])(x)
+    for got in (fw, rv, graph):
+        got = np.sort(got.numpy(), axis=-1)[:, -min(m, n):]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * expected.max())
+    # One update per block where the Gram is accumulated (forward, eager and
+    # traced, when m <= n; reverse when n <= m); one per column chunk where
+    # the matrix is assembled first (the other mode).
+    def chunks(rows, cols):  # matfree._finish's column chunks, 2 samples
+        return -(-cols // (memory.GRAM_CHUNK_VALUES // (2 * rows)))
+
+    forward = 2 * -(-n // 37) if m <= n else 2 * chunks(-(-n // 37) * 37, m)
+    reverse = -(-m // 41) if n <= m else chunks(-(-m // 41) * 41, n)
+    assert len(calls) == forward + reverse
+    assert not host_linalg.open_grams()
+
+
+def test_planner_prefers_directions_in_flight_to_samples_per_chunk():
+    # Large per-sample results: one sample with many directions per pass, not
+    # several samples with few (each pass updates every Gram of the pack).
+    assert memory.plan_sizes(
+        budget=2000, per_sample=600, per_replica=2, max_directions=3072, batch_size=None
+    ) == (1, 700)
+    # Small results: as many samples as fit (up to 128) with all directions.
+    assert memory.plan_sizes(
+        budget=100_000, per_sample=10, per_replica=1, max_directions=300, batch_size=None
+    ) == (128, 300)
