@@ -158,28 +158,62 @@ def eigvalsh(a: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
 
 
 def _find_syrk():
-    """`cblas_dsyrk`, checked against NumPy on a small matrix, or None."""
-    fn = _find(
+    """`(cblas_dsyrk, cblas_dgemm)`, checked against NumPy on a small matrix
+    (the split update included), or None."""
+    syrk = _find(
         "cblas_dsyrk",
         lambda i: (None, [ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, ctypes.c_double,
                           ctypes.c_void_p, i, ctypes.c_double, ctypes.c_void_p, i]),
     )  # fmt: skip
-    if fn is not None:
-        c = np.random.default_rng(0).standard_normal((7, 40))
-        g = np.zeros((40, 40), order="F")
-        _syrk(fn, g, c)
-        if not np.allclose(np.tril(g), np.tril(c.T @ c), rtol=0, atol=1e-12 * np.abs(g).max()):
-            fn = None
-    return fn
+    gemm = _find(
+        "cblas_dgemm",
+        lambda i: (None, [ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, ctypes.c_double,
+                          ctypes.c_void_p, i, ctypes.c_void_p, i, ctypes.c_double,
+                          ctypes.c_void_p, i]),
+    )  # fmt: skip
+    if syrk is None or gemm is None:
+        return None
+    c = np.random.default_rng(0).standard_normal((7, 40))
+    g = np.zeros((40, 40), order="F")
+    for job in _split_jobs((syrk, gemm), g, c):
+        job()
+    if not np.allclose(np.tril(g), np.tril(c.T @ c), rtol=0, atol=1e-12 * np.abs(g).max()):
+        return None
+    return syrk, gemm
 
 
-def _syrk(fn, gram: np.ndarray, c: np.ndarray) -> None:
-    """`gram += c^T c` (lower triangle) in place; `gram` `[n, n]` float64 in
-    Fortran order, `c` `[d, n]` float64 C-contiguous (read as the
-    column-major `[n, d]` matrix `c^T`)."""
+#: Gram orders from which one update is split over two cores.
+SPLIT_MIN_ORDER = 512
+_TRANS = 112
+
+
+def _split_jobs(kernels, gram: np.ndarray, c: np.ndarray, parts: int = 2) -> list:
+    """`gram += c^T c` (lower triangle) in place as `parts` (1 or 2) jobs;
+    `gram` `[n, n]` float64 in Fortran order, `c` `[d, n]` float64
+    C-contiguous, read as the column-major `[n, d]` matrix `M = c^T`.
+
+    Two parts split the rows at `h ~ 0.29 n`, which balances the flops:
+    `C[:h, :h] += M_1 M_1^T` and `C[h:, :h] += M_2 M_1^T` in one job,
+    `C[h:, h:] += M_2 M_2^T` in the other.
+    """
+    syrk, gemm = kernels
     d, n = c.shape
-    fn(_COL_MAJOR, _LOWER, _NO_TRANS, n, d, 1.0, c.ctypes.data, max(1, n), 1.0,
-       gram.ctypes.data, max(1, n))  # fmt: skip
+    a, g, ld, size = c.ctypes.data, gram.ctypes.data, max(1, n), 8
+
+    def rank_k(rows: int, start: int):
+        return lambda: syrk(_COL_MAJOR, _LOWER, _NO_TRANS, rows, d, 1.0, a + size * start, ld,
+                            1.0, g + size * (start + start * n), ld)  # fmt: skip
+
+    if parts == 1 or n < 2:
+        return [rank_k(n, 0)]
+    h = max(1, round(0.29 * n))
+
+    def top_and_off_diagonal():
+        rank_k(h, 0)()
+        gemm(_COL_MAJOR, _NO_TRANS, _TRANS, n - h, h, d, 1.0, a + size * h, ld, a, ld, 1.0,
+             g + size * h, ld)  # fmt: skip
+
+    return [top_and_off_diagonal, rank_k(n - h, h)]
 
 
 def _syrk_routine():
@@ -193,11 +227,15 @@ _grams: dict[int, tuple[int, list[np.ndarray]]] = {}  # key: (n, one buffer per 
 _keys = itertools.count(1)
 
 
+def _workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
     with _lock:
         if "pool" not in _state:
             _state["pool"] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="host-gram"
+                max_workers=_workers(), thread_name_prefix="host-gram"
             )
         return _state["pool"]
 
@@ -220,30 +258,31 @@ def gram_open(batch, n) -> np.int64:
     return np.int64(key)
 
 
-def _update_one(job):
-    gram, c = job
-    fn = _syrk_routine()
-    if fn is None:
-        gram += c.T @ c
-    else:
-        _syrk(fn, gram, c)
-
-
 def gram_update(keys, *blocks) -> np.ndarray:
     """`G_l += F_l^T F_l` for every held Gram `keys[l]` and its block
-    `blocks[l]` (`[batch, d, n_l]`), in place, one matrix per core. Returns
-    `keys` (the token that orders the updates in a traced loop)."""
+    `blocks[l]` (`[batch, d, n_l]`), in place, one matrix per core (a single
+    large matrix is split over two). Returns `keys` (the token that orders
+    the updates in a traced loop)."""
     keys = np.asarray(keys)
-    jobs = []
+    pairs = []
     for key, block in zip(keys.tolist(), blocks):
         grams = _grams[int(key)][1]
-        block = np.ascontiguousarray(block, dtype=np.float64)
-        jobs.extend(zip(grams, block))
+        pairs.extend(zip(grams, np.ascontiguousarray(block, dtype=np.float64)))
+    kernels = _syrk_routine()
+    if kernels is None:
+        jobs = [lambda g=g, c=c: g.__iadd__(c.T @ c) for g, c in pairs]
+    else:
+        parts = 2 if len(pairs) < _workers() else 1
+        jobs = [
+            job
+            for g, c in pairs
+            for job in _split_jobs(kernels, g, c, parts if g.shape[0] >= SPLIT_MIN_ORDER else 1)
+        ]
     with _one_thread():
         if len(jobs) == 1:
-            _update_one(jobs[0])
+            jobs[0]()
         else:
-            list(_pool().map(_update_one, jobs))
+            list(_pool().map(lambda job: job(), jobs))
     return keys
 
 

@@ -142,8 +142,10 @@ def _block_source(basis: tf.Tensor | None, size: int, block: int, dtype):
     return (lambda i: padded[i]), num
 
 
-def _finish(stored, k: int, *, use_gram: bool) -> tf.Tensor:
-    """Singular values of the matrix assembled from stored blocks.
+def _finish(stored, k: int, *, use_gram: bool, solve: bool = True) -> tf.Tensor:
+    """Singular values of the matrix assembled from stored blocks (or, with
+    `solve=False` and a Gram held on the host, its key `[1]`, for
+    `_host_singular_values` to solve it with others in one call).
 
     `stored` stacks `[num_blocks, B, block, m]`; the assembled matrix is
     `[B, num_blocks * block, m]`, truncated to `k` rows. With `use_gram`
@@ -180,7 +182,7 @@ def _finish(stored, k: int, *, use_gram: bool) -> tf.Tensor:
         lambda j, _: j < steps, body, (tf.constant(0), init), parallel_iterations=1
     )
     if host:
-        return _host_singular_values(gram, [k])[0]
+        return _host_singular_values(gram, [k])[0] if solve else gram
     # The assembled matrix is [B, k, m] with k the smaller side on this path.
     return gram_singular_values(gram[:, :k, :k])
 
@@ -262,16 +264,30 @@ def forward_spectra(
     _, keys, state = tf.while_loop(
         lambda i, *_: i < num, body, (tf.constant(0), keys, init), parallel_iterations=1
     )
-    held = iter(_host_singular_values(keys, sizes) if host else [])
+    # Grams held on the host (the accumulated ones, in `keys`, and the
+    # assembled ones) are solved in one call, one matrix per core.
     state = iter(state)
-    out = []
-    for acc in accumulate:
+    out = [None] * len(units)
+    held, held_sizes, held_index = [], [], []
+    if host:
+        held.append(keys)
+        held_sizes += sizes
+        held_index += [j for j, acc in enumerate(accumulate) if acc]
+    for j, acc in enumerate(accumulate):
         if acc and host:
-            out.append(next(held))
-        elif acc:
-            out.append(gram_singular_values(next(state)))
-        else:  # assembled F_l^T: [B, k, n_l], k < n_l or SVD wanted
-            out.append(_finish(next(state), k, use_gram=use_gram))
+            continue
+        if acc:
+            out[j] = gram_singular_values(next(state))
+        elif use_gram and _on_host([k]):  # assembled F_l^T: [B, k, n_l], k < n_l
+            held.append(_finish(next(state), k, use_gram=True, solve=False))
+            held_sizes.append(k)
+            held_index.append(j)
+        else:  # assembled, solved in TensorFlow (SVD wanted, XLA or small k)
+            out[j] = _finish(next(state), k, use_gram=use_gram)
+    if held:
+        solved = _host_singular_values(tf.concat(held, 0), held_sizes)
+        for j, values in zip(held_index, solved):
+            out[j] = values
     return out
 
 

@@ -54,6 +54,23 @@ def test_held_grams_accumulate_blocks_in_place_and_are_released():
     assert empty.shape == (0, 5)
 
 
+@pytest.mark.parametrize("order", [3, 150, 1])
+def test_one_large_gram_is_updated_in_two_parts_that_add_up(order, monkeypatch):
+    # A single matrix (fewer than the cores) is split into a top block with
+    # the off-diagonal block and a bottom block; `SPLIT_MIN_ORDER` lowered so
+    # that small orders take that path.
+    monkeypatch.setattr(host_linalg, "SPLIT_MIN_ORDER", 2)
+    rng = np.random.default_rng(4)
+    blocks = [rng.standard_normal((1, d, order)) for d in (5, 33)]
+    (key,) = keys = np.array([host_linalg.gram_open(1, order)])
+    for c in blocks:
+        host_linalg.gram_update(keys, c)
+    (values,) = host_linalg.gram_eigvalsh(keys)
+    full = np.concatenate(blocks, axis=1)[0]
+    expected = np.linalg.eigvalsh(full.T @ full)
+    np.testing.assert_allclose(values[0], expected, rtol=0, atol=1e-12 * expected.max())
+
+
 def test_grams_of_a_measurement_that_raises_are_released():
     before = set(host_linalg.open_grams())
     with pytest.raises(RuntimeError):
@@ -110,3 +127,25 @@ def test_planner_prefers_directions_in_flight_to_samples_per_chunk():
     assert memory.plan_sizes(
         budget=100_000, per_sample=10, per_replica=1, max_directions=300, batch_size=None
     ) == (128, 300)
+
+
+def test_a_forward_pack_mixing_accumulated_and_assembled_grams_solves_both():
+    # One pass, two outputs: 130 x 200 (Gram accumulated, order 130) and
+    # 260 x 200 (assembled, Gram of order 200), solved together on the host.
+    rng = np.random.default_rng(3)
+    mats = [rng.standard_normal((2, m, 200)) @ np.diag(np.logspace(0, -3, 200)) for m in (130, 260)]
+    x = tf.constant(rng.standard_normal((2, 200)).astype("float32"))
+
+    def fn(z):
+        reps = tf.shape(z)[0] // 2
+        return [
+            tf.einsum("bmn,bn->bm", tf.repeat(tf.constant(a, tf.float32), reps, axis=0), z)
+            for a in mats
+        ]
+
+    got = tf.function(lambda z: forward_spectra(fn, z, None, [130, 260], block=64))(x)
+    for a, values in zip(mats, got):
+        expected = np.sort(np.linalg.svd(a.astype(np.float32).astype(np.float64), compute_uv=False))
+        values = np.sort(values.numpy(), axis=-1)[:, -expected.shape[-1]:]
+        np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6 * expected.max())
+    assert not host_linalg.open_grams()
