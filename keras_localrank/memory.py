@@ -36,13 +36,12 @@ DEFAULT_MEMORY_BUDGET = 2 * 2**30
 #: Replica cost factor: primal + tangent (or tape) + temporaries.
 ACTIVATION_FACTOR = 3
 #: Directions in flight a chunk keeps room for before it takes more samples
-#: (`plan_sizes`), and that a forward pack leaves room for. Fewer directions
-#: per pass mean more passes per sample, each a rank-`d` update of every
-#: float64 Gram of the pack: memory-bound at small `d`, and each update holds
-#: a product and a new sum beside the old Gram. MobileNetV2 at 32x32, all
-#: layers: chunks of 2 samples with 44 directions grew by 2,927 MiB against
-#: a 2,048 MiB plan; one sample with 240 directions by 2,131 MiB, in the same
-#: time.
+#: (`plan_sizes`). Fewer directions per pass mean more passes per sample,
+#: each a rank-`d` update of every float64 Gram of the pack (memory-bound at
+#: small `d`). MobileNetV2 at 32x32, all layers, before the Grams moved to
+#: the host: chunks of 2 samples with 44 directions grew by 2,927 MiB against
+#: a 2,048 MiB plan; one sample with 240 directions by 2,131 MiB, in the
+#: same time. (Forward packs still leave room for 32 directions only.)
 MIN_DIRECTIONS = 256
 #: Values of one column chunk of an assembled Jacobian cast to float64 while
 #: its Gram is formed (`matfree._finish`; 64 MiB): the matrix itself is never
