@@ -48,6 +48,7 @@ import numpy as np
 
 __all__ = [
     "eigvalsh",
+    "eigvalsh_batch",
     "gram_eigvalsh",
     "gram_open",
     "gram_update",
@@ -308,6 +309,24 @@ def gram_eigvalsh(keys) -> list[np.ndarray]:
     with _one_thread():
         list(_pool().map(solve, jobs))
     return [np.stack(v) if v else np.zeros((0, n), np.float64) for v, n in zip(values, sizes)]
+
+
+def eigvalsh_batch(matrices: np.ndarray) -> np.ndarray:
+    """`eigvalsh` over a batch `[..., n, n]` -> `[..., n]`, one matrix per
+    core, each with a single-threaded BLAS (threaded BLAS spins and stalls
+    on a busy machine: 4.7 s instead of 0.05 s for one 784 x 784 matrix at
+    load 7)."""
+    matrices = np.asarray(matrices)
+    n = matrices.shape[-1]
+    if matrices.size == 0:  # no matrices, or matrices of order 0
+        return np.zeros(matrices.shape[:-1], np.float64)
+    flat = matrices.reshape(-1, n, n)
+    with _one_thread():
+        if len(flat) == 1:
+            values = [eigvalsh(flat[0])]
+        else:
+            values = list(_pool().map(eigvalsh, flat))
+    return np.stack(values).reshape(matrices.shape[:-1])
 
 
 def open_grams() -> list[int]:
