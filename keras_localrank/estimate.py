@@ -61,6 +61,7 @@ from keras_localrank.spectra import (
     tolerance_threshold,
 )
 from keras_localrank.taps import select_taps, tap_inputs_model
+from keras_localrank.thin import thin_factor, thin_width
 from keras_localrank.tracing import instance_function
 from keras_localrank.validation import check_choice, check_fraction, check_int
 
@@ -136,11 +137,13 @@ def _repeat_held(held, z):
     return [tf.repeat(h, reps, axis=0) for h in held]
 
 
-def _outputs_fn(inputs_model, taps, held=()):
-    """`z -> [p_l(z)]` with the held inputs repeated to `z`'s rows."""
+def _outputs_fn(inputs_model, taps, held=(), thin=None):
+    """`z -> [p_l(z)]` with the held inputs repeated to `z`'s rows; the taps
+    in `thin` (`{name: thin_factor}`) give their thin rows instead
+    (`keras_localrank.thin`)."""
 
     def fn(z):
-        return preactivations(inputs_model, taps, z, _repeat_held(held, z))
+        return preactivations(inputs_model, taps, z, _repeat_held(held, z), thin=thin)
 
     return fn
 
@@ -195,12 +198,16 @@ class LayerPlan:
             (`n0`, `n_1` when reduced through a constant first layer, or the
             number of colours).
         in_flight: directions per pass (the memory knob).
+        rows: rows of the Jacobian the exact path forms: `n_l`, or fewer for
+            a pointwise layer measured through its narrower input (see
+            `keras_localrank.thin`); 0 when no Jacobian rows are formed.
     """
 
     method: str
     mode: str | None
     directions: int
     in_flight: int = 0
+    rows: int = 0
 
 
 class LocalRankEstimator:
@@ -334,6 +341,7 @@ class LocalRankEstimator:
             )
         self._general = general
         self._plans = {name: LayerPlan("analytic", None, 0) for name in self._forest}
+        self._thin: dict[str, int] = {}
         self._work_model = None
         self._exact_taps: list = []
         self._random_taps: list = []
@@ -436,11 +444,21 @@ class LocalRankEstimator:
                 "layers (LSTM/GRU/RNN) do not support; use method='exact'."
             )
 
+        # Pointwise layers wider than their input give thin rows (same Gram).
+        thin = {}
+        for tap in work_taps:
+            width = thin_width(tap.layer, tap.units)
+            if width is not None:
+                thin[tap.name] = width
+
+        def rows(tap):
+            return thin.get(tap.name, tap.units)
+
         def storage(tap, mode):
             k = directions(tap)
-            along = tap.units <= k if mode == "forward" else k <= tap.units
+            along = rows(tap) <= k if mode == "forward" else k <= rows(tap)
             accumulate = self._use_gram and along
-            return exact_storage_bytes(tap.units, k, itemsize, accumulate=accumulate)
+            return exact_storage_bytes(rows(tap), k, itemsize, accumulate=accumulate)
 
         if forced_mode:
             modes = [forced_mode]
@@ -485,13 +503,13 @@ class LocalRankEstimator:
                 mode = "reverse"
             else:  # the faster mode, unless only the other fits the budget
                 k = max(directions(t) for t in exact)
-                mode = "forward" if k < sum(t.units for t in exact) else "reverse"
+                mode = "forward" if k < sum(rows(t) for t in exact) else "reverse"
                 other = "reverse" if mode == "forward" else "forward"
 
                 def total(m):
                     return sum(storage(t, m) for t in exact) + per_replica
 
-                products = {"forward": k, "reverse": sum(t.units for t in exact)}
+                products = {"forward": k, "reverse": sum(rows(t) for t in exact)}
                 if total(mode) > budget >= total(other):
                     if products[other] >= SLOW_MODE_FACTOR * products[mode]:
                         warnings.warn(
@@ -535,7 +553,7 @@ class LocalRankEstimator:
             per_sample = max(per_sample, min(sketch, budget // 2))
         if exact:
             widest = max(directions(t) for t in exact) if mode == "forward" else max(
-                t.units for t in exact
+                rows(t) for t in exact
             )
         else:
             widest = self.sketch_block
@@ -576,6 +594,7 @@ class LocalRankEstimator:
             )
 
         self._dense_taps = exact
+        self._thin = {t.name: thin[t.name] for t in exact if t.name in thin}
         exact = [t for t in work_taps if t in exact or t in colored_taps]
         self._exact_taps = exact
         self._random_taps = random
@@ -587,9 +606,13 @@ class LocalRankEstimator:
             if t.name in self._colorings:
                 k = self._colorings[t.name].num_colors
                 self._directions[t.name] = k
-                self._plans[t.name] = LayerPlan("exact", "colored", k, min(in_flight, k))
+                self._plans[t.name] = LayerPlan(
+                    "exact", "colored", k, min(in_flight, k), rows=t.units
+                )
             else:
-                self._plans[t.name] = LayerPlan("exact", mode, directions(t), in_flight)
+                self._plans[t.name] = LayerPlan(
+                    "exact", mode, directions(t), in_flight, rows=rows(t)
+                )
         for t in random:
             self._plans[t.name] = LayerPlan(
                 "randomized", "forward+reverse", directions(t), self._sketch_max_block
@@ -722,6 +745,7 @@ class LocalRankEstimator:
                     failure_probability=(
                         self.failure_probability if plan.method == "randomized" else 0.0
                     ),
+                    rows=plan.rows,
                 )
             )
         return infos
@@ -772,6 +796,26 @@ class LocalRankEstimator:
             *stats,
         )
 
+    def _rows(self, tap) -> int:
+        """Rows of `tap`'s Jacobian formed by the exact path (`thin`)."""
+        return self._thin.get(tap.name, tap.units)
+
+    def _thin_factors(self) -> dict:
+        """`{name: thin_factor}` from the current weights, computed once per
+        traced measurement (outside the loops over directions)."""
+        return {
+            name: thin_factor(self._work_taps[name].layer) for name in self._thin
+        }
+
+    def _padded(self, s, tap):
+        """Singular values of thin rows, padded with the zeros of the
+        `min(n_l, k)` the layer's own Jacobian has."""
+        k = self._directions[tap.name]
+        missing = min(tap.units, k) - min(self._rows(tap), k)
+        if missing <= 0:
+            return s
+        return tf.pad(s, [[0, 0], [0, missing]])
+
     def _chunk(self, x, basis=None, constants=None):
         x, held = _split(x)  # [wrt tensor, *held model inputs] or one tensor
         x = tf.cast(x, self.dtype)
@@ -805,14 +849,16 @@ class LocalRankEstimator:
         x1 = tf.cast(x1, self.dtype)
         root = self._root
         block = max(1, self._in_flight * self.batch_size)
+        thin = self._thin_factors()
         out = {}
         for tap in self._constant_taps:
             model = self._tap_inputs[tap.name]
             reduced = root is not None and tap.name in root.covered
 
-            fn = _outputs_fn(model, [tap], held)
+            fn = _outputs_fn(model, [tap], held, thin)
             b = basis if reduced else None
             k = self._directions[tap.name]
+            rows = self._rows(tap)
             if tap.name in self._colorings:
                 s = colored_spectra(
                     fn,
@@ -823,13 +869,13 @@ class LocalRankEstimator:
                 )
             elif self._mode == "forward":
                 s = forward_spectra(
-                    fn, x1, b, [tap.units], block=min(block, k), use_gram=self._use_gram
+                    fn, x1, b, [rows], block=min(block, k), use_gram=self._use_gram
                 )[0]
             else:
                 s = reverse_spectra(
-                    fn, x1, b, tap.units, block=min(block, tap.units), use_gram=self._use_gram
+                    fn, x1, b, rows, block=min(block, rows), use_gram=self._use_gram
                 )
-            out[tap.name] = s
+            out[tap.name] = self._padded(s, tap)
         return out
 
     def _exact_spectra(self, x, held, basis, constants):
@@ -841,6 +887,7 @@ class LocalRankEstimator:
         for name, s in constants.items():
             spectra[name] = tf.broadcast_to(s, tf.stack([batch, tf.shape(s)[1]]))
         taps = [t for t in self._dense_taps if t not in self._constant_taps]
+        thin = self._thin_factors()
 
         def tap_basis(tap):
             return basis if root is not None and tap.name in root.covered else None
@@ -854,27 +901,27 @@ class LocalRankEstimator:
                 # One pack after the other: their results must not coexist.
                 with tf.control_dependencies(previous):
                     values = forward_spectra(
-                        _outputs_fn(model, group, held),
+                        _outputs_fn(model, group, held, thin),
                         tf.identity(x),
                         basis if reduced else None,
-                        [t.units for t in group],
+                        [self._rows(t) for t in group],
                         block=min(block, self._root.tap.units if reduced else n0),
                         use_gram=self._use_gram,
                     )
-                spectra.update({t.name: v for t, v in zip(group, values)})
+                spectra.update({t.name: self._padded(v, t) for t, v in zip(group, values)})
                 previous = list(values)
         elif taps:
             for tap in taps:  # one tap at a time: their loops must not overlap
                 with tf.control_dependencies(previous):
                     s = reverse_spectra(
-                        _outputs_fn(self._tap_inputs[tap.name], [tap], held),
+                        _outputs_fn(self._tap_inputs[tap.name], [tap], held, thin),
                         tf.identity(x),
                         tap_basis(tap),
-                        tap.units,
-                        block=min(block, tap.units),
+                        self._rows(tap),
+                        block=min(block, self._rows(tap)),
                         use_gram=self._use_gram,
                     )
-                spectra[tap.name] = s
+                spectra[tap.name] = self._padded(s, tap)
                 previous = [s]
         # Colored taps one at a time: their loops must not overlap. Each
         # waits for the previous tap's Gram, not its eigen-solve, which runs

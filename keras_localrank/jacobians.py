@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from keras_localrank.taps import Tap, preactivation
+from keras_localrank.thin import thin_rows
 
 __all__ = ["choose_mode", "preactivation_jacobians", "preactivations"]
 
@@ -29,17 +30,22 @@ def choose_mode(taps: Sequence[Tap]) -> str:
     return "forward" if n0 < sum(t.units for t in taps) else "reverse"
 
 
-def preactivations(inputs_model, taps, x, held=()):
+def preactivations(inputs_model, taps, x, held=(), thin=None):
     """Flattened pre-activations `[B, n_l]` of every tap at inputs `x`.
 
     `held`: model inputs held at their values, passed after `x` to
-    `inputs_model`, with `x`'s batch size.
+    `inputs_model`, with `x`'s batch size. `thin`: `{tap name: thin_factor}`
+    of taps that give their thin rows instead (`keras_localrank.thin`: fewer
+    values, a Jacobian with the same Gram).
     """
+    thin = thin or {}
     inputs = inputs_model([x, *held] if held else x, training=False)
     if not isinstance(inputs, (list, tuple)):
         inputs = [inputs]
     return [
-        tf.reshape(preactivation(t.layer, inp), [tf.shape(x)[0], -1])
+        thin_rows(t.layer, inp, thin[t.name])
+        if t.name in thin
+        else tf.reshape(preactivation(t.layer, inp), [tf.shape(x)[0], -1])
         for t, inp in zip(taps, inputs)
     ]
 

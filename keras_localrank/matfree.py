@@ -1,9 +1,11 @@
 """Matrix-free Jacobian products, batched over probe directions, and exact Grams.
 
 `J v` comes from forward mode (`tf.autodiff.ForwardAccumulator`) and `J^T u`
-from reverse mode, for many directions at once: each sample is repeated once
-per direction (the direction axis is folded into the batch axis), so memory is
-set by the number of directions *in flight*, not by the size of `J`.
+from reverse mode, for many directions at once: forward mode vectorizes the
+tangents over the directions (`tf.vectorized_map`, the primal computed once
+per sample), reverse mode repeats each sample once per direction (the
+direction axis folded into the batch axis); memory is set by the number of
+directions *in flight*, not by the size of `J`.
 
 `forward_spectra` and `reverse_spectra` push a fixed set of directions through
 the network in blocks inside one `tf.while_loop` and return the exact singular
@@ -20,6 +22,7 @@ Plain functions on tensors; usable inside `tf.function`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -29,6 +32,7 @@ from keras_localrank.spectra import HOST_LAPACK_MIN_ORDER, in_xla_context, symme
 
 __all__ = [
     "jvp",
+    "jvp_repeated",
     "vjp",
     "forward_spectra",
     "reverse_spectra",
@@ -43,6 +47,12 @@ OutputsFn = Callable[[tf.Tensor], Sequence[tf.Tensor]]
 def jvp(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
     """Jacobian-vector products of every output of `fn`, many directions at once.
 
+    The directions are vectorized over (`tf.vectorized_map` of one forward-mode
+    product): the primal pass, which does not depend on the direction, runs
+    once per sample and only the tangents are batched. A function with an op
+    that cannot be vectorized falls back to repeating each sample once per
+    direction (`jvp_repeated`), which recomputes the primal for every one.
+
     Args:
         fn: maps `[N, *input_shape]` inputs to a list of `[N, n_l]` outputs.
         x: `[B, *input_shape]` points.
@@ -51,6 +61,33 @@ def jvp(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
     Returns:
         One `[B, d, n_l]` tensor per output: `J_l(x_b) v_{b,i}`.
     """
+    batch = tf.shape(x)[0]
+
+    def one(v):  # [B, n0]: one direction per sample
+        with tf.autodiff.ForwardAccumulator(x, tf.reshape(tf.cast(v, x.dtype), tf.shape(x))) as acc:
+            outputs = fn(x)
+        return [
+            tf.reshape(acc.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO), [batch, -1])
+            for o in outputs
+        ]
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # pfor logs each op it cannot convert
+    try:
+        out = tf.vectorized_map(
+            one, tf.transpose(directions, [1, 0, 2]), fallback_to_while_loop=False
+        )
+    except ValueError:  # an op without a vectorized rule
+        return jvp_repeated(fn, x, directions)
+    finally:
+        logger.setLevel(level)
+    return [tf.transpose(o, [1, 0, 2]) for o in out]
+
+
+def jvp_repeated(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
+    """`jvp` with each sample repeated once per direction (the direction axis
+    folded into the batch axis), the primal recomputed for every direction."""
     batch = tf.shape(x)[0]
     d = tf.shape(directions)[1]
     repeated = tf.repeat(x, d, axis=0)  # sample b, direction i at b * d + i

@@ -33,6 +33,10 @@ class LayerInfo:
         failure_probability: for `"randomized"`, the probability `delta` that
             a sample's certified interval `[rank, upper]` misses its true
             robust rank; 0 for the exact methods.
+        rows: rows of the Jacobian the exact path formed: `n_l`, or fewer
+            for a pointwise layer wider than its input (measured through it
+            with the same singular values, see `keras_localrank.thin`); 0
+            when no rows were formed (analytic, randomized).
     """
 
     name: str
@@ -43,6 +47,7 @@ class LayerInfo:
     mode: str | None = None
     directions: int = 0
     failure_probability: float = 0.0
+    rows: int = 0
 
     @property
     def bound(self) -> int:
@@ -258,6 +263,7 @@ class LocalRankResult:
                     "mode": info.mode,
                     "directions": info.directions,
                     "failure_probability": info.failure_probability,
+                    "rows": info.rows,
                     "sketch_size": sketch[info.name],
                     "dtype": self.dtype,
                 }

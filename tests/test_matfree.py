@@ -390,3 +390,95 @@ def test_exact_method_too_large_for_budget_says_what_to_do():
     model = build("conv2d_bn_residual")
     with pytest.raises(ValueError, match="memory_budget"):
         klr.LocalRankEstimator(model, method="exact", memory_budget=20_000)
+
+
+# -- forward-mode products: vectorized over directions, primal once ----------
+
+
+class _SeenBatch(keras.layers.Layer):
+    """Identity that records the batch size of every trace of its call."""
+
+    def __init__(self, seen, **kwargs):
+        super().__init__(**kwargs)
+        self.record = seen.append  # (a list attribute would be copied by tracking)
+
+    def call(self, inputs):
+        self.record(inputs.shape[0])
+        return inputs
+
+
+def _products_fn(model):
+    from keras_localrank.jacobians import preactivations
+    from keras_localrank.taps import select_taps, tap_inputs_model
+
+    taps = select_taps(model, None).taps
+    features = tap_inputs_model(model, taps)
+    return [t.name for t in taps], lambda z: preactivations(features, taps, z)
+
+
+@pytest.mark.parametrize("name", ["conv2d_bn_residual", "depthwise_separable", "attention_block"])
+def test_jvp_matches_repeated_products_and_finite_differences(name):
+    from keras_localrank.matfree import jvp, jvp_repeated
+
+    model = build(name)
+    x = gaussian(2, *model.input_shape[1:])
+    n0 = int(np.prod(x.shape[1:]))
+    v = np.random.default_rng(7).standard_normal((2, 5, n0)).astype("float32")
+    names, fn = _products_fn(model)
+    vectorized = tf.function(lambda a, b: jvp(fn, a, b))(x, v)
+    repeated = tf.function(lambda a, b: jvp_repeated(fn, a, b))(x, v)
+    ref = finite_difference_jacobians(model, x, names)
+    for layer, got, again in zip(names, vectorized, repeated):
+        expected = np.einsum("bln,bdn->bdl", ref[layer], v)
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(got, expected, atol=1e-4 * scale, err_msg=layer)
+        np.testing.assert_allclose(got, again, atol=1e-5 * scale, err_msg=layer)
+
+
+def _recorded(seen, middle=None):
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(4, activation="tanh", name="d1")(inp)
+    h = _SeenBatch(seen)(h)
+    if middle is not None:
+        h = middle(h)
+    return keras.Model(inp, keras.layers.Dense(3, name="d2")(h))
+
+
+def test_jvp_computes_the_primal_once_per_sample():
+    from keras_localrank.matfree import jvp
+
+    seen = []
+    _, fn = _products_fn(_recorded(seen))
+    x = gaussian(2, 4)
+    v = gaussian(2, 6, 4, seed=3)
+    seen.clear()  # the symbolic call made when the model was built
+    tf.function(lambda a, b: jvp(fn, a, b))(x, v)
+    assert seen == [2]  # one trace, on the 2 samples: not on 2 x 6 replicas
+
+
+def test_jvp_falls_back_to_repeated_samples_for_ops_pfor_cannot_vectorize(caplog):
+    """`tf.linalg.expm` (a `cond` inside) has no vectorized rule."""
+    from keras_localrank.matfree import jvp
+
+    def expm(h):
+        m = tf.reshape(h, [-1, 2, 2]) * 0.3
+        return tf.reshape(tf.linalg.expm(m), [-1, 4])
+
+    seen = []
+    model = _recorded(seen, keras.layers.Lambda(expm))
+    names, fn = _products_fn(model)
+    x = gaussian(2, 4)
+    v = gaussian(2, 3, 4, seed=5)
+    with caplog.at_level(logging.WARNING):
+        got = tf.function(lambda a, b: jvp(fn, a, b))(x, v)
+    assert 6 in seen  # the fallback ran the model on 2 x 3 replicas
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # d2's pre-activation is the model output: central differences of it.
+    step = 1e-2
+    for b in range(2):
+        for i in range(3):
+            plus = model.predict(x[b:b + 1] + step * v[b, i], verbose=0)
+            minus = model.predict(x[b:b + 1] - step * v[b, i], verbose=0)
+            expected = ((plus - minus) / (2 * step))[0]
+            np.testing.assert_allclose(got[names.index("d2")][b, i], expected, rtol=2e-2, atol=2e-3)
