@@ -24,6 +24,12 @@ The Gram `J^T J` (`n0 x n0`) is assembled without any `n_l x n0` matrix:
 rows at one output position share one window, so the local Grams
 `V_o^T V_o` (`V_o`: the `C_out x colours` block of position `o`) are formed
 in float64 and scattered into `J^T J` by a segment sum over in-window pairs.
+That scatter costs `P * colours^2` entries whatever the channels; when the
+windows cover much of the input (many colours), recovering the Jacobian's
+rows for a block of positions at a time and adding them to a Gram held on
+the host by BLAS `dsyrk` (`rows * n0^2 / 2` multiply-adds) is cheaper
+(`recovered_rows_are_cheaper`): on ResNet50 at 32x32, 4.8 s -> 1.1 s for
+`conv2_block2_2_conv` (2,187 colours, 64 positions).
 
 Plain functions (graph analysis in NumPy at plan time, products and Grams on
 tensors inside `tf.function`).
@@ -43,7 +49,14 @@ import numpy as np
 import tensorflow as tf
 
 from keras_localrank.graph import producer
-from keras_localrank.matfree import gram_singular_values, jvp, zeros
+from keras_localrank.matfree import (
+    gram_singular_values,
+    host_open,
+    host_take,
+    host_update,
+    jvp,
+    zeros,
+)
 from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap
 
 __all__ = [
@@ -54,6 +67,7 @@ __all__ = [
     "colored_products",
     "colored_gram",
     "positions_per_block",
+    "recovered_rows_are_cheaper",
     "colored_jacobian_gram",
     "colored_spectra",
     "recover_jacobian",
@@ -390,20 +404,85 @@ def positions_per_block(coloring: Coloring) -> int:
     return int(max(1, min(coloring.positions, LOCAL_GRAM_BYTES // per_position)))
 
 
+#: Multiply-adds of the host Gram update (BLAS `dsyrk`, ~38 G/s on one core)
+#: that take as long as scattering one local-Gram entry (~16 ns), measured on
+#: ResNet50's colored layers at 32x32.
+SCATTER_ENTRY_MACS = 600
+
+
+def recovered_rows_are_cheaper(coloring: Coloring, rows: int) -> bool:
+    """Whether `colored_gram(..., recovered=True)` (`rows * n0^2 / 2`
+    multiply-adds) is expected to beat the local-Gram scatter (`P *
+    colours^2` entries) for a layer of `rows` output rows."""
+    dense = rows * coloring.input_dim**2 / 2
+    return dense < SCATTER_ENTRY_MACS * coloring.positions * coloring.num_colors**2
+
+
+def positions_per_rows_block(coloring: Coloring, channels: int, itemsize: int = 4) -> int:
+    """Output positions whose recovered rows (`channels` per position, in the
+    compute dtype and the float64 copy the host update makes) are formed at
+    once: at most `LOCAL_GRAM_BYTES` per sample."""
+    per_position = (itemsize + 8) * channels * coloring.input_dim
+    return int(max(1, min(coloring.positions, LOCAL_GRAM_BYTES // per_position)))
+
+
+def _recovered_gram(products, index, valid, coloring: Coloring) -> tf.Tensor:
+    """`J^T J` from the Jacobian's rows, recovered for a block of output
+    positions at a time and added to a float64 Gram held on the host."""
+    nc, positions, n0 = coloring.num_colors, coloring.positions, coloring.input_dim
+    channels = int(products.shape[-1]) // positions
+    block = positions_per_rows_block(coloring, channels, products.dtype.size)
+    num = -(-positions // block)
+    pad = num * block - positions
+    batch = tf.shape(products)[0]
+    v = tf.reshape(products, [batch, nc, positions, channels])
+    v = tf.pad(tf.transpose(v, [2, 1, 3, 0]), [[0, pad], [0, 0], [0, 0], [0, 0]])
+    v = tf.reshape(v, [num, block, nc, channels, batch])  # [blocks, P_b, colours, C, B]
+    index = tf.reshape(tf.pad(tf.cast(index, tf.int32), [[0, pad], [0, 0]]), [num, block, nc])
+    valid = tf.reshape(tf.pad(tf.cast(valid, tf.bool), [[0, pad], [0, 0]]), [num, block, nc])
+    local = tf.broadcast_to(tf.range(block)[:, None], [block, nc])
+
+    def body(i, keys):
+        data = tf.where(valid[i][:, :, None, None], v[i], tf.zeros_like(v[i]))
+        where = tf.stack([local, index[i]], axis=-1)  # [P_b, colours, 2]
+        dense = tf.scatter_nd(where, data, tf.stack([block, n0, channels, batch]))
+        rows = tf.reshape(tf.transpose(dense, [3, 0, 2, 1]), tf.stack([batch, -1, n0]))
+        return i + 1, host_update(keys, [rows])
+
+    _, keys = tf.while_loop(
+        lambda i, _: i < num,
+        body,
+        (tf.constant(0), host_open(batch, [n0])),
+        parallel_iterations=1,
+    )
+    return host_take(keys, n0)
+
+
 def colored_gram(
-    products: tf.Tensor, index: tf.Tensor, valid: tf.Tensor, coloring: Coloring
+    products: tf.Tensor,
+    index: tf.Tensor,
+    valid: tf.Tensor,
+    coloring: Coloring,
+    *,
+    recovered: bool = False,
 ) -> tf.Tensor:
     """`J^T J` (`[B, n0, n0]`, float64) from the colour products.
 
     The local Grams `V_p^T V_p` of blocks of output positions are scattered
     into `J^T J` by a segment sum over in-window input pairs `(i, j)`; at
-    most `LOCAL_GRAM_BYTES` of them per sample exist at once.
+    most `LOCAL_GRAM_BYTES` of them per sample exist at once. With
+    `recovered`, the Jacobian's rows of blocks of positions are recovered
+    instead and added to a Gram on the host (BLAS; outside XLA only).
 
     Args:
-        products: `[B, num_colors, n_l]` from `colored_products`.
+        products: `[B, num_colors, n_l]` from `colored_products` (`n_l` may
+            be the thin rows of a pointwise layer: any channels per position).
         index, valid: `Coloring.indices()` (`[P, num_colors]`).
         coloring: the colouring.
+        recovered: recover rows (see `recovered_rows_are_cheaper`).
     """
+    if recovered:
+        return _recovered_gram(products, index, valid, coloring)
     nc, positions = coloring.num_colors, coloring.positions
     n0 = coloring.input_dim
     block = positions_per_block(coloring)
@@ -441,7 +520,7 @@ def colored_gram(
 
 
 def colored_jacobian_gram(
-    fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int
+    fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int, recovered: bool = False
 ) -> tf.Tensor:
     """`J^T J` (`[B, n0, n0]`, float64) of a local tap's Jacobian by colored
     forward mode.
@@ -453,20 +532,23 @@ def colored_jacobian_gram(
         tables: `(color_ids, index, valid)` tensors from
             `Coloring.color_ids()` and `Coloring.indices()`.
         block: colours per pass.
+        recovered: see `colored_gram`.
     """
     color_ids, index, valid = tables
     directions = tf.transpose(tf.one_hot(color_ids, coloring.num_colors, dtype=x.dtype))
     products = colored_products(fn, x, directions, block=block)
-    return colored_gram(products, index, valid, coloring)
+    return colored_gram(products, index, valid, coloring, recovered=recovered)
 
 
 def colored_spectra(
-    fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int
+    fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int, recovered: bool = False
 ) -> tf.Tensor:
     """Exact singular values (`[B, n0]`, float64, from the Gram `J^T J`) of a
     local tap's Jacobian by colored forward mode (arguments as
     `colored_jacobian_gram`)."""
-    return gram_singular_values(colored_jacobian_gram(fn, x, coloring, tables, block=block))
+    return gram_singular_values(
+        colored_jacobian_gram(fn, x, coloring, tables, block=block, recovered=recovered)
+    )
 
 
 def recover_jacobian(products: tf.Tensor, coloring: Coloring) -> tf.Tensor:

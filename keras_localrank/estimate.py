@@ -27,6 +27,8 @@ from keras_localrank.colored import (
     colored_jacobian_gram,
     colored_spectra,
     positions_per_block,
+    positions_per_rows_block,
+    recovered_rows_are_cheaper,
     tap_coloring,
 )
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
@@ -54,6 +56,7 @@ from keras_localrank.memory import (
 from keras_localrank.randomized import certified_sketch, robust_rank_interval
 from keras_localrank.result import LayerInfo, LocalRankResult
 from keras_localrank.spectra import (
+    HOST_LAPACK_MIN_ORDER,
     Tolerance,
     effective_rank,
     rank_from_singular_values,
@@ -342,6 +345,7 @@ class LocalRankEstimator:
         self._general = general
         self._plans = {name: LayerPlan("analytic", None, 0) for name in self._forest}
         self._thin: dict[str, int] = {}
+        self._recovered: dict[str, bool] = {}
         self._work_model = None
         self._exact_taps: list = []
         self._random_taps: list = []
@@ -493,6 +497,7 @@ class LocalRankEstimator:
 
         # Spatially local layers (convolutions reached through local layers)
         # by colored forward mode, when it pushes fewer directions.
+        self._thin = thin  # (narrowed to the layers measured by products below)
         self._colorings = self._plan_colored(exact, forced_mode, recurrent, directions, budget)
         colored_taps = [t for t in exact if t.name in self._colorings]
         exact = [t for t in exact if t.name not in self._colorings]
@@ -594,7 +599,9 @@ class LocalRankEstimator:
             )
 
         self._dense_taps = exact
-        self._thin = {t.name: thin[t.name] for t in exact if t.name in thin}
+        self._thin = {
+            t.name: thin[t.name] for t in exact + colored_taps if t.name in thin
+        }
         exact = [t for t in work_taps if t in exact or t in colored_taps]
         self._exact_taps = exact
         self._random_taps = random
@@ -607,7 +614,7 @@ class LocalRankEstimator:
                 k = self._colorings[t.name].num_colors
                 self._directions[t.name] = k
                 self._plans[t.name] = LayerPlan(
-                    "exact", "colored", k, min(in_flight, k), rows=t.units
+                    "exact", "colored", k, min(in_flight, k), rows=rows(t)
                 )
             else:
                 self._plans[t.name] = LayerPlan(
@@ -646,34 +653,49 @@ class LocalRankEstimator:
     def _plan_colored(self, exact, forced_mode, recurrent, directions, budget) -> dict:
         """`{tap name: Coloring}` of the exact taps measured by colored forward
         mode: a structurally local Jacobian (see `colored.receptive_window`)
-        with `n_l >= n0` (the Gram `J^T J` is in the smaller dimension), fewer
-        colours than the dense path's directions, and a fit in the budget.
-        Only for float32 Jacobians through the float64 Gram (the path whose
-        spectra it reproduces), one differentiated model input, and the
-        automatic product mode."""
+        with at least `n0` rows (the Gram `J^T J` is in the smaller dimension;
+        a pointwise layer's thin rows count), fewer colours than the dense
+        path's directions, and a fit in the budget. Only for float32
+        Jacobians through the float64 Gram (the path whose spectra it
+        reproduces), one differentiated model input, and the automatic
+        product mode. Also decides, per tap, whether its Gram comes from
+        recovered rows (`self._recovered`)."""
+        self._recovered = {}
         if forced_mode or recurrent or not self._use_gram or not self.selection.single_input:
             return {}
         model_input = functional_graph(self._work_model).inputs[0]
+        host = not self.jit_compile and self.selection.input_dim >= HOST_LAPACK_MIN_ORDER
         out = {}
         for tap in exact:
-            if tap.call is None or not tap.call.top_level or tap.units < tap.input_dim:
+            rows = self._rows(tap)
+            if tap.call is None or not tap.call.top_level or rows < tap.input_dim:
                 continue
             coloring = tap_coloring(model_input, tap, tap.call.output_shape)
             if coloring is None or coloring.num_colors >= directions(tap):
                 continue
+            self._recovered[tap.name] = host and recovered_rows_are_cheaper(coloring, rows)
             if self._colored_bytes(tap, coloring) + self._per_replica_bytes > budget:
+                del self._recovered[tap.name]
                 continue
             out[tap.name] = coloring
         return out
 
     def _colored_bytes(self, tap, coloring=None) -> int:
         coloring = coloring or self._colorings[tap.name]
+        rows = self._rows(tap)
+        itemsize = 8 if self.dtype == "float64" else 4
+        if self._recovered.get(tap.name):
+            channels = rows // coloring.positions
+            block = positions_per_rows_block(coloring, channels, itemsize)
+            work = (itemsize + 8) * block * channels * coloring.input_dim
+        else:
+            work = 8 * coloring.num_colors**2 * positions_per_block(coloring)
         return colored_storage_bytes(
-            units=tap.units,
+            units=rows,
             input_dim=tap.input_dim,
             num_colors=coloring.num_colors,
-            local_gram_bytes=8 * coloring.num_colors**2 * positions_per_block(coloring),
-            itemsize=8 if self.dtype == "float64" else 4,
+            local_gram_bytes=work,
+            itemsize=itemsize,
         )
 
     def _colored_tables(self, name):
@@ -866,6 +888,7 @@ class LocalRankEstimator:
                     self._colorings[tap.name],
                     self._colored_tables(tap.name),
                     block=min(block, k),
+                    recovered=self._recovered[tap.name],
                 )
             elif self._mode == "forward":
                 s = forward_spectra(
@@ -934,11 +957,12 @@ class LocalRankEstimator:
                 continue
             with tf.control_dependencies(previous):
                 gram = colored_jacobian_gram(
-                    _outputs_fn(self._tap_inputs[tap.name], [tap], held),
+                    _outputs_fn(self._tap_inputs[tap.name], [tap], held, thin),
                     tf.identity(x),
                     self._colorings[tap.name],
                     self._colored_tables(tap.name),
                     block=min(block, self._directions[tap.name]),
+                    recovered=self._recovered[tap.name],
                 )
             previous = [gram] + ([] if solved is None else [solved])
             solved = spectra[tap.name] = gram_singular_values(gram)

@@ -51,6 +51,7 @@ __all__ = [
     "eigvalsh_batch",
     "gram_eigvalsh",
     "gram_open",
+    "gram_take",
     "gram_update",
     "open_grams",
     "release",
@@ -285,6 +286,13 @@ def gram_update(keys, *blocks) -> np.ndarray:
         else:
             list(_pool().map(lambda job: job(), jobs))
     return keys
+
+
+def gram_take(keys) -> np.ndarray:
+    """The held Gram `keys[0]` as one symmetric `[batch, n, n]` array (the
+    updates fill the lower triangle); it is released."""
+    _, grams = _grams.pop(int(np.asarray(keys).reshape(-1)[0]))
+    return np.stack([np.tril(g) + np.tril(g, -1).T for g in grams])
 
 
 def gram_eigvalsh(keys) -> list[np.ndarray]:

@@ -1,11 +1,9 @@
 """Matrix-free Jacobian products, batched over probe directions, and exact Grams.
 
 `J v` comes from forward mode (`tf.autodiff.ForwardAccumulator`) and `J^T u`
-from reverse mode, for many directions at once: forward mode vectorizes the
-tangents over the directions (`tf.vectorized_map`, the primal computed once
-per sample), reverse mode repeats each sample once per direction (the
-direction axis folded into the batch axis); memory is set by the number of
-directions *in flight*, not by the size of `J`.
+from reverse mode, for many directions at once: each sample is repeated once
+per direction (the direction axis is folded into the batch axis), so memory is
+set by the number of directions *in flight*, not by the size of `J`.
 
 `forward_spectra` and `reverse_spectra` push a fixed set of directions through
 the network in blocks inside one `tf.while_loop` and return the exact singular
@@ -22,7 +20,6 @@ Plain functions on tensors; usable inside `tf.function`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -31,8 +28,11 @@ from keras_localrank import host_linalg, memory
 from keras_localrank.spectra import HOST_LAPACK_MIN_ORDER, in_xla_context, symmetric_eigenvalues
 
 __all__ = [
+    "host_open",
+    "host_singular_values",
+    "host_take",
+    "host_update",
     "jvp",
-    "jvp_repeated",
     "vjp",
     "forward_spectra",
     "reverse_spectra",
@@ -47,11 +47,11 @@ OutputsFn = Callable[[tf.Tensor], Sequence[tf.Tensor]]
 def jvp(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
     """Jacobian-vector products of every output of `fn`, many directions at once.
 
-    The directions are vectorized over (`tf.vectorized_map` of one forward-mode
-    product): the primal pass, which does not depend on the direction, runs
-    once per sample and only the tangents are batched. A function with an op
-    that cannot be vectorized falls back to repeating each sample once per
-    direction (`jvp_repeated`), which recomputes the primal for every one.
+    Each sample is repeated once per direction (the direction axis folded
+    into the batch axis), so the primal is recomputed for every direction.
+    (Vectorizing the tangents with `tf.vectorized_map` computes the primal
+    once, but on an attention block it returned wrong products and crashed
+    the process with heap corruption in TensorFlow 2.21: not used.)
 
     Args:
         fn: maps `[N, *input_shape]` inputs to a list of `[N, n_l]` outputs.
@@ -61,33 +61,6 @@ def jvp(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
     Returns:
         One `[B, d, n_l]` tensor per output: `J_l(x_b) v_{b,i}`.
     """
-    batch = tf.shape(x)[0]
-
-    def one(v):  # [B, n0]: one direction per sample
-        with tf.autodiff.ForwardAccumulator(x, tf.reshape(tf.cast(v, x.dtype), tf.shape(x))) as acc:
-            outputs = fn(x)
-        return [
-            tf.reshape(acc.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO), [batch, -1])
-            for o in outputs
-        ]
-
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)  # pfor logs each op it cannot convert
-    try:
-        out = tf.vectorized_map(
-            one, tf.transpose(directions, [1, 0, 2]), fallback_to_while_loop=False
-        )
-    except ValueError:  # an op without a vectorized rule
-        return jvp_repeated(fn, x, directions)
-    finally:
-        logger.setLevel(level)
-    return [tf.transpose(o, [1, 0, 2]) for o in out]
-
-
-def jvp_repeated(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
-    """`jvp` with each sample repeated once per direction (the direction axis
-    folded into the batch axis), the primal recomputed for every direction."""
     batch = tf.shape(x)[0]
     d = tf.shape(directions)[1]
     repeated = tf.repeat(x, d, axis=0)  # sample b, direction i at b * d + i
@@ -140,7 +113,7 @@ def _on_host(sizes) -> bool:
     return bool(sizes) and min(sizes) >= HOST_LAPACK_MIN_ORDER and not in_xla_context()
 
 
-def _host_open(batch, sizes) -> tf.Tensor:
+def host_open(batch, sizes) -> tf.Tensor:
     """Keys `[L]` of new zero float64 Grams `[batch, n, n]` held on the host."""
     keys = [
         tf.numpy_function(host_linalg.gram_open, [batch, n], tf.int64, stateful=True)
@@ -149,14 +122,20 @@ def _host_open(batch, sizes) -> tf.Tensor:
     return tf.ensure_shape(tf.stack(keys), [len(sizes)])
 
 
-def _host_update(keys: tf.Tensor, blocks) -> tf.Tensor:
+def host_update(keys: tf.Tensor, blocks) -> tf.Tensor:
     """`G_l += F_l^T F_l` on the host for every `[B, d, n_l]` block; returns
     the keys, to be threaded through the loop (it orders the updates)."""
     out = tf.numpy_function(host_linalg.gram_update, [keys, *blocks], tf.int64, stateful=True)
     return tf.ensure_shape(out, keys.shape)
 
 
-def _host_singular_values(keys: tf.Tensor, sizes) -> list[tf.Tensor]:
+def host_take(key: tf.Tensor, n: int) -> tf.Tensor:
+    """The held Gram `[B, n, n]` of `key` (`[1]`) as a tensor (it is released)."""
+    gram = tf.numpy_function(host_linalg.gram_take, [key], tf.float64, stateful=True)
+    return tf.ensure_shape(gram, [None, n, n])
+
+
+def host_singular_values(keys: tf.Tensor, sizes) -> list[tf.Tensor]:
     """Singular values `[B, n_l]` from the held Grams (which are released)."""
     values = tf.numpy_function(
         host_linalg.gram_eigvalsh, [keys], [tf.float64] * len(sizes), stateful=True
@@ -209,17 +188,17 @@ def _finish(stored, k: int, *, use_gram: bool, solve: bool = True) -> tf.Tensor:
         part = tf.slice(t, tf.stack([0, 0, 0, start]), tf.stack([-1, -1, -1, size]))
         part = tf.reshape(tf.transpose(part, [1, 0, 2, 3]), tf.stack([batch, rows, size]))
         if host:  # the first k rows (the rest is padding), as [B, size, k] blocks
-            return j + 1, _host_update(gram, [tf.transpose(part[:, :k], [0, 2, 1])])
+            return j + 1, host_update(gram, [tf.transpose(part[:, :k], [0, 2, 1])])
         part = tf.cast(part, tf.float64)
         update = tf.linalg.matmul(part, part, transpose_b=True)
         return j + 1, tf.ensure_shape(gram + update, gram.shape)
 
-    init = _host_open(batch, [k]) if host else zeros(tf.stack([batch, rows, rows]), tf.float64)
+    init = host_open(batch, [k]) if host else zeros(tf.stack([batch, rows, rows]), tf.float64)
     _, gram = tf.while_loop(
         lambda j, _: j < steps, body, (tf.constant(0), init), parallel_iterations=1
     )
     if host:
-        return _host_singular_values(gram, [k])[0] if solve else gram
+        return host_singular_values(gram, [k])[0] if solve else gram
     # The assembled matrix is [B, k, m] with k the smaller side on this path.
     return gram_singular_values(gram[:, :k, :k])
 
@@ -281,13 +260,13 @@ def forward_spectra(
             init.append(zeros(tf.stack([batch, n, n]), tf.float64))
         elif not acc:
             init.append(tf.TensorArray(x.dtype, size=num, element_shape=None))
-    keys = _host_open(batch, sizes) if host else tf.zeros([0], tf.int64)
+    keys = host_open(batch, sizes) if host else tf.zeros([0], tf.int64)
 
     def body(i, keys, state):
         v = tf.broadcast_to(source(i), tf.stack([batch, block, n0]))
         columns = jvp(fn, x, v)  # [B, block, n_l] each: block columns of F_l, transposed
         if host:
-            keys = _host_update(keys, [c for acc, c in zip(accumulate, columns) if acc])
+            keys = host_update(keys, [c for acc, c in zip(accumulate, columns) if acc])
             columns = [c for acc, c in zip(accumulate, columns) if not acc]
         new = []
         for c, s in zip(columns, state):
@@ -322,7 +301,7 @@ def forward_spectra(
         else:  # assembled, solved in TensorFlow (SVD wanted, XLA or small k)
             out[j] = _finish(next(state), k, use_gram=use_gram)
     if held:
-        solved = _host_singular_values(tf.concat(held, 0), held_sizes)
+        solved = host_singular_values(tf.concat(held, 0), held_sizes)
         for j, values in zip(held_index, solved):
             out[j] = values
     return out
@@ -360,7 +339,7 @@ def reverse_spectra(
     accumulate = use_gram and k <= units
     host = accumulate and _on_host([k])
     if host:
-        init = _host_open(batch, [k])
+        init = host_open(batch, [k])
     elif accumulate:
         init = zeros(tf.stack([batch, k, k]), tf.float64)
     else:
@@ -372,7 +351,7 @@ def reverse_spectra(
         if basis is not None:
             rows = tf.linalg.matmul(rows, tf.cast(basis, x.dtype), transpose_b=True)
         if host:
-            return i + 1, _host_update(s, [rows])
+            return i + 1, host_update(s, [rows])
         if accumulate:
             r64 = tf.cast(rows, tf.float64)
             return i + 1, s + tf.linalg.matmul(r64, r64, transpose_a=True)
@@ -382,7 +361,7 @@ def reverse_spectra(
         lambda i, _: i < num, body, (tf.constant(0), init), parallel_iterations=1
     )
     if host:
-        return _host_singular_values(state, [k])[0]
+        return host_singular_values(state, [k])[0]
     if accumulate:
         return gram_singular_values(state)
     return _finish(state, units, use_gram=use_gram)

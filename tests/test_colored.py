@@ -7,15 +7,18 @@ receptive fields composed by hand.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras
 import keras_localrank as klr
-from keras_localrank import colored
+from keras_localrank import colored, host_linalg
 from keras_localrank.graph import cast_model, functional_graph
 from keras_localrank.jacobians import preactivations
+from keras_localrank.spectra import HOST_LAPACK_MIN_ORDER
 from keras_localrank.taps import select_taps, tap_inputs_model
 from tests.reference import finite_difference_jacobians, numpy_ranks
 
@@ -119,6 +122,9 @@ def test_colored_jacobian_gram_and_ranks_equal_explicit(name):
         gram = colored.colored_gram(products, index, valid, coloring).numpy()
         expected = np.einsum("bri,brj->bij", ref[tap_name], ref[tap_name])
         np.testing.assert_allclose(gram, expected, atol=1e-7 * scale**2, err_msg=tap_name)
+        # The same Gram from the recovered rows (BLAS on the host).
+        rows = colored.colored_gram(products, index, valid, coloring, recovered=True).numpy()
+        np.testing.assert_allclose(rows, expected, atol=1e-7 * scale**2, err_msg=tap_name)
     # The estimator's ranks: numpy's rule on the explicit Jacobians.
     local = [n for n, p in plans.items() if p.mode == "colored"]
     assert local, plans
@@ -144,6 +150,49 @@ def test_gram_in_several_position_blocks(monkeypatch):
     assert coloring.positions % 4 != 0
     blocks = colored.colored_gram(products, index, valid, coloring).numpy()
     np.testing.assert_allclose(blocks, whole, rtol=1e-12, atol=1e-12 * np.abs(whole).max())
+
+
+def test_recovered_rows_gram_in_several_position_blocks(monkeypatch):
+    model, x = _build("strided_pooling")
+    tap_name, (coloring, products) = next(iter(_colored_products(model, x).items()))
+    index, valid = coloring.indices()
+    whole = colored.colored_gram(products, index, valid, coloring).numpy()
+    channels = int(products.shape[-1]) // coloring.positions
+    # Blocks of 4 positions (the last one padded): the same Gram.
+    monkeypatch.setattr(colored, "LOCAL_GRAM_BYTES", 4 * 12 * channels * coloring.input_dim)
+    assert colored.positions_per_rows_block(coloring, channels) == 4
+    assert coloring.positions % 4 != 0
+    blocks = colored.colored_gram(products, index, valid, coloring, recovered=True).numpy()
+    np.testing.assert_allclose(blocks, whole, rtol=1e-12, atol=1e-12 * np.abs(whole).max())
+    assert host_linalg.open_grams() == []
+
+
+def test_recovered_rows_are_chosen_for_wide_windows_and_give_numpy_ranks(monkeypatch):
+    model, x = _build("strided_pooling")
+    n0 = x[0].size
+    assert n0 >= HOST_LAPACK_MIN_ORDER
+    plans = klr.LocalRankEstimator(model, method="exact").plans
+    local = [n for n, p in plans.items() if p.mode == "colored"]
+    coloring = next(iter(_colored_products(model, x).values()))[0]
+    # The choice follows the cost model: many colours -> recovered rows.
+    wide = dataclasses.replace(coloring, periods=tuple(s for s in coloring.input_shape[:-1]))
+    assert colored.recovered_rows_are_cheaper(wide, rows=wide.units)
+    assert not colored.recovered_rows_are_cheaper(
+        dataclasses.replace(coloring, periods=(1,) * len(coloring.periods)), rows=10**6
+    )
+    # Every colored layer forced onto recovered rows: numpy's ranks.
+    monkeypatch.setattr(colored, "SCATTER_ENTRY_MACS", 1e12)
+    updates = []
+    update = host_linalg.gram_update
+    monkeypatch.setattr(host_linalg, "gram_update", lambda *a: updates.append(1) or update(*a))
+    estimator = klr.LocalRankEstimator(model, method="exact")
+    assert [n for n, p in estimator.plans.items() if p.mode == "colored"] == local
+    result = estimator(x)[0]
+    assert updates  # the rows went through the host Gram
+    ref = finite_difference_jacobians(model, x.astype(np.float64), list(estimator.plans))
+    for tap_name, jac in ref.items():
+        expected = numpy_ranks(jac, eps_dtype=np.float32)
+        np.testing.assert_array_equal(result.per_sample[tap_name], expected, err_msg=tap_name)
 
 
 def test_colored_spectra_equal_dense_forward_mode():
