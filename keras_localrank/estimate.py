@@ -449,14 +449,12 @@ class LocalRankEstimator:
             )
 
         # Pointwise layers wider than their input give thin rows (same Gram).
-        thin = {}
+        self._thin = {}
         for tap in work_taps:
             width = thin_width(tap.layer, tap.units)
             if width is not None:
-                thin[tap.name] = width
-
-        def rows(tap):
-            return thin.get(tap.name, tap.units)
+                self._thin[tap.name] = width
+        rows = self._rows
 
         def storage(tap, mode):
             k = directions(tap)
@@ -497,7 +495,6 @@ class LocalRankEstimator:
 
         # Spatially local layers (convolutions reached through local layers)
         # by colored forward mode, when it pushes fewer directions.
-        self._thin = thin  # (narrowed to the layers measured by products below)
         self._colorings = self._plan_colored(exact, forced_mode, recurrent, directions, budget)
         colored_taps = [t for t in exact if t.name in self._colorings]
         exact = [t for t in exact if t.name not in self._colorings]
@@ -599,9 +596,6 @@ class LocalRankEstimator:
             )
 
         self._dense_taps = exact
-        self._thin = {
-            t.name: thin[t.name] for t in exact + colored_taps if t.name in thin
-        }
         exact = [t for t in work_taps if t in exact or t in colored_taps]
         self._exact_taps = exact
         self._random_taps = random
@@ -823,11 +817,10 @@ class LocalRankEstimator:
         return self._thin.get(tap.name, tap.units)
 
     def _thin_factors(self) -> dict:
-        """`{name: thin_factor}` from the current weights, computed once per
-        traced measurement (outside the loops over directions)."""
-        return {
-            name: thin_factor(self._work_taps[name].layer) for name in self._thin
-        }
+        """`{name: thin_factor}` of the exact taps with thin rows, from the
+        current weights, computed once per traced measurement (outside the
+        loops over directions; the randomized sketch uses `J_l` itself)."""
+        return {t.name: thin_factor(t.layer) for t in self._exact_taps if t.name in self._thin}
 
     def _padded(self, s, tap):
         """Singular values of thin rows, padded with the zeros of the

@@ -184,6 +184,9 @@ def _find_syrk():
     return syrk, gemm
 
 
+#: Columns whose upper triangle `gram_take` fills at once.
+_SYMMETRIZE_BLOCK = 256
+
 #: Gram orders from which one update is split over two cores.
 SPLIT_MIN_ORDER = 512
 _TRANS = 112
@@ -290,9 +293,16 @@ def gram_update(keys, *blocks) -> np.ndarray:
 
 def gram_take(keys) -> np.ndarray:
     """The held Gram `keys[0]` as one symmetric `[batch, n, n]` array (the
-    updates fill the lower triangle); it is released."""
+    updates fill the lower triangle; the upper one is filled in place, a
+    block of columns at a time); it is released."""
     _, grams = _grams.pop(int(np.asarray(keys).reshape(-1)[0]))
-    return np.stack([np.tril(g) + np.tril(g, -1).T for g in grams])
+    for g in grams:
+        n = g.shape[0]
+        for j in range(0, n, _SYMMETRIZE_BLOCK):
+            k = min(n, j + _SYMMETRIZE_BLOCK)
+            g[j:k, k:] = g[k:, j:k].T  # the block column's part below its diagonal block
+            g[j:k, j:k] = np.tril(g[j:k, j:k]) + np.tril(g[j:k, j:k], -1).T
+    return grams[0][None] if len(grams) == 1 else np.stack(grams)
 
 
 def gram_eigvalsh(keys) -> list[np.ndarray]:

@@ -161,7 +161,7 @@ def _block_source(basis: tf.Tensor | None, size: int, block: int, dtype):
 def _finish(stored, k: int, *, use_gram: bool, solve: bool = True) -> tf.Tensor:
     """Singular values of the matrix assembled from stored blocks (or, with
     `solve=False` and a Gram held on the host, its key `[1]`, for
-    `_host_singular_values` to solve it with others in one call).
+    `host_singular_values` to solve it with others in one call).
 
     `stored` stacks `[num_blocks, B, block, m]`; the assembled matrix is
     `[B, num_blocks * block, m]`, truncated to `k` rows. With `use_gram`

@@ -149,3 +149,18 @@ def test_a_forward_pack_mixing_accumulated_and_assembled_grams_solves_both():
         values = np.sort(values.numpy(), axis=-1)[:, -expected.shape[-1]:]
         np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6 * expected.max())
     assert not host_linalg.open_grams()
+
+
+@pytest.mark.parametrize("n, batch", [(1, 1), (5, 2), (300, 1), (600, 2)])
+def test_taken_gram_is_the_full_symmetric_sum_and_is_released(n, batch):
+    # Orders below, at and above one block of columns filled in place.
+    rng = np.random.default_rng(n)
+    blocks = [rng.standard_normal((batch, d, n)) for d in (7, 3)]
+    key = host_linalg.gram_open(batch, n)
+    for block in blocks:
+        host_linalg.gram_update(np.array([key]), block)
+    gram = host_linalg.gram_take(np.array([key]))
+    expected = sum(np.einsum("bdi,bdj->bij", b, b) for b in blocks)
+    assert gram.shape == (batch, n, n)
+    np.testing.assert_allclose(gram, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    assert key not in host_linalg.open_grams()
