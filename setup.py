@@ -33,6 +33,6 @@ setup(
     extras_require={
         # Sweeps on Ray (--executor=ray); the in-process executor needs nothing.
         "ray": ["ray>=2.9"],
-        "test": ["pytest>=7", "ruff>=0.4", "ray>=2.9"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4", "ray>=2.9"],
     },
 )
