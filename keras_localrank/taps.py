@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import keras
+import tensorflow as tf
 
 from keras_localrank.graph import (
     RECURRENT_LAYERS,
@@ -40,6 +41,7 @@ __all__ = [
     "MEASURABLE_LAYERS",
     "Tap",
     "TapSelection",
+    "flatten_samples",
     "select_taps",
     "model_graph",
     "preactivation",
@@ -446,6 +448,14 @@ def _linear_activation(layer):
         yield
     finally:
         layer.activation = saved
+
+
+def flatten_samples(t):
+    """`[N, ...] -> [N, values]`, keeping the values' count static when the
+    per-sample shape is known (a batch of unknown size must not hide `n_l`
+    from the shapes that follow)."""
+    size = t.shape[1:].num_elements()
+    return tf.reshape(t, [-1, size] if size is not None else tf.stack([tf.shape(t)[0], -1]))
 
 
 def preactivation(layer, inputs):

@@ -279,3 +279,21 @@ def test_memory_budget_bounds_colored_plan():
     small = klr.LocalRankEstimator(model, ["c2"], method="exact", memory_budget=need // 2)
     assert small.plans["c2"].mode != "colored"
     assert small.estimated_peak_bytes <= need // 2
+
+
+def test_recovered_rows_in_a_graph_with_a_batch_of_unknown_size(monkeypatch):
+    # `measure_tensor` traced for any batch size (as in a custom training
+    # loop) once failed on recovered rows: the flattened layer outputs lost
+    # their static width when the batch size was unknown.
+    model, x = _build("strided_pooling")
+    monkeypatch.setattr(colored, "SCATTER_ENTRY_MACS", 1e12)
+    estimator = klr.LocalRankEstimator(model, method="exact")
+    assert any(estimator._recovered.values())
+    measure = tf.function(
+        estimator.measure_tensor,
+        input_signature=[tf.TensorSpec([None, *x.shape[1:]], tf.float32)],
+    )
+    graph = measure(tf.constant(x))
+    eager = estimator(x)[0]
+    for name, ranks in eager.per_sample.items():
+        np.testing.assert_array_equal(graph[name][0][0].numpy(), ranks, err_msg=name)
