@@ -351,7 +351,7 @@ class LocalRankEstimator:
         self._random_taps: list = []
         self._constant_taps: list = []
         self._root = None
-        self._mode = None
+        self._modes: dict = {}
         self._colorings: dict = {}
         self._dense_taps: list = []
         in_flight = 0
@@ -508,8 +508,9 @@ class LocalRankEstimator:
                 mode = "forward" if k < sum(rows(t) for t in exact) else "reverse"
                 other = "reverse" if mode == "forward" else "forward"
 
-                def total(m):
-                    return sum(storage(t, m) for t in exact) + per_replica
+                def total(m):  # reverse mode holds one tap's results at a time
+                    held = sum if m == "forward" else max
+                    return held(storage(t, m) for t in exact) + per_replica
 
                 products = {"forward": k, "reverse": sum(rows(t) for t in exact)}
                 if total(mode) > budget >= total(other):
@@ -524,21 +525,53 @@ class LocalRankEstimator:
                             stacklevel=4,
                         )
                     mode = other
-        self._mode = mode
+        # A layer whose results fit the budget only in the other mode is
+        # measured in that mode (forward packs first, then reverse taps):
+        # e.g. Xception at 71x71, whose wide early layers fit only in
+        # reverse mode and whose late ones only in forward mode.
+        tap_modes = {t.name: mode for t in exact}
+        if mode is not None and not forced_mode and not recurrent:
+            other = "reverse" if mode == "forward" else "forward"
+            for t in exact:
+                if storage(t, mode) + per_replica > budget >= storage(t, other) + per_replica:
+                    tap_modes[t.name] = other
+        self._modes = tap_modes
 
         # Samples per chunk and directions in flight within the budget. Reverse
         # mode measures one tap at a time; forward mode measures packs of taps
         # (one pass of all directions per pack), each pack's results within
         # what the budget leaves beside the replicas in flight.
         varying = [t for t in exact if not is_constant_tap(self._work_model, t)]
-        if mode == "forward":
-            room = budget - min(32, max((directions(t) for t in exact), default=1)) * per_replica
-            self._packs = pack_by_storage(varying, lambda t: storage(t, mode), room)
-            per_sample = max((sum(storage(t, mode) for t in p) for p in self._packs), default=0)
-        else:
-            self._packs = [[t] for t in varying]
-            per_sample = max((storage(t, mode) for t in varying), default=0)
-        per_sample = max([per_sample] + [storage(t, mode) for t in exact])
+        room = budget - min(32, max((directions(t) for t in exact), default=1)) * per_replica
+
+        def forward_packs():
+            forward = [t for t in varying if tap_modes[t.name] == "forward"]
+            return forward, pack_by_storage(forward, lambda t: storage(t, "forward"), room)
+
+        def products():  # per sample: a pass of all directions per pack, rows in reverse
+            return sum(max(directions(t) for t in p) for p in self._packs) + sum(
+                rows(t) for t in varying if tap_modes[t.name] == "reverse"
+            )
+
+        forward, self._packs = forward_packs()
+        if len(self._packs) > 1 and forced_mode is None and not recurrent:
+            # Forward layers split over several packs: a layer moves to
+            # reverse mode when that saves products (e.g. a classifier head
+            # alone in the last pack).
+            for t in sorted(forward, key=rows):
+                if storage(t, "reverse") + per_replica > budget:
+                    continue
+                before = products()
+                tap_modes[t.name] = "reverse"
+                forward, self._packs = forward_packs()
+                if products() >= before:
+                    tap_modes[t.name] = "forward"
+                    forward, self._packs = forward_packs()
+        per_sample = max(
+            [sum(storage(t, "forward") for t in p) for p in self._packs]
+            + [storage(t, tap_modes[t.name]) for t in exact],
+            default=0,
+        )
         # Colored taps are measured one after the other, before the packs
         # (control dependencies): at most one of them is in flight, and what
         # each leaves behind is its spectrum (`k` float64 values per sample),
@@ -554,8 +587,8 @@ class LocalRankEstimator:
             sketch = 16 * (t.units + k) * min(t.units, k)
             per_sample = max(per_sample, min(sketch, budget // 2))
         if exact:
-            widest = max(directions(t) for t in exact) if mode == "forward" else max(
-                rows(t) for t in exact
+            widest = max(
+                directions(t) if tap_modes[t.name] == "forward" else rows(t) for t in exact
             )
         else:
             widest = self.sketch_block
@@ -612,7 +645,7 @@ class LocalRankEstimator:
                 )
             else:
                 self._plans[t.name] = LayerPlan(
-                    "exact", mode, directions(t), in_flight, rows=rows(t)
+                    "exact", tap_modes[t.name], directions(t), in_flight, rows=rows(t)
                 )
         for t in random:
             self._plans[t.name] = LayerPlan(
@@ -623,23 +656,21 @@ class LocalRankEstimator:
         self._tap_inputs = {
             t.name: tap_inputs_model(self._work_model, [t])
             for t in work_taps
-            if mode == "reverse"
+            if tap_modes.get(t.name) == "reverse"
             or t in random
             or t in self._constant_taps
             or t.name in self._colorings
         }
         self._work_taps = {t.name: t for t in work_taps}
         self._forward_groups = []
-        if mode == "forward":
-            for pack in self._packs:
-                for reduced in (False, True):
-                    group = [
-                        t for t in pack
-                        if (root is not None and t.name in root.covered) == reduced
-                    ]
-                    if group:
-                        model = tap_inputs_model(self._work_model, group)
-                        self._forward_groups.append((reduced, group, model))
+        for pack in self._packs:
+            for reduced in (False, True):
+                group = [
+                    t for t in pack if (root is not None and t.name in root.covered) == reduced
+                ]
+                if group:
+                    model = tap_inputs_model(self._work_model, group)
+                    self._forward_groups.append((reduced, group, model))
         if random:
             self._operators = {t.name: self._make_operators(t) for t in random}
         return in_flight
@@ -883,7 +914,7 @@ class LocalRankEstimator:
                     block=min(block, k),
                     recovered=self._recovered[tap.name],
                 )
-            elif self._mode == "forward":
+            elif self._modes[tap.name] == "forward":
                 s = forward_spectra(
                     fn, x1, b, [rows], block=min(block, k), use_gram=self._use_gram
                 )[0]
@@ -912,33 +943,32 @@ class LocalRankEstimator:
         # (`host_linalg`) and released before the colored taps run, whose
         # buffers then come from what TensorFlow's allocator already holds.
         previous = []
-        if taps and self._mode == "forward":
-            for reduced, group, model in self._forward_groups:
-                # One pack after the other: their results must not coexist.
-                with tf.control_dependencies(previous):
-                    values = forward_spectra(
-                        _outputs_fn(model, group, held, thin),
-                        tf.identity(x),
-                        basis if reduced else None,
-                        [self._rows(t) for t in group],
-                        block=min(block, self._root.tap.units if reduced else n0),
-                        use_gram=self._use_gram,
-                    )
-                spectra.update({t.name: self._padded(v, t) for t, v in zip(group, values)})
-                previous = list(values)
-        elif taps:
-            for tap in taps:  # one tap at a time: their loops must not overlap
-                with tf.control_dependencies(previous):
-                    s = reverse_spectra(
-                        _outputs_fn(self._tap_inputs[tap.name], [tap], held, thin),
-                        tf.identity(x),
-                        tap_basis(tap),
-                        self._rows(tap),
-                        block=min(block, self._rows(tap)),
-                        use_gram=self._use_gram,
-                    )
-                spectra[tap.name] = self._padded(s, tap)
-                previous = [s]
+        for reduced, group, model in self._forward_groups:
+            # One pack after the other: their results must not coexist.
+            with tf.control_dependencies(previous):
+                values = forward_spectra(
+                    _outputs_fn(model, group, held, thin),
+                    tf.identity(x),
+                    basis if reduced else None,
+                    [self._rows(t) for t in group],
+                    block=min(block, self._root.tap.units if reduced else n0),
+                    use_gram=self._use_gram,
+                )
+            spectra.update({t.name: self._padded(v, t) for t, v in zip(group, values)})
+            previous = list(values)
+        # Reverse-mode taps one at a time: their loops must not overlap.
+        for tap in [t for t in taps if self._modes[t.name] == "reverse"]:
+            with tf.control_dependencies(previous):
+                s = reverse_spectra(
+                    _outputs_fn(self._tap_inputs[tap.name], [tap], held, thin),
+                    tf.identity(x),
+                    tap_basis(tap),
+                    self._rows(tap),
+                    block=min(block, self._rows(tap)),
+                    use_gram=self._use_gram,
+                )
+            spectra[tap.name] = self._padded(s, tap)
+            previous = [s]
         # Colored taps one at a time: their loops must not overlap. Each
         # waits for the previous tap's Gram, not its eigen-solve, which runs
         # on the host beside the next tap's products; and for the spectrum

@@ -264,6 +264,12 @@ def _resolve_layers(model, calls, layers) -> list[LayerCall]:
     """The calls named by a `layers` argument (names, calls or layer objects)."""
     if isinstance(layers, (str, keras.layers.Layer)):
         layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ValueError(
+            "`layers` is empty. Pass None to measure every measurable layer, or "
+            "the names of the layers to measure."
+        )
     by_name = {c.name: c for c in calls}
     chosen: list[LayerCall] = []
     for item in layers:

@@ -214,3 +214,32 @@ def test_loop_accumulators_are_not_folded_into_graph_constants():
         concrete = est._fn.get_concrete_function(tf.constant(x), None, None)
         assert _large_graph_constants(concrete, 500 * 500 // 2) == [], method
         assert_exact_ranks_match_float64(est, model, x)  # accumulators still start at zero
+
+
+def test_each_layer_takes_the_mode_whose_results_fit():
+    # `wide` (400 rows of a 60-direction Jacobian: assembled in forward mode,
+    # ~0.6 MB) fits an 80 kB budget only in reverse mode, its Gram
+    # accumulated over row blocks; `narrow` (50 rows: assembled in reverse
+    # mode) only in forward mode. One mode for all layers refused the model
+    # ("memory_budget=80000 is too small for one sample"; Xception at 71x71
+    # at the default budget the same way).
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((60,)),
+        keras.layers.Dense(60, activation="tanh", name="pre"),
+        keras.layers.Dense(500, activation="tanh", name="pre2"),
+        keras.layers.Dense(400, activation="tanh", name="wide"),
+        keras.layers.Dense(50, activation="tanh", name="narrow"),
+        keras.layers.Dense(3, name="head"),
+    ])
+    x = gaussian(3, 60)
+    budget = 80_000
+    est = klr.LocalRankEstimator(model, ["wide", "narrow"], method="exact", memory_budget=budget)
+    assert {n: p.mode for n, p in est.plans.items()} == {"wide": "reverse", "narrow": "forward"}
+    assert est.estimated_peak_bytes <= budget
+    assert_exact_ranks_match_float64(est, model, x)
+    # With room for both in forward mode they need two packs (two passes of
+    # all 60 directions); `narrow` costs fewer products in reverse (50 rows).
+    roomy = klr.LocalRankEstimator(model, ["wide", "narrow"], method="exact", memory_budget=700_000)
+    assert {n: p.mode for n, p in roomy.plans.items()} == {"wide": "forward", "narrow": "reverse"}
+    assert_exact_ranks_match_float64(roomy, model, x)

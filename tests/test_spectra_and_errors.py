@@ -113,6 +113,7 @@ def test_bad_x(model, x, error, match):
         ({"atol": "1e-2"}, TypeError, "atol='1e-2'"),
         ({"layers": ["nope"]}, ValueError, "'nope'"),
         ({"layers": [3]}, TypeError, "Received: 3"),
+        ({"layers": []}, ValueError, "`layers` is empty"),
         ({"method": "magic"}, ValueError, "method='magic'"),
         ({"batch_size": 0}, ValueError, "batch_size=0"),
         ({"dtype": "float16"}, ValueError, "dtype='float16'"),
