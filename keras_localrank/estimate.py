@@ -46,6 +46,7 @@ from keras_localrank.matfree import forward_spectra, gram_singular_values, jvp, 
 from keras_localrank.memory import (
     ACTIVATION_FACTOR,
     DEFAULT_MEMORY_BUDGET,
+    REPLICA_SHARE,
     activation_elements,
     check_memory_budget,
     colored_storage_bytes,
@@ -615,7 +616,9 @@ class LocalRankEstimator:
                 "larger `memory_budget` or a smaller `batch_size`."
             )
         self._general_batch, affordable = sizes
-        in_flight = min(affordable, widest, self._max_in_flight or widest)
+        # Unless asked for more, replicas take at most a share of the budget.
+        useful = max(1, int(REPLICA_SHARE * budget) // (self._general_batch * per_replica))
+        in_flight = min(affordable, widest, self._max_in_flight or useful)
         self._sketch_max_block = 0
         if random:
             self.sketch_block = max(

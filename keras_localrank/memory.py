@@ -23,6 +23,7 @@ from keras_localrank.validation import check_int
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "REPLICA_SHARE",
     "activation_elements",
     "check_memory_budget",
     "colored_storage_bytes",
@@ -43,6 +44,12 @@ ACTIVATION_FACTOR = 3
 #: a 2,048 MiB plan; one sample with 240 directions by 2,131 MiB, in the
 #: same time. (Forward packs still leave room for 32 directions only.)
 MIN_DIRECTIONS = 256
+#: Share of the budget the replicas of one exact pass may take, at most.
+#: Wider passes buy little, and a replica costs more than planned on
+#: convnets (oneDNN's blocked-layout copies): MobileNetV2 at 32x32, one
+#: input, grew by 2,071 MiB at 270 directions per pass (planned replicas
+#: 1,404 MiB) and by 1,688 MiB at 180, in 21.8 and 20.7 s.
+REPLICA_SHARE = 0.5
 #: Values of one column chunk of an assembled Jacobian cast to float64 while
 #: its Gram is formed (`matfree._finish`; 64 MiB): the matrix itself is never
 #: copied in float64.
