@@ -426,11 +426,11 @@ def positions_per_rows_block(coloring: Coloring, channels: int, itemsize: int = 
     return int(max(1, min(coloring.positions, LOCAL_GRAM_BYTES // per_position)))
 
 
-def _recovered_gram(products, index, valid, coloring: Coloring) -> tf.Tensor:
-    """`J^T J` from the Jacobian's rows, recovered for a block of output
-    positions at a time and added to a float64 Gram held on the host."""
+def _recovered_gram(products, index, valid, coloring: Coloring, rows: int) -> tf.Tensor:
+    """`J^T J` from the Jacobian's `rows` rows, recovered for a block of
+    output positions at a time and added to a float64 Gram held on the host."""
     nc, positions, n0 = coloring.num_colors, coloring.positions, coloring.input_dim
-    channels = int(products.shape[-1]) // positions
+    channels = rows // positions
     block = positions_per_rows_block(coloring, channels, products.dtype.size)
     num = -(-positions // block)
     pad = num * block - positions
@@ -465,6 +465,7 @@ def colored_gram(
     coloring: Coloring,
     *,
     recovered: bool = False,
+    rows: int | None = None,
 ) -> tf.Tensor:
     """`J^T J` (`[B, n0, n0]`, float64) from the colour products.
 
@@ -480,9 +481,16 @@ def colored_gram(
         index, valid: `Coloring.indices()` (`[P, num_colors]`).
         coloring: the colouring.
         recovered: recover rows (see `recovered_rows_are_cheaper`).
+        rows: `n_l` of the products (default: their static last dimension,
+            unknown in a graph traced for a batch of unknown size).
     """
     if recovered:
-        return _recovered_gram(products, index, valid, coloring)
+        rows = rows or products.shape[-1]
+        if rows is None:
+            raise ValueError(
+                "colored_gram(recovered=True) needs `rows` for products of unknown width."
+            )
+        return _recovered_gram(products, index, valid, coloring, int(rows))
     nc, positions = coloring.num_colors, coloring.positions
     n0 = coloring.input_dim
     block = positions_per_block(coloring)
@@ -520,7 +528,14 @@ def colored_gram(
 
 
 def colored_jacobian_gram(
-    fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int, recovered: bool = False
+    fn,
+    x: tf.Tensor,
+    coloring: Coloring,
+    tables,
+    *,
+    block: int,
+    recovered: bool = False,
+    rows: int | None = None,
 ) -> tf.Tensor:
     """`J^T J` (`[B, n0, n0]`, float64) of a local tap's Jacobian by colored
     forward mode.
@@ -532,22 +547,31 @@ def colored_jacobian_gram(
         tables: `(color_ids, index, valid)` tensors from
             `Coloring.color_ids()` and `Coloring.indices()`.
         block: colours per pass.
-        recovered: see `colored_gram`.
+        recovered, rows: see `colored_gram`.
     """
     color_ids, index, valid = tables
     directions = tf.transpose(tf.one_hot(color_ids, coloring.num_colors, dtype=x.dtype))
     products = colored_products(fn, x, directions, block=block)
-    return colored_gram(products, index, valid, coloring, recovered=recovered)
+    return colored_gram(products, index, valid, coloring, recovered=recovered, rows=rows)
 
 
 def colored_spectra(
-    fn, x: tf.Tensor, coloring: Coloring, tables, *, block: int, recovered: bool = False
+    fn,
+    x: tf.Tensor,
+    coloring: Coloring,
+    tables,
+    *,
+    block: int,
+    recovered: bool = False,
+    rows: int | None = None,
 ) -> tf.Tensor:
     """Exact singular values (`[B, n0]`, float64, from the Gram `J^T J`) of a
     local tap's Jacobian by colored forward mode (arguments as
     `colored_jacobian_gram`)."""
     return gram_singular_values(
-        colored_jacobian_gram(fn, x, coloring, tables, block=block, recovered=recovered)
+        colored_jacobian_gram(
+            fn, x, coloring, tables, block=block, recovered=recovered, rows=rows
+        )
     )
 
 

@@ -916,6 +916,7 @@ class LocalRankEstimator:
                     self._colored_tables(tap.name),
                     block=min(block, k),
                     recovered=self._recovered[tap.name],
+                    rows=rows,
                 )
             elif self._modes[tap.name] == "forward":
                 s = forward_spectra(
@@ -989,6 +990,7 @@ class LocalRankEstimator:
                     self._colored_tables(tap.name),
                     block=min(block, self._directions[tap.name]),
                     recovered=self._recovered[tap.name],
+                    rows=self._rows(tap),
                 )
             previous = [gram] + ([] if solved is None else [solved])
             solved = spectra[tap.name] = gram_singular_values(gram)

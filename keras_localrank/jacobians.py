@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from keras_localrank.taps import Tap, flatten_samples, preactivation
+from keras_localrank.taps import Tap, preactivation
 from keras_localrank.thin import thin_rows
 
 __all__ = ["choose_mode", "preactivation_jacobians", "preactivations"]
@@ -45,7 +45,7 @@ def preactivations(inputs_model, taps, x, held=(), thin=None):
     return [
         thin_rows(t.layer, inp, thin[t.name])
         if t.name in thin
-        else flatten_samples(preactivation(t.layer, inp))
+        else tf.reshape(preactivation(t.layer, inp), [tf.shape(x)[0], -1])
         for t, inp in zip(taps, inputs)
     ]
 

@@ -70,7 +70,7 @@ def jvp(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
     out = []
     for o in outputs:
         t = acc.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        out.append(tf.reshape(t, [batch, d, t.shape[-1] or -1]))
+        out.append(tf.reshape(t, [batch, d, -1]))
     return out
 
 
@@ -98,7 +98,7 @@ def vjp(fn: OutputsFn, x: tf.Tensor, cotangents: tf.Tensor, *, index: int = 0) -
         output_gradients=tf.reshape(tf.cast(cotangents, out.dtype), tf.shape(out)),
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
     )
-    return tf.reshape(grad, [batch, d, repeated.shape[1:].num_elements() or -1])
+    return tf.reshape(grad, [batch, d, -1])
 
 
 def gram_singular_values(gram: tf.Tensor) -> tf.Tensor:

@@ -23,7 +23,6 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import keras
-import tensorflow as tf
 
 from keras_localrank.graph import (
     RECURRENT_LAYERS,
@@ -41,7 +40,6 @@ __all__ = [
     "MEASURABLE_LAYERS",
     "Tap",
     "TapSelection",
-    "flatten_samples",
     "select_taps",
     "model_graph",
     "preactivation",
@@ -454,14 +452,6 @@ def _linear_activation(layer):
         yield
     finally:
         layer.activation = saved
-
-
-def flatten_samples(t):
-    """`[N, ...] -> [N, values]`, keeping the values' count static when the
-    per-sample shape is known (a batch of unknown size must not hide `n_l`
-    from the shapes that follow)."""
-    size = t.shape[1:].num_elements()
-    return tf.reshape(t, [-1, size] if size is not None else tf.stack([tf.shape(t)[0], -1]))
 
 
 def preactivation(layer, inputs):

@@ -30,8 +30,6 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from keras_localrank.taps import flatten_samples
-
 __all__ = ["thin_factor", "thin_rows", "thin_width"]
 
 _CONVS = tuple(
@@ -102,4 +100,4 @@ def thin_rows(layer, inputs: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
         index = (slice(None),) + tuple(slice(None, None, s) for s in layer.strides)
         a = a[index]
     t = tf.linalg.matmul(a, factor, transpose_b=True)
-    return flatten_samples(t)
+    return tf.reshape(t, [tf.shape(a)[0], -1])
