@@ -52,7 +52,7 @@ from absl import app, flags  # noqa: E402
 
 import keras_localrank as klr  # noqa: E402
 from keras_localrank import datasets  # noqa: E402
-from experiments.common import PeakRSS  # noqa: E402
+from experiments.common import PeakRSS, run  # noqa: E402
 from keras_localrank.io import atomic_write_json  # noqa: E402
 from keras_localrank.taps import preactivation  # noqa: E402
 
@@ -431,4 +431,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

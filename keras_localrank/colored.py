@@ -555,24 +555,11 @@ def colored_jacobian_gram(
     return colored_gram(products, index, valid, coloring, recovered=recovered, rows=rows)
 
 
-def colored_spectra(
-    fn,
-    x: tf.Tensor,
-    coloring: Coloring,
-    tables,
-    *,
-    block: int,
-    recovered: bool = False,
-    rows: int | None = None,
-) -> tf.Tensor:
+def colored_spectra(fn, x: tf.Tensor, coloring: Coloring, tables, **options) -> tf.Tensor:
     """Exact singular values (`[B, n0]`, float64, from the Gram `J^T J`) of a
-    local tap's Jacobian by colored forward mode (arguments as
-    `colored_jacobian_gram`)."""
-    return gram_singular_values(
-        colored_jacobian_gram(
-            fn, x, coloring, tables, block=block, recovered=recovered, rows=rows
-        )
-    )
+    local tap's Jacobian by colored forward mode (arguments and keyword
+    options `block`, `recovered`, `rows` as `colored_jacobian_gram`)."""
+    return gram_singular_values(colored_jacobian_gram(fn, x, coloring, tables, **options))
 
 
 def recover_jacobian(products: tf.Tensor, coloring: Coloring) -> tf.Tensor:

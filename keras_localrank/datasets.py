@@ -127,7 +127,14 @@ def _keras_images(name: str, flatten: bool) -> Dataset:
     import keras
 
     module = {"mnist": keras.datasets.mnist, "fashion_mnist": keras.datasets.fashion_mnist}[name]
-    (x_tr, y_tr), (x_te, y_te) = module.load_data()
+    try:
+        (x_tr, y_tr), (x_te, y_te) = module.load_data()
+    except Exception as e:  # Keras raises a bare Exception when the download fails
+        raise OSError(
+            f"Could not load {name!r} through keras.datasets ({' '.join(str(e).split())}). "
+            "Offline, pass `data_path` (an .npz with arrays x and y; --data_path in the "
+            f"scripts) or set KERAS_HOME to a directory holding datasets/{name}.npz."
+        ) from e
 
     def prep(x):
         x = x.astype(np.float32) / 255.0

@@ -283,8 +283,9 @@ def test_memory_budget_bounds_colored_plan():
 
 def test_recovered_rows_in_a_graph_with_a_batch_of_unknown_size(monkeypatch):
     # `measure_tensor` traced for any batch size (as in a custom training
-    # loop) once failed on recovered rows: the flattened layer outputs lost
-    # their static width when the batch size was unknown.
+    # loop) once failed on recovered rows: the flattened layer outputs lose
+    # their static width when the batch size is unknown (the width now comes
+    # from the plan).
     model, x = _build("strided_pooling")
     monkeypatch.setattr(colored, "SCATTER_ENTRY_MACS", 1e12)
     estimator = klr.LocalRankEstimator(model, method="exact")

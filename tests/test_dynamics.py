@@ -535,3 +535,17 @@ def test_one_line_errors_keeps_the_traceback_of_bugs():
 
     with pytest.raises(KeyError):
         common.one_line_errors(main)(["script"])
+
+
+def test_a_failed_dataset_download_names_the_offline_options(monkeypatch):
+    # Keras raises a bare Exception ("URL fetch failure ...") when it cannot
+    # download MNIST; the scripts printed that traceback. Now an OSError
+    # (one line in the scripts) says how to run offline.
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure on https://example/mnist.npz: None -- [Errno -2]")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(OSError, match=r"'mnist'.*URL fetch failure.*data_path.*KERAS_HOME"):
+        datasets.load("mnist")
