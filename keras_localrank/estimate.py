@@ -547,27 +547,29 @@ class LocalRankEstimator:
 
         def forward_packs():
             forward = [t for t in varying if tap_modes[t.name] == "forward"]
-            return forward, pack_by_storage(forward, lambda t: storage(t, "forward"), room)
+            return pack_by_storage(forward, lambda t: storage(t, "forward"), room)
 
-        def products():  # per sample: a pass of all directions per pack, rows in reverse
-            return sum(max(directions(t) for t in p) for p in self._packs) + sum(
+        def products(packs):  # per sample: a pass of all directions per pack, rows in reverse
+            return sum(max(directions(t) for t in p) for p in packs) + sum(
                 rows(t) for t in varying if tap_modes[t.name] == "reverse"
             )
 
-        forward, self._packs = forward_packs()
-        if len(self._packs) > 1 and forced_mode is None and not recurrent:
+        packs = forward_packs()
+        if len(packs) > 1 and forced_mode is None and not recurrent:
             # Forward layers split over several packs: a layer moves to
             # reverse mode when that saves products (e.g. a classifier head
             # alone in the last pack).
-            for t in sorted(forward, key=rows):
+            for t in sorted((t for p in packs for t in p), key=rows):
                 if storage(t, "reverse") + per_replica > budget:
                     continue
-                before = products()
+                before = products(packs)
                 tap_modes[t.name] = "reverse"
-                forward, self._packs = forward_packs()
-                if products() >= before:
+                moved = forward_packs()
+                if products(moved) < before:
+                    packs = moved
+                else:
                     tap_modes[t.name] = "forward"
-                    forward, self._packs = forward_packs()
+        self._packs = packs
         per_sample = max(
             [sum(storage(t, "forward") for t in p) for p in self._packs]
             + [storage(t, tap_modes[t.name]) for t in exact],
