@@ -28,6 +28,7 @@ setup(
         "pandas>=1.5",
         "matplotlib>=3.6",
         "scikit-learn>=1.1",
+        "scipy>=1.9",
         "threadpoolctl>=3.1",
     ],
     extras_require={

@@ -76,6 +76,8 @@ flags.DEFINE_string("data_path", None, "An .npz (x, y) of MNIST digits read inst
 flags.DEFINE_integer("train_samples", 6000, "Training images for the one epoch.")
 flags.DEFINE_float("atol", 0.01, "Robust-rank threshold of cifar_cnn and resnet50_224.")
 flags.DEFINE_string("method", "auto", "`method` passed to klr.local_rank.")
+flags.DEFINE_bool("spectrum", True, "`spectrum` passed to klr.local_rank (--nospectrum: "
+                  "ranks counted without singular values on the exact path).")
 flags.DEFINE_integer("samples", None, "Override the measured samples of every model.")
 flags.DEFINE_integer("baseline_samples", None, "Override the baseline's samples (0: skip).")
 flags.DEFINE_list("layers", None, "Measure only these layers (tap names) of every model.")
@@ -342,10 +344,12 @@ def run_model(name: str) -> dict:
     if len(x) < samples:
         x = np.concatenate([x] * math.ceil(samples / len(x)))[:samples]
     print(f"\n== {name}: {model.count_params():,} parameters, input {x.shape[1:]}, "
-          f"{samples} samples, {'exact' if atol is None else f'atol={atol}'} rank")
+          f"{samples} samples, {'exact' if atol is None else f'atol={atol}'} rank"
+          f"{'' if FLAGS.spectrum else ', spectrum=False (ranks counted)'}")
     with PeakRSS() as mem:
         start = time.perf_counter()
-        result = klr.local_rank(model, x, layers=layers, atol=atol, method=FLAGS.method)
+        result = klr.local_rank(model, x, layers=layers, atol=atol, method=FLAGS.method,
+                                spectrum=FLAGS.spectrum)
         t_new = time.perf_counter() - start
     frame = result.to_frame()
     # The randomized layers' error statement: the certified interval
@@ -402,7 +406,7 @@ def run_model(name: str) -> dict:
               f"on the common samples and layers: {'yes' if agree else 'NO'}")
         record.update(baseline_samples=base_samples, baseline_seconds=t_base,
                       baseline_peak_rss_mib=mem_b.growth_mib, ratio=ratio, agree=agree)
-        floor = eigen_floor(model, result)
+        floor = eigen_floor(model, result) if FLAGS.spectrum else 0.0
         if floor > 0:
             print(f"   eigen-decomposition floor of the exact path: {floor:.3f} s/sample "
                   f"(baseline / floor = {t_base / base_samples / floor:.1f}x at most)")

@@ -555,11 +555,14 @@ def colored_jacobian_gram(
     return colored_gram(products, index, valid, coloring, recovered=recovered, rows=rows)
 
 
-def colored_spectra(fn, x: tf.Tensor, coloring: Coloring, tables, **options) -> tf.Tensor:
+def colored_spectra(
+    fn, x: tf.Tensor, coloring: Coloring, tables, *, record=None, **options
+) -> tf.Tensor:
     """Exact singular values (`[B, n0]`, float64, from the Gram `J^T J`) of a
-    local tap's Jacobian by colored forward mode (arguments and keyword
-    options `block`, `recovered`, `rows` as `colored_jacobian_gram`)."""
-    return gram_singular_values(colored_jacobian_gram(fn, x, coloring, tables, **options))
+    local tap's Jacobian by colored forward mode, or its rank record with a
+    rule `record` (see `matfree.gram_singular_values`); arguments and
+    keyword options `block`, `recovered`, `rows` as `colored_jacobian_gram`."""
+    return gram_singular_values(colored_jacobian_gram(fn, x, coloring, tables, **options), record)
 
 
 def recover_jacobian(products: tf.Tensor, coloring: Coloring) -> tf.Tensor:

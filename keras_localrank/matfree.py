@@ -22,10 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from keras_localrank import host_linalg, memory
-from keras_localrank.spectra import HOST_LAPACK_MIN_ORDER, in_xla_context, symmetric_eigenvalues
+from keras_localrank.spectra import (
+    HOST_LAPACK_MIN_ORDER,
+    in_xla_context,
+    rank_record,
+    symmetric_eigenvalues,
+    symmetric_records,
+)
 
 __all__ = [
     "host_open",
@@ -101,9 +108,18 @@ def vjp(fn: OutputsFn, x: tf.Tensor, cotangents: tf.Tensor, *, index: int = 0) -
     return tf.reshape(grad, [batch, d, -1])
 
 
-def gram_singular_values(gram: tf.Tensor) -> tf.Tensor:
-    """Singular values from a float64 Gram matrix: `sqrt(max(eig, 0))`."""
+def gram_singular_values(gram: tf.Tensor, spec=None) -> tf.Tensor:
+    """Singular values from a float64 Gram matrix: `sqrt(max(eig, 0))`; or,
+    given a rule `spec` (`spectra.record_spec`), its rank record
+    (`spectra.rank_record`), computed without eigenvalues on the host."""
+    if spec is not None:
+        return symmetric_records(gram, spec)
     return tf.sqrt(tf.maximum(symmetric_eigenvalues(gram), 0.0))
+
+
+def _recorded(s: tf.Tensor, spec) -> tf.Tensor:
+    """`s` (singular values), or its rank record when `spec` is given."""
+    return s if spec is None else rank_record(s, spec)
 
 
 def _on_host(sizes) -> bool:
@@ -135,8 +151,19 @@ def host_take(key: tf.Tensor, n: int) -> tf.Tensor:
     return tf.ensure_shape(gram, [None, n, n])
 
 
-def host_singular_values(keys: tf.Tensor, sizes) -> list[tf.Tensor]:
-    """Singular values `[B, n_l]` from the held Grams (which are released)."""
+def host_singular_values(keys: tf.Tensor, sizes, specs=None) -> list[tf.Tensor]:
+    """Singular values `[B, n_l]` from the held Grams (which are released);
+    given one rule per Gram (`specs`, all with the same number of
+    tolerances), their rank records `[B, 2 + T]` instead."""
+    if specs is not None:
+        specs = tf.constant(np.stack([np.asarray(spec, np.float64) for spec in specs]))
+        width = 2 + int(specs.shape[1])
+        values = tf.numpy_function(
+            host_linalg.gram_records, [keys, specs], [tf.float64] * len(sizes), stateful=True
+        )
+        if not isinstance(values, (list, tuple)):
+            values = [values]
+        return [tf.ensure_shape(v, [None, width]) for v in values]
     values = tf.numpy_function(
         host_linalg.gram_eigvalsh, [keys], [tf.float64] * len(sizes), stateful=True
     )
@@ -158,10 +185,11 @@ def _block_source(basis: tf.Tensor | None, size: int, block: int, dtype):
     return (lambda i: padded[i]), num
 
 
-def _finish(stored, k: int, *, use_gram: bool, solve: bool = True) -> tf.Tensor:
-    """Singular values of the matrix assembled from stored blocks (or, with
-    `solve=False` and a Gram held on the host, its key `[1]`, for
-    `host_singular_values` to solve it with others in one call).
+def _finish(stored, k: int, *, use_gram: bool, solve: bool = True, spec=None) -> tf.Tensor:
+    """Singular values (rank record with `spec`) of the matrix assembled
+    from stored blocks (or, with `solve=False` and a Gram held on the host,
+    its key `[1]`, for `host_singular_values` to solve it with others in one
+    call).
 
     `stored` stacks `[num_blocks, B, block, m]`; the assembled matrix is
     `[B, num_blocks * block, m]`, truncated to `k` rows. With `use_gram`
@@ -176,7 +204,7 @@ def _finish(stored, k: int, *, use_gram: bool, solve: bool = True) -> tf.Tensor:
     if not use_gram:
         t = tf.transpose(t, [1, 0, 2, 3])
         mat = tf.reshape(t, [batch, num * block, m])[:, :k]
-        return tf.linalg.svd(mat, compute_uv=False)
+        return _recorded(tf.linalg.svd(mat, compute_uv=False), spec)
     rows = num * block
     chunk = tf.maximum(1, memory.GRAM_CHUNK_VALUES // tf.maximum(1, batch * rows))
     steps = (m + chunk - 1) // chunk
@@ -198,9 +226,11 @@ def _finish(stored, k: int, *, use_gram: bool, solve: bool = True) -> tf.Tensor:
         lambda j, _: j < steps, body, (tf.constant(0), init), parallel_iterations=1
     )
     if host:
-        return host_singular_values(gram, [k])[0] if solve else gram
+        if not solve:
+            return gram
+        return host_singular_values(gram, [k], None if spec is None else [spec])[0]
     # The assembled matrix is [B, k, m] with k the smaller side on this path.
-    return gram_singular_values(gram[:, :k, :k])
+    return gram_singular_values(gram[:, :k, :k], spec)
 
 
 def zeros(shape, dtype) -> tf.Tensor:
@@ -228,6 +258,7 @@ def forward_spectra(
     *,
     block: int,
     use_gram: bool = True,
+    records=None,
 ) -> list[tf.Tensor]:
     """Exact singular values of `F_l = J_l(x) V` for every output, by forward mode.
 
@@ -241,11 +272,15 @@ def forward_spectra(
         block: directions in flight per pass (`B * block` replicas).
         use_gram: float64 Gram in the smaller dimension (True, the default)
             or SVD of the assembled `F_l` (float64 inputs, XLA).
+        records: None, or one rule per output (`spectra.record_spec`, the
+            same number of tolerances each): return rank records
+            (`spectra.rank_record`) instead of singular values.
 
     Returns:
         One `[B, min(n_l, k)]` tensor of singular values per output (float64
-        when `use_gram`).
+        when `use_gram`), or one `[B, 2 + T]` rank record per output.
     """
+    specs = list(records) if records is not None else [None] * len(units)
     n0 = int(x.shape[1:].num_elements())
     k = n0 if basis is None else int(basis.shape[0])
     batch = tf.shape(x)[0]
@@ -293,15 +328,19 @@ def forward_spectra(
         if acc and host:
             continue
         if acc:
-            out[j] = gram_singular_values(next(state))
+            out[j] = gram_singular_values(next(state), specs[j])
         elif use_gram and _on_host([k]):  # assembled F_l^T: [B, k, n_l], k < n_l
             held.append(_finish(next(state), k, use_gram=True, solve=False))
             held_sizes.append(k)
             held_index.append(j)
         else:  # assembled, solved in TensorFlow (SVD wanted, XLA or small k)
-            out[j] = _finish(next(state), k, use_gram=use_gram)
+            out[j] = _finish(next(state), k, use_gram=use_gram, spec=specs[j])
     if held:
-        solved = host_singular_values(tf.concat(held, 0), held_sizes)
+        solved = host_singular_values(
+            tf.concat(held, 0),
+            held_sizes,
+            None if records is None else [specs[j] for j in held_index],
+        )
         for j, values in zip(held_index, solved):
             out[j] = values
     return out
@@ -316,6 +355,7 @@ def reverse_spectra(
     index: int = 0,
     block: int,
     use_gram: bool = True,
+    record=None,
 ) -> tf.Tensor:
     """Exact singular values of `F = J(x) V` for one output, by reverse mode.
 
@@ -329,9 +369,11 @@ def reverse_spectra(
         index: which output of `fn`. Default 0.
         block: rows in flight per pass.
         use_gram: see `forward_spectra`.
+        record: None, or a rule (`spectra.record_spec`): return the rank
+            record `[B, 2 + T]` instead of the singular values.
 
     Returns:
-        `[B, min(n_l, k)]` singular values.
+        `[B, min(n_l, k)]` singular values, or the rank record.
     """
     k = int(x.shape[1:].num_elements()) if basis is None else int(basis.shape[0])
     batch = tf.shape(x)[0]
@@ -361,7 +403,7 @@ def reverse_spectra(
         lambda i, _: i < num, body, (tf.constant(0), init), parallel_iterations=1
     )
     if host:
-        return host_singular_values(state, [k])[0]
+        return host_singular_values(state, [k], None if record is None else [record])[0]
     if accumulate:
-        return gram_singular_values(state)
-    return _finish(state, units, use_gram=use_gram)
+        return gram_singular_values(state, record)
+    return _finish(state, units, use_gram=use_gram, spec=record)

@@ -33,6 +33,9 @@ __all__ = [
     "symmetric_eigenvalues",
     "tolerance_threshold",
     "rank_from_singular_values",
+    "rank_record",
+    "record_spec",
+    "symmetric_records",
     "effective_rank",
     "stable_rank",
 ]
@@ -211,6 +214,46 @@ def rank_from_singular_values(
     tol = tolerance_threshold(singular_values, tolerance, shape=shape, dtype=dtype)
     above = singular_values > tol[..., None]
     return tf.reduce_sum(tf.cast(above, tf.int32), axis=-1)
+
+
+def record_spec(tolerances, *, shape: tuple[int, int], dtype) -> np.ndarray:
+    """`[T, 2]` float64 `(atol, rtol)` of each rule for `shape` matrices
+    computed in `dtype`: what a rank record counts (see `rank_record`)."""
+    return np.array(
+        [[float(t.atol or 0.0), t.relative(dtype, *shape)] for t in tolerances], np.float64
+    ).reshape(-1, 2)
+
+
+def rank_record(singular_values: tf.Tensor, spec: np.ndarray) -> tf.Tensor:
+    """`[..., 2 + T]`: `sigma_max`, `sum sigma_i^2` and, for each rule
+    `spec[t] = (atol, rtol)`, the rank `#{sigma_i > max(atol, rtol *
+    sigma_max)}` (as `rank_from_singular_values`), as float64.
+
+    The record is what the exact path keeps when the spectrum is not wanted
+    (`LocalRankEstimator(spectrum=False)`): on the host it is computed
+    without eigenvalues (`host_linalg.rank_record`); here from them."""
+    s = tf.cast(singular_values, tf.float64)
+    top = tf.reduce_max(s, axis=-1) if s.shape[-1] != 0 else tf.zeros(tf.shape(s)[:-1], s.dtype)
+    spec = np.asarray(spec, np.float64).reshape(-1, 2)
+    thr = tf.maximum(spec[:, 0], spec[:, 1] * top[..., None])  # [..., T]
+    counts = tf.reduce_sum(tf.cast(s[..., None, :] > thr[..., None], tf.float64), axis=-1)
+    return tf.concat([top[..., None], tf.reduce_sum(s * s, axis=-1)[..., None], counts], -1)
+
+
+def symmetric_records(gram: tf.Tensor, spec: np.ndarray) -> tf.Tensor:
+    """Rank records `[..., 2 + T]` of a batch of float64 Grams `[..., n, n]`
+    (the squared singular values are their eigenvalues): on the host's
+    LAPACK without eigenvalues from order `HOST_LAPACK_MIN_ORDER` up (see
+    `host_linalg.rank_record`), else from `symmetric_eigenvalues`."""
+    spec = np.asarray(spec, np.float64).reshape(-1, 2)
+    order = gram.shape[-1]
+    if (order is not None and order < HOST_LAPACK_MIN_ORDER) or in_xla_context():
+        return rank_record(tf.sqrt(tf.maximum(symmetric_eigenvalues(gram), 0.0)), spec)
+    values = tf.numpy_function(
+        host_linalg.records_batch, [gram, tf.constant(spec)], tf.float64, stateful=False
+    )
+    values.set_shape(gram.shape[:-2].concatenate([2 + len(spec)]))
+    return values
 
 
 def effective_rank(singular_values: tf.Tensor) -> tf.Tensor:

@@ -164,3 +164,67 @@ def test_taken_gram_is_the_full_symmetric_sum_and_is_released(n, batch):
     assert gram.shape == (batch, n, n)
     np.testing.assert_allclose(gram, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
     assert key not in host_linalg.open_grams()
+
+
+# -- ranks without eigenvalues (spectrum=False) ---------------------------------
+
+
+def _known_spectrum(n, values, seed):
+    """A symmetric matrix `Q diag(values) Q^T` with a random orthogonal `Q`."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    a = (q * np.asarray(values, np.float64)) @ q.T
+    return np.asfortranarray((a + a.T) / 2)
+
+
+@pytest.mark.parametrize("n", [5, 70, 200])
+def test_positive_inertia_counts_eigenvalues_above_a_shift(n):
+    # Eigenvalues known by construction, spread on both sides of every shift
+    # (an indefinite `a - shift I` makes Bunch-Kaufman take 2 x 2 pivots).
+    values = np.linspace(-3.0, 5.0, n)
+    a = _known_spectrum(n, values, seed=n)
+    for shift in (-2.5, -0.01, 0.3, 1.77, 4.9, 6.0):
+        expected = int((values > shift).sum())
+        assert host_linalg.positive_inertia(a, shift) == expected, shift
+    lower = np.asfortranarray(np.tril(a))  # only the lower triangle is read
+    assert host_linalg.positive_inertia(lower, 0.3, overwrite=True) == int((values > 0.3).sum())
+    assert host_linalg.positive_inertia(np.zeros((4, 4), order="F"), 0.0) == 0
+    assert host_linalg.positive_inertia(np.zeros((0, 0)), 1.0) == 0
+
+
+@pytest.mark.parametrize("n", [40, 150])
+def test_rank_record_equals_the_eigenvalue_count_of_a_gram(n):
+    # A float64 Gram of a rank-deficient matrix with singular values over
+    # six decades: the record's counts equal the numpy rule applied to the
+    # eigenvalues, for the default float32 rule, an absolute threshold, and
+    # both (thresholds falling between singular values by construction).
+    rng = np.random.default_rng(n)
+    r = n // 2
+    b = rng.standard_normal((r, n)) * np.logspace(0, -6, r)[:, None]
+    gram = b.T @ b
+    s = np.sqrt(np.maximum(np.linalg.eigvalsh(gram), 0.0))
+    spec = np.array([[0.0, np.finfo(np.float32).eps * n], [1e-3 * s.max(), 0.0], [1e-2, 1e-5]])
+    record = host_linalg.rank_record(np.asfortranarray(np.tril(gram)), spec)
+    thr = np.maximum(spec[:, 0], spec[:, 1] * s.max())
+    expected = (s[None] > thr[:, None]).sum(axis=1)
+    assert 0 < expected.min() and expected.max() < n  # the rules cut inside the spectrum
+    np.testing.assert_allclose(record[0], s.max(), rtol=1e-10)
+    np.testing.assert_allclose(record[1], np.sum(s * s), rtol=1e-12)
+    np.testing.assert_array_equal(record[2:], expected)
+    zero = host_linalg.rank_record(np.zeros((n, n), order="F"), spec)
+    np.testing.assert_array_equal(zero, np.zeros(5))
+
+
+def test_held_grams_give_rank_records_and_are_released():
+    rng = np.random.default_rng(5)
+    c = rng.standard_normal((2, 90, 160)) * np.logspace(0, -5, 160)
+    keys = np.array([host_linalg.gram_open(2, 160)])
+    host_linalg.gram_update(keys, c)
+    spec = np.array([[[0.0, 1e-4], [1e-3, 0.0]]])
+    (records,) = host_linalg.gram_records(keys, spec)
+    assert not host_linalg.open_grams()
+    for b in range(2):
+        s = np.linalg.svd(c[b], compute_uv=False)
+        thr = np.maximum(spec[0, :, 0], spec[0, :, 1] * s.max())
+        np.testing.assert_array_equal(records[b, 2:], (s[None] > thr[:, None]).sum(axis=1))
+    batch = host_linalg.records_batch(np.stack([x.T @ x for x in c]), spec[0])
+    np.testing.assert_array_equal(batch[:, 2:], records[:, 2:])
