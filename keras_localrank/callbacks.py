@@ -165,6 +165,11 @@ class LocalRankCallback(ScheduledCallback):
             `LocalRankEstimator`, as in `local_rank` (`wrt`: the model input,
             or a layer whose output is, differentiated; `memory_budget`: bytes
             one measurement may hold, default 2 GiB).
+        spectrum: False counts the ranks of exactly measured layers without
+            their singular values (identical ranks, faster on large
+            convnets; their effective rank is then NaN in the trace, and
+            `information` is not allowed). Default True. See
+            `LocalRankEstimator`.
         verbose: 0 (silent, default) or 1 (one line per measurement or skip).
 
     Under a multi-worker strategy every worker measures (the measurement runs
@@ -207,6 +212,7 @@ class LocalRankCallback(ScheduledCallback):
         information: float | Sequence[float] | None = None,
         wrt: int | str | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        spectrum: bool = True,
     ):
         super().__init__(schedule, measure_on_train_begin=measure_on_train_begin)
         if wrt is None and not isinstance(x, (list, tuple, dict)):
@@ -223,6 +229,13 @@ class LocalRankCallback(ScheduledCallback):
         self._channel_stats = [info.gaussian_channel_stat(s) for s in self.information_sigmas]
         if not self.exact and not self.atols:
             raise ValueError("Nothing to log: exact=False and no `atol` given.")
+        if not isinstance(spectrum, bool):
+            raise TypeError(f"Expected `spectrum` to be a bool. Received: spectrum={spectrum!r}")
+        if not spectrum and self.information_sigmas:
+            raise ValueError(
+                "`information` needs the singular values: pass spectrum=True. Received: "
+                f"spectrum=False, information={list(self.information_sigmas)}"
+            )
         self.max_overhead = None if max_overhead is None else check_finite_float(
             "max_overhead", max_overhead, low=0.0, low_open=True
         )
@@ -235,7 +248,7 @@ class LocalRankCallback(ScheduledCallback):
             )
         self._estimator_kwargs = dict(
             batch_size=batch_size, method=method, dtype=dtype, jit_compile=jit_compile,
-            wrt=wrt, memory_budget=memory_budget,
+            wrt=wrt, memory_budget=memory_budget, spectrum=spectrum,
         )
         self.verbose = verbose
         if not isinstance(active_units, bool):

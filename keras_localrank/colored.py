@@ -42,6 +42,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import keras
@@ -49,12 +50,14 @@ import numpy as np
 import tensorflow as tf
 
 from keras_localrank.graph import producer
+from keras_localrank import host_linalg
 from keras_localrank.matfree import (
     gram_singular_values,
     host_open,
     host_take,
     host_update,
     jvp,
+    on_host,
     zeros,
 )
 from keras_localrank.taps import INFERENCE_IDENTITY_LAYERS, Tap
@@ -318,6 +321,29 @@ class Coloring:
         """`[num_colors, n0]` 0/1 rows: the sum of each colour's basis vectors."""
         return np.eye(self.num_colors, dtype=np.float32)[:, self.color_ids()]
 
+    @functools.cached_property
+    def windows(self) -> list | None:
+        """`[(colours, box)]` per output position for `host_linalg.window_gram`:
+        the valid colours in row-major order of the inputs they read, and the
+        box of the input grid they cover (one slice per spatial axis). None when
+        some position's inputs are not a full box with all channels."""
+        index, valid = self.indices()
+        spatial, channels = self.input_shape[:-1], self.input_shape[-1]
+        windows = []
+        for idx, ok in zip(index, valid):
+            colours = np.flatnonzero(ok)
+            order = np.argsort(idx[colours], kind="stable")
+            colours, flat = colours[order], idx[colours][order]
+            coords = np.unravel_index(flat // channels, spatial)
+            box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords)
+            sizes = [s.stop - s.start for s in box]
+            grid = np.arange(int(np.prod(spatial))).reshape(spatial)[box]
+            expected = (grid[..., None] * channels + np.arange(channels)).reshape(-1)
+            if len(flat) != math.prod(sizes) * channels or not np.array_equal(flat, expected):
+                return None
+            windows.append((colours.astype(np.int64), box))
+        return windows
+
     def indices(self) -> tuple[np.ndarray, np.ndarray]:
         """`(index, valid)`, both `[P, num_colors]`: the flat input index that
         colour `c` reads at output position `p`, and whether it exists."""
@@ -394,6 +420,32 @@ def colored_products(fn, x: tf.Tensor, directions: tf.Tensor, *, block: int) -> 
     return tf.reshape(t, [shape[0], shape[1] * shape[2], shape[3]])[:, :num_colors]
 
 
+#: Colours from which `colored_gram` adds the local Grams on the host by
+#: `host_linalg.window_gram` (outside XLA, from order `HOST_LAPACK_MIN_ORDER`
+#: up) instead of TensorFlow's segment sum. Measured on one input of
+#: ResNet50 / MobileNetV2 at 32x32 and the CIFAR-size CNN (second calls,
+#: quiet machine): 147 colours x 256 positions 0.06-0.37 s against 0.15-0.16
+#: s (fresh pages of two `n0 x n0` buffers dominate); 363 x 64: 0.075 against
+#: 0.25-0.30 s; 1,083 x 64: 0.20-0.27 s against 0.90-1.13 s (recovered rows
+#: 0.70-0.76 s); 972 x 64 (8 inputs): 0.18 against 1.06 s per input.
+WINDOW_MIN_COLOURS = 256
+
+
+def window_gram_applies(coloring: Coloring) -> bool:
+    """Whether `colored_gram` sums this coloring's local Grams on the host
+    (`host_linalg.window_gram`) when not recovering rows."""
+    return (
+        coloring.num_colors >= WINDOW_MIN_COLOURS
+        and on_host([coloring.input_dim])
+        and coloring.windows is not None
+    )
+
+
+def window_macs(coloring: Coloring, rows: int) -> int:
+    """Multiply-adds of the local Grams of `rows` output rows (`window_gram`)."""
+    channels = rows // coloring.positions
+    return channels * sum(len(colours) ** 2 for colours, _ in coloring.windows)
+
 #: Bytes of float64 local Grams formed per sample at once by `colored_gram`.
 LOCAL_GRAM_BYTES = 2**26
 
@@ -412,9 +464,12 @@ SCATTER_ENTRY_MACS = 600
 
 def recovered_rows_are_cheaper(coloring: Coloring, rows: int) -> bool:
     """Whether `colored_gram(..., recovered=True)` (`rows * n0^2 / 2`
-    multiply-adds) is expected to beat the local-Gram scatter (`P *
-    colours^2` entries) for a layer of `rows` output rows."""
+    multiply-adds) is expected to beat the local Grams, summed on the host
+    (`window_gram_applies`: their multiply-adds) or scattered by TensorFlow
+    (`P * colours^2` entries), for a layer of `rows` output rows."""
     dense = rows * coloring.input_dim**2 / 2
+    if window_gram_applies(coloring):
+        return dense < window_macs(coloring, rows)
     return dense < SCATTER_ENTRY_MACS * coloring.positions * coloring.num_colors**2
 
 
@@ -469,11 +524,13 @@ def colored_gram(
 ) -> tf.Tensor:
     """`J^T J` (`[B, n0, n0]`, float64) from the colour products.
 
-    The local Grams `V_p^T V_p` of blocks of output positions are scattered
-    into `J^T J` by a segment sum over in-window input pairs `(i, j)`; at
-    most `LOCAL_GRAM_BYTES` of them per sample exist at once. With
-    `recovered`, the Jacobian's rows of blocks of positions are recovered
-    instead and added to a Gram on the host (BLAS; outside XLA only).
+    The local Grams `V_p^T V_p` of blocks of output positions are added into
+    `J^T J`: on the host, each to its window's block of the Gram
+    (`window_gram_applies`, `host_linalg.window_gram`), else by a segment
+    sum over in-window input pairs `(i, j)` with at most `LOCAL_GRAM_BYTES`
+    of them per sample at once. With `recovered`, the Jacobian's rows of
+    blocks of positions are recovered instead and added to a Gram on the
+    host (BLAS; outside XLA only).
 
     Args:
         products: `[B, num_colors, n_l]` from `colored_products` (`n_l` may
@@ -491,6 +548,15 @@ def colored_gram(
                 "colored_gram(recovered=True) needs `rows` for products of unknown width."
             )
         return _recovered_gram(products, index, valid, coloring, int(rows))
+    if window_gram_applies(coloring):
+        n0 = coloring.input_dim
+        gram = tf.numpy_function(
+            lambda p: host_linalg.window_gram(p, coloring.windows, coloring.input_shape),
+            [products],
+            tf.float64,
+            stateful=False,
+        )
+        return tf.ensure_shape(gram, [None, n0, n0])
     nc, positions = coloring.num_colors, coloring.positions
     n0 = coloring.input_dim
     block = positions_per_block(coloring)

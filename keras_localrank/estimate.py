@@ -30,6 +30,7 @@ from keras_localrank.colored import (
     positions_per_rows_block,
     recovered_rows_are_cheaper,
     tap_coloring,
+    window_gram_applies,
 )
 from keras_localrank.dense_chain import dense_forest_singular_values, find_dense_forest
 from keras_localrank.factor import find_linear_root, is_constant_tap, row_space_basis
@@ -737,6 +738,8 @@ class LocalRankEstimator:
             channels = rows // coloring.positions
             block = positions_per_rows_block(coloring, channels, itemsize)
             work = (itemsize + 8) * block * channels * coloring.input_dim
+        elif not self.jit_compile and window_gram_applies(coloring):  # a block per core, a partial Gram
+            work = host_linalg.WINDOW_BLOCK_BYTES + 4 * tap.input_dim**2
         else:
             work = 8 * coloring.num_colors**2 * positions_per_block(coloring)
         return colored_storage_bytes(

@@ -41,6 +41,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import itertools
+import math
 import os
 import threading
 
@@ -62,6 +63,7 @@ __all__ = [
     "release",
     "released_on_error",
     "two_stage_available",
+    "window_gram",
 ]
 
 _COL_MAJOR = 102  # column-major layout: no transposed copy
@@ -387,6 +389,79 @@ def records_batch(matrices: np.ndarray, spec: np.ndarray) -> np.ndarray:
     return _map_batch(lambda a: rank_record(a, spec), matrices, 2 + len(spec))
 
 
+# -- Grams of local Jacobians ----------------------------------------------------
+
+
+#: Bytes of float64 local Grams `window_gram` forms at once per core.
+WINDOW_BLOCK_BYTES = 2**25
+
+
+def window_gram(products: np.ndarray, windows, input_shape) -> np.ndarray:
+    """`J^T J` (`[B, n0, n0]`, float64, symmetric) of local Jacobians from
+    their colour products, summed window by window.
+
+    At output position `p` the Jacobian's rows read only the inputs of a box
+    of the input grid (all channels): `windows[p] = (colours, box)`, the
+    colours reading that box in row-major input order and the box as one
+    slice per spatial axis (`colored.Coloring.windows`). The position's
+    local Gram `W_p W_p^T` (`W_p`: `[m_p, C_out]`, its rows' products on the
+    box) is added to the box's block of `J^T J`, a strided view of the
+    Gram: no scatter. Positions with boxes of one size are multiplied
+    together (at most `WINDOW_BLOCK_BYTES` of local Grams at once). One
+    sample per core; a single sample's positions are split over the cores
+    (one partial Gram each).
+
+    Args:
+        products: `[B, num_colours, P * C_out]` colour products.
+        windows: `[(colours [m_p] int array, box: tuple of slices)] * P`.
+        input_shape: `(N_1, ..., N_d, C)`.
+    """
+    products = np.asarray(products)
+    batch, _, width = products.shape
+    positions = len(windows)
+    v = products.reshape(batch, products.shape[1], positions, width // positions)
+    n0 = int(np.prod(input_shape))
+    spatial, channels = tuple(input_shape[:-1]), int(input_shape[-1])
+    groups: dict = {}
+    for p, (_, box) in enumerate(windows):
+        groups.setdefault(tuple(s.stop - s.start for s in box), []).append(p)
+    tasks = []  # (sizes, positions, colours [G, m])
+    for sizes, members in groups.items():
+        m = math.prod(sizes) * channels
+        step = max(1, WINDOW_BLOCK_BYTES // (8 * m * m))
+        for i in range(0, len(members), step):
+            chunk = members[i : i + step]
+            tasks.append((sizes, chunk, np.stack([windows[p][0] for p in chunk])))
+    out = np.zeros((batch, n0, n0), np.float64)
+    parts = 1 if batch >= _workers() else max(1, min(_workers(), len(tasks)))
+
+    # The last spatial axis and the channels are one contiguous axis of the
+    # Gram's view (a box row is a contiguous run of inputs).
+    rows = (*spatial[:-1], spatial[-1] * channels)
+
+    def job(b: int, part: int) -> np.ndarray:
+        g = out[b] if part == 0 else np.zeros((n0, n0), np.float64)
+        grid = g.reshape(*rows, *rows)
+        for sizes, chunk, colours in tasks[part::parts]:
+            w = v[b][colours, np.asarray(chunk)[:, None], :].astype(np.float64)  # [G, m, C_out]
+            box_rows = (*sizes[:-1], sizes[-1] * channels)
+            local = np.matmul(w, w.transpose(0, 2, 1)).reshape(len(chunk), *box_rows, *box_rows)
+            for k, p in enumerate(chunk):
+                box = windows[p][1]
+                last = box[-1]
+                block = (*box[:-1], slice(last.start * channels, last.stop * channels))
+                grid[block + block] += local[k]
+        return g
+
+    jobs = [(b, part) for b in range(batch) for part in range(parts)]
+    with _one_thread():
+        partial = list(_pool().map(lambda j: job(*j), jobs)) if len(jobs) > 1 else [job(0, 0)]
+    for (b, part), g in zip(jobs, partial):
+        if part:
+            out[b] += g
+    return out
+
+
 # -- Ranks without eigenvalues -------------------------------------------------
 
 #: Below this order a record is read off the eigenvalues (cheap there).
@@ -467,7 +542,8 @@ def rank_record(a: np.ndarray, spec: np.ndarray, *, overwrite: bool = False) -> 
     `count_t = #{sigma_i > max(atol_t, rtol_t * sigma_max)}`, `spec[t] =
     (atol_t, rtol_t)`: the `numpy.linalg.matrix_rank` rule, counted by
     `positive_inertia` at the squared threshold; `sigma_max` by
-    `largest_eigenvalue`. Small matrices use their eigenvalues.
+    `largest_eigenvalue`, only when a rule has `rtol > 0` (NaN otherwise:
+    absolute thresholds need none). Small matrices use their eigenvalues.
     """
     spec = np.asarray(spec, np.float64).reshape(-1, 2)
     n = a.shape[0]
@@ -478,8 +554,13 @@ def rank_record(a: np.ndarray, spec: np.ndarray, *, overwrite: bool = False) -> 
         counts = (s[None, :] > thr[:, None]).sum(axis=1)
         return np.concatenate([[top, float(np.sum(s * s))], counts]).astype(np.float64)
     trace = float(np.trace(a))
-    top = float(np.sqrt(max(largest_eigenvalue(a), 0.0))) if trace > 0 else 0.0
-    thr = np.maximum(spec[:, 0], spec[:, 1] * top)
+    if trace <= 0:
+        top = 0.0
+    elif (spec[:, 1] > 0).any():
+        top = float(np.sqrt(max(largest_eigenvalue(a), 0.0)))
+    else:  # absolute thresholds only: no count needs sigma_max
+        top = float("nan")
+    thr = np.maximum(spec[:, 0], spec[:, 1] * np.nan_to_num(top))
     counts = []
     for t, threshold in enumerate(thr):
         last = overwrite and t == len(thr) - 1

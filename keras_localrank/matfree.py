@@ -36,6 +36,7 @@ from keras_localrank.spectra import (
 
 __all__ = [
     "host_open",
+    "on_host",
     "host_singular_values",
     "host_take",
     "host_update",
@@ -122,7 +123,7 @@ def _recorded(s: tf.Tensor, spec) -> tf.Tensor:
     return s if spec is None else rank_record(s, spec)
 
 
-def _on_host(sizes) -> bool:
+def on_host(sizes) -> bool:
     """Whether Grams of these orders are accumulated on the host
     (`host_linalg`: BLAS `dsyrk` in place, then LAPACK), not by TensorFlow:
     outside XLA, from order `HOST_LAPACK_MIN_ORDER` up."""
@@ -208,7 +209,7 @@ def _finish(stored, k: int, *, use_gram: bool, solve: bool = True, spec=None) ->
     rows = num * block
     chunk = tf.maximum(1, memory.GRAM_CHUNK_VALUES // tf.maximum(1, batch * rows))
     steps = (m + chunk - 1) // chunk
-    host = _on_host([k])
+    host = on_host([k])
 
     def body(j, gram):
         start = j * chunk
@@ -287,7 +288,7 @@ def forward_spectra(
     source, num = _block_source(basis, k, block, x.dtype)
     accumulate = [use_gram and n <= k for n in units]
     sizes = [n for n, acc in zip(units, accumulate) if acc]
-    host = _on_host(sizes)
+    host = on_host(sizes)
 
     init = []
     for n, acc in zip(units, accumulate):
@@ -329,7 +330,7 @@ def forward_spectra(
             continue
         if acc:
             out[j] = gram_singular_values(next(state), specs[j])
-        elif use_gram and _on_host([k]):  # assembled F_l^T: [B, k, n_l], k < n_l
+        elif use_gram and on_host([k]):  # assembled F_l^T: [B, k, n_l], k < n_l
             held.append(_finish(next(state), k, use_gram=True, solve=False))
             held_sizes.append(k)
             held_index.append(j)
@@ -379,7 +380,7 @@ def reverse_spectra(
     batch = tf.shape(x)[0]
     source, num = _block_source(None, units, block, x.dtype)
     accumulate = use_gram and k <= units
-    host = accumulate and _on_host([k])
+    host = accumulate and on_host([k])
     if host:
         init = host_open(batch, [k])
     elif accumulate:

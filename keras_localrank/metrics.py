@@ -38,7 +38,9 @@ class LocalRank(keras.metrics.Metric):
             samples given to `update_state` must have it.
         method, dtype, jit_compile, memory_budget: passed to
             `LocalRankEstimator` (the same per-layer choice as `local_rank`:
-            convolutions, attention projections, nested models).
+            convolutions, attention projections, nested models). The metric
+            needs only ranks: exact layers are counted without their
+            singular values (`spectrum=False`, identical ranks).
         name: metric name. Default `"local_rank/<layer>"`, or
             `"robust_local_rank/<layer>"` with `atol` (see `keras_localrank.names`).
 
@@ -87,6 +89,7 @@ class LocalRank(keras.metrics.Metric):
             memory_budget=memory_budget,
             input_shape=input_shape,
             wrt=wrt,
+            spectrum=False,
         )
         self.layer_name = layer_name
         self.total = self.add_variable((), initializer="zeros", dtype="float64", name="total")

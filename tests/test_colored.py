@@ -298,3 +298,46 @@ def test_recovered_rows_in_a_graph_with_a_batch_of_unknown_size(monkeypatch):
     eager = estimator(x)[0]
     for name, ranks in eager.per_sample.items():
         np.testing.assert_array_equal(graph[name][0][0].numpy(), ranks, err_msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_window_gram_on_the_host_equals_explicit(name, monkeypatch):
+    # The local Grams added to their windows' blocks of J^T J (strided views
+    # of the Gram, no scatter) against the float64 reference, for 1-D and
+    # 2-D inputs, strides, dilation, pooling, padding, depthwise and
+    # separable layers; then the estimator's ranks through that path.
+    model, x = _build(name)
+    found = _colored_products(model, x)
+    ref = finite_difference_jacobians(model, x.astype(np.float64), list(found))
+    for tap_name, (coloring, products) in found.items():
+        assert coloring.windows is not None, tap_name
+        gram = host_linalg.window_gram(products.numpy(), coloring.windows, coloring.input_shape)
+        expected = np.einsum("bri,brj->bij", ref[tap_name], ref[tap_name])
+        scale = np.abs(ref[tap_name]).max() ** 2
+        np.testing.assert_allclose(gram, expected, atol=1e-7 * scale, err_msg=tap_name)
+    monkeypatch.setattr(colored, "WINDOW_MIN_COLOURS", 0)
+    used = []
+    window = host_linalg.window_gram
+    monkeypatch.setattr(host_linalg, "window_gram", lambda *a: used.append(1) or window(*a))
+    estimator = klr.LocalRankEstimator(model, method="exact")
+    result = estimator(x)[0]
+    on_host = x[0].size >= HOST_LAPACK_MIN_ORDER
+    assert bool(used) == on_host
+    for tap_name, jac in ref.items():
+        expected = numpy_ranks(jac, eps_dtype=np.float32)
+        np.testing.assert_array_equal(result.per_sample[tap_name], expected, err_msg=tap_name)
+
+
+def test_window_gram_splits_one_sample_over_the_cores(monkeypatch):
+    # One sample, positions in several blocks (a small block size), two
+    # partial Grams: the same Gram as one worker alone.
+    model, x = _build("strided_pooling")
+    coloring, products = _colored_products(model, x[:1])["c3"]
+    p = products.numpy()
+    monkeypatch.setattr(host_linalg, "WINDOW_BLOCK_BYTES", 8 * 50 * 50)
+    monkeypatch.setattr(host_linalg, "_workers", lambda: 2)
+    split = host_linalg.window_gram(p, coloring.windows, coloring.input_shape)
+    monkeypatch.setattr(host_linalg, "_workers", lambda: 1)
+    alone = host_linalg.window_gram(p, coloring.windows, coloring.input_shape)
+    np.testing.assert_allclose(split, alone, rtol=0, atol=1e-12 * np.abs(alone).max())
+    np.testing.assert_allclose(split, np.swapaxes(split, 1, 2), rtol=0, atol=0)

@@ -212,6 +212,11 @@ def test_rank_record_equals_the_eigenvalue_count_of_a_gram(n):
     np.testing.assert_array_equal(record[2:], expected)
     zero = host_linalg.rank_record(np.zeros((n, n), order="F"), spec)
     np.testing.assert_array_equal(zero, np.zeros(5))
+    # Absolute thresholds only: no sigma_max needed (NaN above order
+    # RECORD_MIN_ORDER, where it would cost a Lanczos run), same counts.
+    absolute = host_linalg.rank_record(np.asfortranarray(np.tril(gram)), spec[1:2])
+    assert np.isnan(absolute[0]) == (n >= host_linalg.RECORD_MIN_ORDER)
+    np.testing.assert_array_equal(absolute[2:], expected[1:2])
 
 
 def test_held_grams_give_rank_records_and_are_released():

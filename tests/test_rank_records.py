@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras
 import keras_localrank as klr
@@ -98,3 +99,41 @@ def test_local_rank_passes_spectrum_and_keeps_analytic_layers_whole():
         np.testing.assert_allclose(
             counted.effective_rank_per_sample[name], whole.effective_rank_per_sample[name]
         )
+
+
+def test_metric_counts_ranks_in_a_graph_with_a_batch_of_unknown_size():
+    # The metric needs ranks only: it counts them (on the host for `c1`,
+    # Gram of order 144; in TensorFlow for `wide`), inside a traced step.
+    from keras_localrank.metrics import LocalRank
+
+    model, x = _model()
+    exact = LocalRank(model, "c1")
+    robust = LocalRank(model, "wide", atol=0.05)
+    assert exact._estimator.spectrum is False
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 12, 12, 1], tf.float32)])
+    def step(z):
+        exact.update_state(z)
+        robust.update_state(z)
+
+    step(x)
+    assert float(exact.result()) == klr.local_rank(model, x, layers=["c1"]).mean["c1"]
+    expected = klr.local_rank(model, x, layers=["wide"], atol=0.05).mean["wide"]
+    assert 0 < expected < 36
+    np.testing.assert_allclose(float(robust.result()), expected, rtol=1e-6)
+
+
+def test_callback_logs_counted_ranks():
+    model, x = _model()
+    model.compile(optimizer="sgd", loss="mse")
+    y = np.zeros((len(x), 3), "float32")
+    cb = klr.LocalRankCallback(x, layers=["c1", "wide"], atol=0.05, spectrum=False)
+    history = model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    after = klr.local_rank(model, x, layers=["c1", "wide"], atol=0.05)
+    for name in ("c1", "wide"):
+        assert history.history[f"robust_local_rank/{name}"][-1] == pytest.approx(after.mean[name])
+    assert cb._estimator.spectrum is False
+    with pytest.raises(ValueError, match="information"):
+        klr.LocalRankCallback(x, information=1.0, spectrum=False)
+    with pytest.raises(TypeError, match="spectrum"):
+        klr.LocalRankCallback(x, spectrum=0)
