@@ -738,7 +738,8 @@ class LocalRankEstimator:
             channels = rows // coloring.positions
             block = positions_per_rows_block(coloring, channels, itemsize)
             work = (itemsize + 8) * block * channels * coloring.input_dim
-        elif not self.jit_compile and window_gram_applies(coloring):  # a block per core, a partial Gram
+        elif not self.jit_compile and window_gram_applies(coloring):
+            # A block of local Grams per core and a partial Gram.
             work = host_linalg.WINDOW_BLOCK_BYTES + 4 * tap.input_dim**2
         else:
             work = 8 * coloring.num_colors**2 * positions_per_block(coloring)
