@@ -43,6 +43,8 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("dtype", None, ["float32", "float64"], "Precision of the Jacobians.")
 flags.DEFINE_integer("batch_size", None, "Samples per chunk (default: automatic).")
 flags.DEFINE_bool("jit_compile", False, "Run the measurement under XLA.")
+flags.DEFINE_bool("spectrum", True, "--nospectrum counts the exact ranks without singular "
+                  "values (faster on large convnets; no effective rank in the table).")
 flags.DEFINE_string(
     "wrt", None, "Layer whose output is differentiated (e.g. embedding for a text model)."
 )
@@ -66,6 +68,7 @@ def main(argv):
                 seed=FLAGS.seed, method=FLAGS.method, dtype=FLAGS.dtype,
                 batch_size=FLAGS.batch_size, jit_compile=FLAGS.jit_compile,
                 wrt=FLAGS.wrt, safe_mode=FLAGS.safe_mode, imports=FLAGS.imports,
+                spectrum=FLAGS.spectrum,
             )
         )
     except (ValueError, TypeError, OSError, ImportError) as e:

@@ -44,7 +44,7 @@ class Config:
         output: write the final table to this `.csv` / `.json`.
         epochs: training epochs of the demo MLP.
         seed: seed of data, weights and training.
-        method, dtype, batch_size, jit_compile: passed to `local_rank`.
+        method, dtype, batch_size, jit_compile, spectrum: passed to `local_rank`.
         wrt: the tensor differentiated: None (the model input), or a layer
             name whose output is used (`embedding` for a text model fed
             integer token ids from an `.npz`).
@@ -70,6 +70,7 @@ class Config:
     wrt: str | None = None
     safe_mode: bool = True
     imports: list[str] | None = None
+    spectrum: bool = True
 
     def __post_init__(self):
         self.samples = check_positive_int("samples", self.samples)
@@ -160,6 +161,7 @@ def _measure(model, x, config: Config) -> LocalRankResult:
         method=config.method,
         jit_compile=config.jit_compile,
         wrt=config.wrt,
+        spectrum=config.spectrum,
     )
 
 

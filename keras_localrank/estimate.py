@@ -270,15 +270,15 @@ class LocalRankEstimator:
             a model input's index or name (other inputs are held at their
             sample values), or the name of a layer call whose output is used
             (`"embedding"` for a text model). See `taps.select_taps`.
-        count_active: see above.
         spectrum: compute the singular values of every exact layer (True,
             the default). False counts the ranks of the exact path without
             its eigenvalues (the inertia of the shifted Gram, see
             `host_linalg.rank_record`; identical ranks, about 2-6x cheaper
-            per Gram of order 3,072) and keeps the stable rank; the
-            effective rank, margin and near-threshold counts of those layers
-            are then NaN, and `spectral_stats` is not allowed. Analytic and
-            randomized layers are unaffected.
+            per Gram of order 3,072) and keeps the stable rank (NaN for Grams
+            counted on the host under absolute thresholds only, which need
+            no `s_max`); the effective rank, margin and near-threshold counts
+            of those layers are then NaN, and `spectral_stats` is not
+            allowed. Analytic and randomized layers are unaffected.
 
     Raises:
         TypeError, ValueError: see `local_rank`.

@@ -222,3 +222,25 @@ def test_main_prints_one_line_before_any_work(main_with_flags, tmp_path, capsys,
     assert captured.out == ""  # refused before any work
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and name in lines[0]
+
+
+def test_measures_a_saved_convnet_with_counted_ranks(tmp_path):
+    # `--nospectrum`: the exact layers' ranks counted without singular
+    # values, equal to the default run's; no effective rank in the table.
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
+         keras.layers.Conv2D(2, 3, activation="relu", name="c2"), keras.layers.Flatten(),
+         keras.layers.Dense(3, name="out")]
+    )
+    path = tmp_path / "conv.keras"
+    model.save(path)
+    x = klr.datasets.digits().x_test[:40].reshape(40, 8, 8, 1)
+    np.savez(tmp_path / "x.npz", x=x)
+    counted = run(Config(model=str(path), data=str(tmp_path / "x.npz"), atol=0.05,
+                         spectrum=False), echo=lambda s: None)
+    whole = run(Config(model=str(path), data=str(tmp_path / "x.npz"), atol=0.05),
+                echo=lambda s: None)
+    np.testing.assert_array_equal(counted["mean"], whole["mean"])
+    assert counted["effective_rank"].isna().all() and whole["effective_rank"].notna().all()
+    assert 0 < counted["mean"].iloc[1] < whole["bound"].iloc[1]
