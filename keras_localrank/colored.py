@@ -49,8 +49,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_localrank.graph import producer
 from keras_localrank import host_linalg
+from keras_localrank.graph import producer
 from keras_localrank.matfree import (
     gram_singular_values,
     host_open,
@@ -445,6 +445,7 @@ def window_macs(coloring: Coloring, rows: int) -> int:
     """Multiply-adds of the local Grams of `rows` output rows (`window_gram`)."""
     channels = rows // coloring.positions
     return channels * sum(len(colours) ** 2 for colours, _ in coloring.windows)
+
 
 #: Bytes of float64 local Grams formed per sample at once by `colored_gram`.
 LOCAL_GRAM_BYTES = 2**26
