@@ -105,13 +105,18 @@ def _find_routine():
     )  # fmt: skip
 
 
+def _work_array(a: np.ndarray, overwrite: bool) -> np.ndarray:
+    """`a` itself when a LAPACK routine may destroy it (`overwrite`, float64,
+    Fortran order, writeable), else a float64 Fortran-order copy."""
+    if overwrite and a.dtype == np.float64 and a.flags.f_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=np.float64, order="F", copy=True)
+
+
 def _two_stage(fn, a: np.ndarray, *, overwrite: bool = False) -> np.ndarray | None:
     """Eigenvalues by `fn` (None when LAPACK reports an error)."""
     n = a.shape[-1]
-    if overwrite and a.dtype == np.float64 and a.flags.f_contiguous and a.flags.writeable:
-        work = a
-    else:
-        work = np.array(a, dtype=np.float64, order="F", copy=True)  # overwritten
+    work = _work_array(a, overwrite)
     w = np.empty(n, np.float64)
     info = fn(_COL_MAJOR, b"N", b"L", n, work.ctypes.data, max(1, n), w.ctypes.data)
     return w if info == 0 else None
@@ -493,17 +498,13 @@ def positive_inertia(a: np.ndarray, shift: float, *, overwrite: bool = False) ->
     n = a.shape[0]
     if n == 0:
         return 0
-    if overwrite and a.dtype == np.float64 and a.flags.f_contiguous and a.flags.writeable:
-        work = a
-    else:
-        work = np.array(a, dtype=np.float64, order="F", copy=True)
+    work = _work_array(a, overwrite)
     work.flat[:: n + 1] -= shift
     lwork = max(int(lapack.dsytrf_lwork(n, lower=1)[0]), 64 * n)
     ldu, ipiv, info = lapack.dsytrf(work, lower=1, lwork=lwork, overwrite_a=1)
     if info < 0:
         raise ValueError(f"dsytrf: illegal argument {-info}")
-    diag = np.diagonal(ldu).copy()
-    sub = np.diagonal(ldu, -1)
+    diag, sub = np.diagonal(ldu), np.diagonal(ldu, -1)
     count, k = 0, 0
     two = ipiv < 0  # rows k, k+1 of a 2 x 2 block carry the same negative pivot
     while k < n:

@@ -114,6 +114,13 @@ def in_xla_context() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
+def _host_solves(gram: tf.Tensor) -> bool:
+    """Whether these symmetric matrices are solved by the host's LAPACK:
+    outside XLA, of order `HOST_LAPACK_MIN_ORDER` and up (or unknown)."""
+    order = gram.shape[-1]
+    return (order is None or order >= HOST_LAPACK_MIN_ORDER) and not in_xla_context()
+
+
 def symmetric_eigenvalues(gram: tf.Tensor) -> tf.Tensor:
     """Eigenvalues of a batch of symmetric float64 matrices `[..., n, n]`.
 
@@ -127,8 +134,7 @@ def symmetric_eigenvalues(gram: tf.Tensor) -> tf.Tensor:
     XLA (`jit_compile`, e.g. a `LocalRank` metric inside a compiled step)
     `tf.linalg.eigvalsh` is used instead.
     """
-    order = gram.shape[-1]
-    if (order is not None and order < HOST_LAPACK_MIN_ORDER) or in_xla_context():
+    if not _host_solves(gram):
         return tf.linalg.eigvalsh(gram)
     values = tf.numpy_function(host_linalg.eigvalsh_batch, [gram], tf.float64, stateful=False)
     values.set_shape(gram.shape[:-1])
@@ -246,8 +252,7 @@ def symmetric_records(gram: tf.Tensor, spec: np.ndarray) -> tf.Tensor:
     LAPACK without eigenvalues from order `HOST_LAPACK_MIN_ORDER` up (see
     `host_linalg.rank_record`), else from `symmetric_eigenvalues`."""
     spec = np.asarray(spec, np.float64).reshape(-1, 2)
-    order = gram.shape[-1]
-    if (order is not None and order < HOST_LAPACK_MIN_ORDER) or in_xla_context():
+    if not _host_solves(gram):
         return rank_record(tf.sqrt(tf.maximum(symmetric_eigenvalues(gram), 0.0)), spec)
     values = tf.numpy_function(
         host_linalg.records_batch, [gram, tf.constant(spec)], tf.float64, stateful=False
