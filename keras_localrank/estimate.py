@@ -54,6 +54,7 @@ from keras_localrank.memory import (
     exact_storage_bytes,
     pack_by_storage,
     plan_sizes,
+    release_free_heap,
 )
 from keras_localrank.randomized import certified_sketch, robust_rank_interval
 from keras_localrank.result import LayerInfo, LocalRankResult
@@ -1312,6 +1313,7 @@ class LocalRankEstimator:
                     values = (*values, values[0], np.zeros(size))
                 for j, v in enumerate(values):
                     collected[name][j].append(v[..., :valid])
+            release_free_heap()
             if bar is not None:
                 bar.update(i + 1)
         merged = {

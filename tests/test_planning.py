@@ -265,3 +265,99 @@ def test_replicas_take_at_most_their_share_of_the_budget_unless_asked():
     assert wide.directions_in_flight > est.directions_in_flight
     assert wide.estimated_peak_bytes <= budget
     assert_exact_ranks_match_float64(est, model)
+
+
+@pytest.mark.parametrize(
+    "shape, axes",
+    [((6, 10), None), ((3, 4, 10), None), ((3, 4, 10), (2,)), ((3, 4, 10), (1,))],
+)
+def test_attention_score_elements_match_the_scores_keras_returns(shape, axes):
+    # Reference: the attention scores Keras itself returns (scores and their
+    # softmax are the same size).
+    from keras_localrank.memory import attention_score_elements
+
+    mha = keras.layers.MultiHeadAttention(3, 5, attention_axes=axes)
+    query = np.zeros((1, *shape), "float32")
+    key = np.zeros((1, *shape[:-2], 7, shape[-1]), "float32")  # another key length
+    if axes == (1,):
+        key = np.zeros((1, 7, shape[1], shape[-1]), "float32")
+    _, scores = mha(query, key, return_attention_scores=True)
+    expected = 2 * int(np.prod(scores.shape[1:]))
+    assert attention_score_elements(mha, shape, key.shape[1:]) == expected
+
+
+def test_activations_of_an_attention_block_count_projections_and_scores():
+    # A transformer block grew by 0.10 MiB per forward-mode replica against
+    # 0.053 MiB planned: the planner counted the attention call's output but
+    # neither its projections nor its scores. Reference: the tensors the
+    # layers produce on a real call.
+    from keras_localrank.memory import activation_elements
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 8))
+    mha = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    att = mha(inputs, inputs)
+    out = keras.layers.Dense(3, name="head")(keras.layers.Add()([inputs, att]))
+    model = keras.Model(inputs, out)
+    x = np.zeros((1, 6, 8), "float32")
+    _, scores = mha(x, x, return_attention_scores=True)
+    projections = [mha._query_dense(x), mha._key_dense(x), mha._value_dense(x)]
+    combined = mha._output_dense(mha._value_dense(x))  # (6, 8): the output projection
+    size = lambda t: int(np.prod(t.shape[1:]))  # noqa: E731
+    top_level = 2 * 6 * 8 + 6 * 3  # attention output, add, head
+    expected = (
+        6 * 8  # the input
+        + top_level
+        + sum(size(p) for p in projections)
+        + size(combined)
+        + 2 * size(scores)
+    )
+    assert activation_elements(model) == expected
+
+
+def test_free_heap_pages_go_back_to_the_system():
+    # Freed heap blocks stay resident under glibc until trimmed (TensorFlow's
+    # CPU buffers come from malloc); the estimator trims between chunks
+    # (transformer block, 5 chunks: 2,397 MiB grown without, 2,040 with).
+    import ctypes
+    import os
+
+    from keras_localrank.memory import release_free_heap
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if not release_free_heap():
+        pytest.skip("the C library has no malloc_trim")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    mib = 2**20
+    big = libc.malloc(8 * mib)  # freed: glibc raises its mmap threshold above 1 MiB
+    libc.free(big)
+    blocks = []
+    for _ in range(512):  # 1 MiB blocks from the heap
+        blocks.append(libc.malloc(mib))
+        ctypes.memset(blocks[-1], 1, mib)
+    before = rss()
+    for block in blocks[::2]:  # every other one: the others keep them inside the heap
+        libc.free(block)
+    freed = before - rss()
+    release_free_heap()
+    trimmed = before - rss()
+    for block in blocks[1::2]:
+        libc.free(block)
+    assert freed < 32 * mib  # free() alone keeps them resident
+    assert trimmed > 192 * mib
+
+
+def test_measurements_release_the_heap_after_every_chunk(monkeypatch):
+    from keras_localrank import estimate
+
+    calls = []
+    monkeypatch.setattr(estimate, "release_free_heap", lambda: calls.append(1))
+    model = five_convs()
+    est = klr.LocalRankEstimator(model, ["c5"], method="exact", batch_size=2)
+    est(gaussian(5, 8, 8, 2))
+    assert len(calls) == 3
