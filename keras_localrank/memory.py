@@ -248,9 +248,9 @@ def _malloc_trim():
 def release_free_heap() -> bool:
     """Give the C heap's free pages back to the system (glibc `malloc_trim`).
 
-    Called between chunks of a measurement. The float64 Grams of small
-    layers (a few MiB each) and TensorFlow's buffers come from the heap,
-    whose freed pages glibc keeps: without this, a transformer block
+    Called between chunks of a measurement. TensorFlow's CPU buffers (and
+    NumPy arrays below glibc's mmap threshold) come from the heap, whose
+    freed pages glibc keeps: without this, a transformer block
     measured in 5 chunks of 54 samples grew by 2,397-2,428 MiB against
     1,764 MiB for one chunk; with it, by 2,040-2,080 MiB, and the memory is
     returned when the measurement ends. Returns False where the C library
