@@ -112,7 +112,7 @@ def attention_score_elements(layer, query_shape, key_shape) -> int:
     not, and on short sequences they are as large as all the projections
     together: a block on (16, 32) with 4 heads of 8 grew by 0.10 MiB per
     replica in forward mode against 0.053 MiB planned without them and the
-    projections (0.100 MiB with both counted).
+    projections (0.0996 MiB with both counted).
 
     Args:
         layer: the built `MultiHeadAttention` layer.

@@ -268,22 +268,25 @@ def test_replicas_take_at_most_their_share_of_the_budget_unless_asked():
 
 
 @pytest.mark.parametrize(
-    "shape, axes",
-    [((6, 10), None), ((3, 4, 10), None), ((3, 4, 10), (2,)), ((3, 4, 10), (1,))],
+    "shape, key_shape, axes",
+    [
+        ((6, 10), (7, 10), None),
+        ((3, 4, 10), (3, 7, 10), None),
+        ((3, 4, 10), (3, 7, 10), (2,)),
+        ((3, 4, 10), (7, 4, 10), (1,)),
+    ],
 )
-def test_attention_score_elements_match_the_scores_keras_returns(shape, axes):
+def test_attention_score_elements_match_the_scores_keras_returns(shape, key_shape, axes):
     # Reference: the attention scores Keras itself returns (scores and their
-    # softmax are the same size).
+    # softmax are the same size); the key's length differs from the query's.
     from keras_localrank.memory import attention_score_elements
 
     mha = keras.layers.MultiHeadAttention(3, 5, attention_axes=axes)
     query = np.zeros((1, *shape), "float32")
-    key = np.zeros((1, *shape[:-2], 7, shape[-1]), "float32")  # another key length
-    if axes == (1,):
-        key = np.zeros((1, 7, shape[1], shape[-1]), "float32")
+    key = np.zeros((1, *key_shape), "float32")
     _, scores = mha(query, key, return_attention_scores=True)
     expected = 2 * int(np.prod(scores.shape[1:]))
-    assert attention_score_elements(mha, shape, key.shape[1:]) == expected
+    assert attention_score_elements(mha, shape, key_shape) == expected
 
 
 def test_activations_of_an_attention_block_count_projections_and_scores():
