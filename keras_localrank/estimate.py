@@ -43,7 +43,14 @@ from keras_localrank.graph import (
 )
 from keras_localrank.inputs import as_model_samples, as_samples, check_positive_int, inputs_list
 from keras_localrank.jacobians import preactivations
-from keras_localrank.matfree import forward_spectra, gram_singular_values, jvp, reverse_spectra, vjp
+from keras_localrank.matfree import (
+    forward_spectra,
+    gram_singular_values,
+    jvp,
+    reverse_spectra,
+    tangents_vectorizable,
+    vjp,
+)
 from keras_localrank.memory import (
     ACTIVATION_FACTOR,
     DEFAULT_MEMORY_BUDGET,
@@ -338,6 +345,10 @@ class LocalRankEstimator:
             )
         self.model = model
         self.method = method
+        #: Forward-mode products compute the primal once per sample and map
+        #: the tangents (`matfree.jvp(..., vectorized=True)`): only for models
+        #: made of `matfree.VECTORIZED_LAYERS`.
+        self.vectorized_tangents = tangents_vectorizable(model)
         self.selection = select_taps(model, layers, input_shape=input_shape, wrt=wrt)
         self.taps = self.selection.taps
         self.wrt = self.selection.wrt
@@ -965,6 +976,7 @@ class LocalRankEstimator:
                     recovered=self._recovered[tap.name],
                     rows=rows,
                     record=self._record(tap),
+                    vectorized=self.vectorized_tangents,
                 )
             elif self._modes[tap.name] == "forward":
                 s = forward_spectra(
@@ -975,6 +987,7 @@ class LocalRankEstimator:
                     block=min(block, k),
                     use_gram=self._use_gram,
                     records=None if self.spectrum else [self._record(tap)],
+                    vectorized=self.vectorized_tangents,
                 )[0]
             else:
                 s = reverse_spectra(
@@ -1018,6 +1031,7 @@ class LocalRankEstimator:
                     block=min(block, self._root.tap.units if reduced else n0),
                     use_gram=self._use_gram,
                     records=None if self.spectrum else [self._record(t) for t in group],
+                    vectorized=self.vectorized_tangents,
                 )
             spectra.update({t.name: self._padded(v, t) for t, v in zip(group, values)})
             previous = list(values)
@@ -1053,6 +1067,7 @@ class LocalRankEstimator:
                     block=min(block, self._directions[tap.name]),
                     recovered=self._recovered[tap.name],
                     rows=self._rows(tap),
+                    vectorized=self.vectorized_tangents,
                 )
             previous = [gram] + ([] if solved is None else [solved])
             solved = spectra[tap.name] = gram_singular_values(gram, self._record(tap))
@@ -1067,11 +1082,12 @@ class LocalRankEstimator:
         n0 = self.selection.input_dim
         x_spec = tf.TensorSpec([None, *self.selection.input_shape], self.dtype)
         held_spec = tuple(self._held_specs)
+        vectorized = self.vectorized_tangents
 
         def matvec(x, v, basis, held):
             if reduced:
                 v = tf.linalg.matmul(v, basis)
-            return jvp(_outputs_fn(model, [tap], held), x, v)[0]
+            return jvp(_outputs_fn(model, [tap], held), x, v, vectorized=vectorized)[0]
 
         def rmatvec(x, u, basis, held):
             g = vjp(_outputs_fn(model, [tap], held), x, u)

@@ -16,8 +16,19 @@ import pytest
 import tensorflow as tf
 
 import keras_localrank as klr
-from keras_localrank.matfree import forward_spectra, reverse_spectra
-from tests.reference import finite_difference_jacobians, numpy_ranks
+from keras_localrank.matfree import (
+    VECTORIZED_LAYERS,
+    forward_spectra,
+    jvp,
+    reverse_spectra,
+    tangents_vectorizable,
+)
+from tests.reference import (
+    _float64_clone,
+    finite_difference_jacobians,
+    function_jacobians,
+    numpy_ranks,
+)
 
 
 def gaussian(n, *shape, seed=1):
@@ -226,9 +237,9 @@ def test_memory_budget_bounds_directions_in_flight_and_peak():
     seen = []
     original = matfree.jvp
 
-    def spy(fn, x, directions):
+    def spy(fn, x, directions, **options):
         seen.append((x.shape[0], directions.shape[1]))
-        return original(fn, x, directions)
+        return original(fn, x, directions, **options)
 
     x = gaussian(2, 16, 16, 3)
     matfree.jvp = spy
@@ -391,3 +402,133 @@ def test_exact_method_too_large_for_budget_says_what_to_do():
     with pytest.raises(ValueError, match="memory_budget"):
         klr.LocalRankEstimator(model, method="exact", memory_budget=20_000)
 
+
+
+# -- vectorized tangents (the primal once per sample) ------------------------------
+
+
+def _vectorizable_models():
+    L = keras.layers
+    inp = keras.Input((9, 9, 3))
+    h = L.ZeroPadding2D(1)(inp)
+    h = L.Conv2D(4, 3, activation="relu", name="c1")(h)
+    h = L.BatchNormalization()(h)
+    h = L.Activation("tanh")(h)
+    h = L.ReLU()(L.Add()([h, L.Conv2D(4, 1)(h)]))
+    h = L.Concatenate()([L.MaxPooling2D()(h), L.AveragePooling2D(2)(h)])
+    h = L.Dropout(0.3)(h)
+    two_d = keras.Model(inp, [
+        L.Dense(3)(L.GlobalAveragePooling2D()(h)),
+        L.GlobalMaxPooling2D()(h),
+        L.Dense(5, name="head")(L.Flatten()(h)),
+        h,
+    ])
+    _randomise_batchnorm(two_d)
+    one_d = keras.Sequential([keras.Input((8, 2)), L.Conv1D(3, 3, activation="tanh"),
+                              L.Flatten(), L.Dense(4)])
+    three_d = keras.Sequential([keras.Input((4, 4, 4, 1)), L.Conv3D(2, 2, activation="tanh"),
+                                L.Flatten(), L.Dense(3)])
+    return [two_d, one_d, three_d]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["2d", "1d", "3d"])
+def test_vectorized_jvp_matches_float64_jacobian_products(index):
+    """`jvp(..., vectorized=True)` in a `tf.function` gives `J v` of every
+    output, checked against explicit float64 Jacobians and against the
+    repeated-sample products, on models using every `VECTORIZED_LAYERS`
+    class."""
+    keras.utils.set_random_seed(index)
+    model = _vectorizable_models()[index]
+    assert tangents_vectorizable(model)
+    x = gaussian(2, *model.inputs[0].shape[1:], seed=index)
+    n0 = int(np.prod(x.shape[1:]))
+    v = gaussian(2, 5, n0, seed=10 + index)
+
+    def fn(z):
+        outputs = tf.nest.flatten(model(z, training=False))
+        return [tf.reshape(o, [tf.shape(o)[0], -1]) for o in outputs]
+
+    run = tf.function(lambda x, v, vec: jvp(fn, x, v, vectorized=vec), reduce_retracing=True)
+    vectorized = [t.numpy() for t in run(tf.constant(x), tf.constant(v), True)]
+    repeated = [t.numpy() for t in run(tf.constant(x), tf.constant(v), False)]
+    m64 = _float64_clone(model)
+    jacobians = function_jacobians(
+        lambda z: dict(enumerate(tf.nest.flatten(m64(z, training=False)))), x)
+    assert len(vectorized) == len(jacobians) == len(tf.nest.flatten(model.outputs))
+    for j, (vec, rep) in enumerate(zip(vectorized, repeated)):
+        want = np.einsum("bln,bdn->bdl", jacobians[j], v.astype(np.float64))
+        scale = np.abs(want).max()
+        assert scale > 0
+        np.testing.assert_allclose(vec, want, atol=1e-5 * scale, rtol=0)
+        np.testing.assert_allclose(vec, rep, atol=1e-6 * scale, rtol=0)
+
+
+def test_tangents_vectorizable_only_for_listed_layer_types():
+    L = keras.layers
+    for model in _vectorizable_models():
+        assert tangents_vectorizable(model)
+    inp = keras.Input((8, 8, 3))
+    # nested (the transfer-learning pattern)
+    base = _vectorizable_models()[0]
+    nested = keras.Model(base.inputs, L.Dense(2)(L.Flatten()(base(base.inputs[0])[3])))
+    assert tangents_vectorizable(nested)
+    # depthwise convolutions are slower vectorized; attention crashes TF 2.21
+    assert not tangents_vectorizable(keras.Sequential([inp, L.DepthwiseConv2D(3)]))
+    seq = keras.Input((4, 6))
+    assert not tangents_vectorizable(keras.Model(seq, L.MultiHeadAttention(2, 3)(seq, seq)))
+
+    class MyConv(L.Conv2D):  # a subclass may change `call`
+        pass
+
+    assert not tangents_vectorizable(keras.Sequential([inp, MyConv(2, 3)]))
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = L.Conv2D(2, 3)
+
+        def call(self, x):
+            return self.conv(x) ** 2
+
+    assert not tangents_vectorizable(Sub())
+    assert all(isinstance(c, type) for c in VECTORIZED_LAYERS)
+
+
+def test_estimator_vectorizes_forward_products_only_where_listed():
+    """The estimator passes `vectorized=True` for a convnet made of listed
+    layers and False for an attention block, and the convnet's ranks equal
+    numpy's on float64 finite-difference Jacobians either way."""
+    import keras_localrank.matfree as matfree
+
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    conv = keras.Sequential([keras.Input((8, 8, 2)), L.Conv2D(3, 3, activation="tanh", name="a"),
+                             L.Conv2D(4, 3, activation="tanh", name="b"), L.Flatten(),
+                             L.Dense(6, name="d")])
+    seq = keras.Input((4, 6))
+    attention = keras.Model(seq, L.Dense(3, name="out")(L.MultiHeadAttention(2, 3)(seq, seq)))
+    seen = []
+    original = matfree.jvp
+
+    def spy(fn, x, directions, **options):
+        seen.append(options.get("vectorized"))
+        return original(fn, x, directions, **options)
+
+    x = gaussian(3, 8, 8, 2, seed=4)
+    matfree.jvp = spy
+    try:
+        est = klr.LocalRankEstimator(conv, method="exact")
+        assert est.vectorized_tangents
+        result = est(x)[0]
+        assert seen and all(seen)
+        seen.clear()
+        est_att = klr.LocalRankEstimator(attention, method="exact")
+        assert not est_att.vectorized_tangents
+        est_att(gaussian(2, 4, 6, seed=5))
+        assert not any(seen)
+    finally:
+        matfree.jvp = original
+    ref = finite_difference_jacobians(conv, x, ["a", "b", "d"])
+    for name in ("a", "b", "d"):
+        want = numpy_ranks(ref[name], eps_dtype=np.float32)
+        np.testing.assert_array_equal(result.per_sample[name], want)
