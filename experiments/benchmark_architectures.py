@@ -80,6 +80,8 @@ flags.DEFINE_bool("spectrum", True, "`spectrum` passed to klr.local_rank (--nosp
                   "ranks counted without singular values on the exact path).")
 flags.DEFINE_integer("samples", None, "Override the measured samples of every model.")
 flags.DEFINE_integer("baseline_samples", None, "Override the baseline's samples (0: skip).")
+flags.DEFINE_integer("memory_budget_mib", None, "`memory_budget` passed to klr.local_rank, "
+                     "in MiB (default: the package's 2 GiB).")
 flags.DEFINE_list("layers", None, "Measure only these layers (tap names) of every model.")
 flags.DEFINE_integer("check_exact", 0, "Also measure the first N samples with "
                      "method='exact' (same atol) and compare per layer and sample.")
@@ -348,8 +350,10 @@ def run_model(name: str) -> dict:
           f"{'' if FLAGS.spectrum else ', spectrum=False (ranks counted)'}")
     with PeakRSS() as mem:
         start = time.perf_counter()
+        budget = {} if FLAGS.memory_budget_mib is None else {
+            "memory_budget": FLAGS.memory_budget_mib * 2**20}
         result = klr.local_rank(model, x, layers=layers, atol=atol, method=FLAGS.method,
-                                spectrum=FLAGS.spectrum)
+                                spectrum=FLAGS.spectrum, **budget)
         t_new = time.perf_counter() - start
     frame = result.to_frame()
     # The randomized layers' error statement: the certified interval
