@@ -525,7 +525,6 @@ def colored_gram(
     *,
     recovered: bool = False,
     rows: int | None = None,
-    vectorized: bool = False,
 ) -> tf.Tensor:
     """`J^T J` (`[B, n0, n0]`, float64) from the colour products.
 
