@@ -144,7 +144,8 @@ def _needs_reverse_mode(model, taps, inputs_model) -> bool:
 def _repeat_held(held, z):
     """Held inputs repeated like the rows of `z`: `z` stacks `d` rows per
     sample (sample `b`, direction `i` at row `b * d + i`, as in `matfree.jvp`
-    and `matfree.vjp`), so each held row is repeated `d` times."""
+    and `matfree.vjp`), so each held row is repeated `d` times (once when
+    `matfree.jvp` maps the tangents and `z` is the samples themselves)."""
     if not held:
         return ()
     reps = tf.shape(z)[0] // tf.shape(held[0])[0]

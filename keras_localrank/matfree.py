@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_localrank import host_linalg, memory
-from keras_localrank.graph import is_nested_model
+from keras_localrank.graph import functional_graph, is_nested_model
 from keras_localrank.spectra import (
     HOST_LAPACK_MIN_ORDER,
     in_xla_context,
@@ -135,16 +135,18 @@ VECTORIZED_LAYERS = (
 
 
 def tangents_vectorizable(model) -> bool:
-    """True when every layer of `model` (nested models included) is one of
-    `VECTORIZED_LAYERS`: forward-mode products then compute the primal once
-    per sample (`jvp(..., vectorized=True)`)."""
+    """True when every operation of `model` (nested models included) is one
+    of `VECTORIZED_LAYERS`: forward-mode products then compute the primal
+    once per sample (`jvp(..., vectorized=True)`). The operations, not
+    `model.layers`: a functional model's `keras.ops` calls (`x + y`,
+    `keras.ops.sin(x)`) are operations that are not layers."""
     if not is_nested_model(model):
         return False  # a subclassed model's `call` may do anything
-    for layer in model.layers:
-        if is_nested_model(layer):
-            if not tangents_vectorizable(layer):
+    for op in functional_graph(model).operations:
+        if is_nested_model(op):
+            if not tangents_vectorizable(op):
                 return False
-        elif type(layer) not in VECTORIZED_LAYERS:
+        elif type(op) not in VECTORIZED_LAYERS:
             return False
     return True
 

@@ -477,6 +477,13 @@ def test_tangents_vectorizable_only_for_listed_layer_types():
     seq = keras.Input((4, 6))
     assert not tangents_vectorizable(keras.Model(seq, L.MultiHeadAttention(2, 3)(seq, seq)))
 
+    # a `keras.ops` call between listed layers is an operation, not a layer
+    plain = keras.Input((6,))
+    h = L.Dense(4)(plain)
+    with_op = keras.Model(plain, L.Dense(2)(keras.ops.sin(h) + h))
+    assert [type(op) for op in with_op.layers] == [L.InputLayer, L.Dense, L.Dense]
+    assert not tangents_vectorizable(with_op)
+
     class MyConv(L.Conv2D):  # a subclass may change `call`
         pass
 
