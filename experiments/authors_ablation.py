@@ -33,9 +33,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
 
 import numpy as np
 import pandas as pd
@@ -318,8 +316,7 @@ def main(argv):
         run.mark_incomplete("table.csv", "table.md", "ablation.png", "summary.json")
         steps = base.total_steps
         jobs = min(check_positive_int("jobs", FLAGS.jobs), len(variants))
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        with common.process_pool(jobs) as pool:
             futures = {
                 v: pool.submit(_run_variant, configs[v], run.join(_folder(v)),
                                f"{v} ({steps} steps)")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -22,6 +25,34 @@ from keras_localrank.rundir import RunDirectoryError
 USER_ERRORS = (
     ValueError, TypeError, OSError, zipfile.BadZipFile, RunDirectoryError, ExecutorError
 )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Process-pool initializer: on Linux the kernel sends this worker SIGTERM
+    when `parent` dies, killed or not (`prctl(PR_SET_PDEATHSIG)`); a worker
+    whose parent is already gone stops at once. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def process_pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
+    """`jobs` worker processes (spawned: TensorFlow is not fork-safe) that
+    stop with this process. Without that, killing a script left its workers
+    training on, holding the run directory's lock, so that the rerun meant
+    to resume it was refused; killed, a worker's sub-run resumes from its
+    last checkpoint."""
+    return concurrent.futures.ProcessPoolExecutor(
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
 
 
 def define_executor_flags() -> None:

@@ -76,7 +76,20 @@ COMPLETE = "complete.json"
 
 
 class RunDirectoryError(Exception):
-    """A run directory cannot be used (base class of the errors below)."""
+    """A run directory cannot be used (base class of the errors below).
+
+    The errors cross process boundaries (a sub-run in a worker process, a
+    Ray task): each subclass records its constructor's arguments in
+    `_init_args` so that it pickles back to itself, not to a `TypeError`
+    (Python pickles an exception by its message alone).
+    """
+
+    _init_args: tuple = ()
+
+    def __reduce__(self):
+        if not self._init_args:
+            return super().__reduce__()
+        return type(self), self._init_args
 
 
 class RunDirectoryLocked(RunDirectoryError):
@@ -89,6 +102,7 @@ class RunDirectoryLocked(RunDirectoryError):
     """
 
     def __init__(self, path: str, holder: str | None):
+        self._init_args = (path, holder)
         self.path, self.holder = path, holder
         who = f"process {holder}" if holder else "another process"
         super().__init__(
@@ -106,6 +120,7 @@ class ConfigMismatch(RunDirectoryError, ValueError):
     """
 
     def __init__(self, path: str, keys: list[str], saved: Mapping, config: Mapping):
+        self._init_args = (path, keys, saved, config)
         self.path, self.keys = path, keys
         shown = ", ".join(
             f"{key}: {_lookup(saved, key)!r} -> {_lookup(config, key)!r}" for key in keys[:6]

@@ -271,3 +271,39 @@ def test_bad_paths_and_corrupt_files(tmp_path):
         RunDirectory(tmp_path / "run", {}).open()
     assert (tmp_path / "run" / "config.json").read_text() == "{truncated"
     RunDirectory(tmp_path / "ok", {}).open().close()  # the failed open released nothing else
+
+
+def _open_run(path, config):
+    """Opens a run directory in a worker process (module level: spawn pickles it)."""
+    with RunDirectory(path, config):
+        return "opened"
+
+
+def test_errors_cross_process_boundaries(tmp_path):
+    """A worker process (the authors' ablation runs variants in a spawn pool;
+    Ray tasks run sub-runs) that meets a locked or mismatched run directory
+    raises the same error in the parent. Python pickles exceptions by their
+    message alone, so these errors came back as a `TypeError` inside
+    `BrokenProcessPool`, hiding the one-line reason."""
+    import concurrent.futures
+    import multiprocessing
+    import pickle
+
+    locked = RunDirectoryLocked(str(tmp_path), "pid 42 on host")
+    back = pickle.loads(pickle.dumps(locked))
+    assert type(back) is RunDirectoryLocked
+    assert (back.path, back.holder, str(back)) == (locked.path, locked.holder, str(locked))
+
+    RunDirectory(tmp_path / "done", CONFIG).open().close()
+    with pytest.raises(ConfigMismatch) as info:
+        RunDirectory(tmp_path / "done", {**CONFIG, "lr": 0.5}).open()
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is ConfigMismatch and back.keys == ["lr"] and str(back) == str(info.value)
+
+    context = multiprocessing.get_context("spawn")
+    with RunDirectory(tmp_path / "held", CONFIG):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            future = pool.submit(_open_run, str(tmp_path / "held"), CONFIG)
+            with pytest.raises(RunDirectoryLocked, match=f"pid {os.getpid()}") as info:
+                future.result(timeout=120)
+    assert info.value.path == str(tmp_path / "held")
