@@ -555,15 +555,14 @@ def test_aggregate_summaries_uses_the_sample_std():
     """The seeds' std is the sample std (n - 1), as in the docs' tables and
     the rest of `curves`; it was the population std (3 seeds 1, 2, 3 read
     0.816, not 1.0). One run: 0. Missing values are left out."""
-    from keras_localrank.curves import aggregate_summaries
-
     runs = {
         "0": {"final": 1.0, "drop": None, "name": "a"},
         "1": {"final": 2.0, "drop": 5.0, "name": "b"},
         "2": {"final": 3.0, "drop": None, "name": "c"},
     }
-    out = aggregate_summaries(runs)
+    out = curves.aggregate_summaries(runs)
     assert out["final"] == {"mean": 2.0, "std": pytest.approx(1.0), "count": 3}
     assert out["drop"] == {"mean": 5.0, "std": 0.0, "count": 1}
     assert "name" not in out
-    assert aggregate_summaries({"0": {"x": 4.0}})["x"] == {"mean": 4.0, "std": 0.0, "count": 1}
+    one = curves.aggregate_summaries({"0": {"x": 4.0}})
+    assert one["x"] == {"mean": 4.0, "std": 0.0, "count": 1}
