@@ -388,7 +388,7 @@ def tap_coloring(model_input, tap: Tap, output_shape) -> Coloring | None:
 
 
 def colored_products(
-    fn, x: tf.Tensor, directions: tf.Tensor, *, block: int, vectorized: bool = False
+    fn, x: tf.Tensor, directions: tf.Tensor, *, block: int
 ) -> tf.Tensor:
     """`J(x) v_c` for every colour `c`, `block` colours in flight per pass.
 
@@ -397,7 +397,6 @@ def colored_products(
         x: `[B, *input_shape]` points.
         directions: `[num_colors, n0]` colour rows (`Coloring.directions`).
         block: colours per pass (`B * block` replicas in flight).
-        vectorized: see `matfree.jvp`.
 
     Returns:
         `[B, num_colors, n_l]` products, in `x.dtype`.
@@ -413,7 +412,7 @@ def colored_products(
 
     def body(i, s):
         v = tf.broadcast_to(padded[i], tf.stack([batch, block, n0]))
-        return i + 1, s.write(i, jvp(fn, x, v, vectorized=vectorized)[0])
+        return i + 1, s.write(i, jvp(fn, x, v)[0])
 
     _, stored = tf.while_loop(
         lambda i, _: i < num, body, (tf.constant(0), stored), parallel_iterations=1
@@ -606,7 +605,6 @@ def colored_jacobian_gram(
     block: int,
     recovered: bool = False,
     rows: int | None = None,
-    vectorized: bool = False,
 ) -> tf.Tensor:
     """`J^T J` (`[B, n0, n0]`, float64) of a local tap's Jacobian by colored
     forward mode.
@@ -619,11 +617,10 @@ def colored_jacobian_gram(
             `Coloring.color_ids()` and `Coloring.indices()`.
         block: colours per pass.
         recovered, rows: see `colored_gram`.
-        vectorized: see `matfree.jvp`.
     """
     color_ids, index, valid = tables
     directions = tf.transpose(tf.one_hot(color_ids, coloring.num_colors, dtype=x.dtype))
-    products = colored_products(fn, x, directions, block=block, vectorized=vectorized)
+    products = colored_products(fn, x, directions, block=block)
     return colored_gram(products, index, valid, coloring, recovered=recovered, rows=rows)
 
 
@@ -633,7 +630,7 @@ def colored_spectra(
     """Exact singular values (`[B, n0]`, float64, from the Gram `J^T J`) of a
     local tap's Jacobian by colored forward mode, or its rank record with a
     rule `record` (see `matfree.gram_singular_values`); arguments and
-    keyword options `block`, `recovered`, `rows`, `vectorized` as
+    keyword options `block`, `recovered`, `rows` as
     `colored_jacobian_gram`."""
     return gram_singular_values(colored_jacobian_gram(fn, x, coloring, tables, **options), record)
 

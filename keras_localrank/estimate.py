@@ -42,13 +42,13 @@ from keras_localrank.graph import (
     wrt_tensor,
 )
 from keras_localrank.inputs import as_model_samples, as_samples, check_positive_int, inputs_list
-from keras_localrank.jacobians import preactivations
+from keras_localrank.jacobians import Preactivations
+from keras_localrank.linearize import linearizable
 from keras_localrank.matfree import (
     forward_spectra,
     gram_singular_values,
     jvp,
     reverse_spectra,
-    tangents_vectorizable,
     vjp,
 )
 from keras_localrank.memory import (
@@ -139,28 +139,6 @@ def _needs_reverse_mode(model, taps, inputs_model) -> bool:
             for layer in model._flatten_layers(include_self=False, recursive=True)
         )
     return False
-
-
-def _repeat_held(held, z):
-    """Held inputs repeated like the rows of `z`: `z` stacks `d` rows per
-    sample (sample `b`, direction `i` at row `b * d + i`, as in `matfree.jvp`
-    and `matfree.vjp`), so each held row is repeated `d` times (once when
-    `matfree.jvp` maps the tangents and `z` is the samples themselves)."""
-    if not held:
-        return ()
-    reps = tf.shape(z)[0] // tf.shape(held[0])[0]
-    return [tf.repeat(h, reps, axis=0) for h in held]
-
-
-def _outputs_fn(inputs_model, taps, held=(), thin=None):
-    """`z -> [p_l(z)]` with the held inputs repeated to `z`'s rows; the taps
-    in `thin` (`{name: thin_factor}`) give their thin rows instead
-    (`keras_localrank.thin`)."""
-
-    def fn(z):
-        return preactivations(inputs_model, taps, z, _repeat_held(held, z), thin=thin)
-
-    return fn
 
 
 def _split(x):
@@ -346,13 +324,16 @@ class LocalRankEstimator:
             )
         self.model = model
         self.method = method
-        #: Forward-mode products compute the primal once per sample and map
-        #: the tangents (`matfree.jvp(..., vectorized=True)`): only for models
-        #: made of `matfree.VECTORIZED_LAYERS`.
-        self.vectorized_tangents = tangents_vectorizable(model)
         self.selection = select_taps(model, layers, input_shape=input_shape, wrt=wrt)
         self.taps = self.selection.taps
         self.wrt = self.selection.wrt
+        #: Forward-mode products come from the layers' own linear maps, the
+        #: primal once per sample (`linearize`): for models made of
+        #: `linearize.LINEARIZED_LAYERS` measured with respect to their only
+        #: input.
+        self.linearized_tangents = (
+            linearizable(model) and self.wrt.is_input and not self.wrt.held
+        )
         input_dtype = self.wrt.dtype
         if dtype is None:
             dtype = "float64" if input_dtype == "float64" else "float32"
@@ -853,7 +834,7 @@ class LocalRankEstimator:
         tap = self._root.tap
         x0 = tf.zeros([1, *self.selection.input_shape], self.dtype)
         eye = tf.eye(tap.units, dtype=self.dtype)[None]
-        fn = _outputs_fn(self._tap_inputs[tap.name], [tap], tuple(held))
+        fn = Preactivations(self._tap_inputs[tap.name], [tap], tuple(held))
         rows = vjp(fn, x0, eye)[0]  # K_1: [n1, n0]
         return tf.cast(row_space_basis(rows), self.dtype)
 
@@ -963,7 +944,7 @@ class LocalRankEstimator:
             model = self._tap_inputs[tap.name]
             reduced = root is not None and tap.name in root.covered
 
-            fn = _outputs_fn(model, [tap], held, thin)
+            fn = Preactivations(model, [tap], held, thin)
             b = basis if reduced else None
             k = self._directions[tap.name]
             rows = self._rows(tap)
@@ -977,7 +958,6 @@ class LocalRankEstimator:
                     recovered=self._recovered[tap.name],
                     rows=rows,
                     record=self._record(tap),
-                    vectorized=self.vectorized_tangents,
                 )
             elif self._modes[tap.name] == "forward":
                 s = forward_spectra(
@@ -988,7 +968,6 @@ class LocalRankEstimator:
                     block=min(block, k),
                     use_gram=self._use_gram,
                     records=None if self.spectrum else [self._record(tap)],
-                    vectorized=self.vectorized_tangents,
                 )[0]
             else:
                 s = reverse_spectra(
@@ -1025,14 +1004,13 @@ class LocalRankEstimator:
             # One pack after the other: their results must not coexist.
             with tf.control_dependencies(previous):
                 values = forward_spectra(
-                    _outputs_fn(model, group, held, thin),
+                    Preactivations(model, group, held, thin),
                     tf.identity(x),
                     basis if reduced else None,
                     [self._rows(t) for t in group],
                     block=min(block, self._root.tap.units if reduced else n0),
                     use_gram=self._use_gram,
                     records=None if self.spectrum else [self._record(t) for t in group],
-                    vectorized=self.vectorized_tangents,
                 )
             spectra.update({t.name: self._padded(v, t) for t, v in zip(group, values)})
             previous = list(values)
@@ -1040,7 +1018,7 @@ class LocalRankEstimator:
         for tap in [t for t in taps if self._modes[t.name] == "reverse"]:
             with tf.control_dependencies(previous):
                 s = reverse_spectra(
-                    _outputs_fn(self._tap_inputs[tap.name], [tap], held, thin),
+                    Preactivations(self._tap_inputs[tap.name], [tap], held, thin),
                     tf.identity(x),
                     tap_basis(tap),
                     self._rows(tap),
@@ -1061,14 +1039,13 @@ class LocalRankEstimator:
                 continue
             with tf.control_dependencies(previous):
                 gram = colored_jacobian_gram(
-                    _outputs_fn(self._tap_inputs[tap.name], [tap], held, thin),
+                    Preactivations(self._tap_inputs[tap.name], [tap], held, thin),
                     tf.identity(x),
                     self._colorings[tap.name],
                     self._colored_tables(tap.name),
                     block=min(block, self._directions[tap.name]),
                     recovered=self._recovered[tap.name],
                     rows=self._rows(tap),
-                    vectorized=self.vectorized_tangents,
                 )
             previous = [gram] + ([] if solved is None else [solved])
             solved = spectra[tap.name] = gram_singular_values(gram, self._record(tap))
@@ -1083,15 +1060,14 @@ class LocalRankEstimator:
         n0 = self.selection.input_dim
         x_spec = tf.TensorSpec([None, *self.selection.input_shape], self.dtype)
         held_spec = tuple(self._held_specs)
-        vectorized = self.vectorized_tangents
 
         def matvec(x, v, basis, held):
             if reduced:
                 v = tf.linalg.matmul(v, basis)
-            return jvp(_outputs_fn(model, [tap], held), x, v, vectorized=vectorized)[0]
+            return jvp(Preactivations(model, [tap], held), x, v)[0]
 
         def rmatvec(x, u, basis, held):
-            g = vjp(_outputs_fn(model, [tap], held), x, u)
+            g = vjp(Preactivations(model, [tap], held), x, u)
             if reduced:
                 g = tf.linalg.matmul(g, basis, transpose_b=True)
             return g

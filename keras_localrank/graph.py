@@ -612,6 +612,15 @@ class CaptureModel(keras.Model):
         self._capture = _Capture(wanted, feed)
         self._simple = wrt.is_input and self._num_inputs == 1
 
+    @property
+    def captured_calls(self):
+        """`(model, [(layer, call index), ...])` when this model is called on
+        the source model's only input (nothing fed in, nothing held), else
+        None: the calls whose inputs it returns, for `linearize.pushforward`."""
+        if not self._simple:
+            return None
+        return self._source, [(c.layer, c.index) for c in self._calls]
+
     def call(self, inputs, training=False):
         if self._simple:
             x, held = inputs, ()

@@ -14,10 +14,12 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from keras_localrank import linearize
+from keras_localrank.graph import CaptureModel
 from keras_localrank.taps import Tap, preactivation
 from keras_localrank.thin import thin_rows
 
-__all__ = ["choose_mode", "preactivation_jacobians", "preactivations"]
+__all__ = ["Preactivations", "choose_mode", "preactivation_jacobians", "preactivations"]
 
 
 def choose_mode(taps: Sequence[Tap]) -> str:
@@ -48,6 +50,77 @@ def preactivations(inputs_model, taps, x, held=(), thin=None):
         else tf.reshape(preactivation(t.layer, inp), [tf.shape(x)[0], -1])
         for t, inp in zip(taps, inputs)
     ]
+
+
+def _repeat_held(held, z):
+    """Held inputs repeated like the rows of `z`: `z` stacks `d` rows per
+    sample (sample `b`, direction `i` at row `b * d + i`, as in `matfree.jvp`
+    and `matfree.vjp`), so each held row is repeated `d` times."""
+    if not held:
+        return ()
+    reps = tf.shape(z)[0] // tf.shape(held[0])[0]
+    return [tf.repeat(h, reps, axis=0) for h in held]
+
+
+class Preactivations:
+    """`z -> [p_l(z)]`: the flattened pre-activations `[N, n_l]` of `taps`
+    (`preactivations`), with the held inputs repeated to `z`'s rows; the
+    taps in `thin` (`{name: thin_factor}`) give their thin rows instead
+    (`keras_localrank.thin`).
+
+    When the graph from the input to the taps is `linearize.linearizable`,
+    the taps are Dense or convolution layers (`linearize.has_kernel_map`)
+    and nothing is held, `linearized` is True and `tangents` gives the
+    forward products by the layers' own linear maps, the primal computed
+    once per sample (`matfree.jvp` uses it).
+
+    Args:
+        inputs_model: the model from the input to every tap's layer input
+            (`taps.tap_inputs_model`).
+        taps: the taps, in the order of `inputs_model`'s outputs.
+        held: held model inputs of the samples (`[B, ...]` each).
+        thin: `{tap name: thin_factor}`.
+    """
+
+    def __init__(self, inputs_model, taps, held=(), thin=None):
+        self.inputs_model = inputs_model
+        self.taps = tuple(taps)
+        self.held = tuple(held)
+        self.thin = thin or {}
+        self._walk = None
+        if not self.held and all(linearize.has_kernel_map(t.layer) for t in self.taps):
+            if isinstance(inputs_model, CaptureModel):
+                walk = inputs_model.captured_calls
+            else:
+                walk = (inputs_model, None)
+            if walk is not None and linearize.linearizable(walk[0]):
+                self._walk = walk
+        self.linearized = self._walk is not None
+
+    def __call__(self, z):
+        return preactivations(
+            self.inputs_model, self.taps, z, _repeat_held(self.held, z), thin=self.thin
+        )
+
+    def tangents(self, x, directions):
+        """`[B, d, n_l]` products `J_l(x_b) v_{b,i}` of every tap, by
+        `linearize.pushforward` (only when `linearized`).
+
+        Args:
+            x: `[B, *input_shape]` points.
+            directions: `[B, d, n0]` directions.
+        """
+        model, calls = self._walk
+        duals = linearize.pushforward(model, x, directions, calls)
+        shape = tf.stack([tf.shape(x)[0], tf.shape(directions)[1], -1])
+        out = []
+        for tap, dual in zip(self.taps, duals):
+            if tap.name in self.thin:
+                rows = thin_rows(tap.layer, dual.tangent, self.thin[tap.name])
+            else:
+                rows = linearize.kernel_map(tap.layer, dual.tangent)
+            out.append(tf.reshape(rows, shape))
+        return out
 
 
 def preactivation_jacobians(

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_localrank import host_linalg, memory
-from keras_localrank.graph import functional_graph, is_nested_model
 from keras_localrank.spectra import (
     HOST_LAPACK_MIN_ORDER,
     in_xla_context,
@@ -43,8 +41,6 @@ __all__ = [
     "host_take",
     "host_update",
     "jvp",
-    "tangents_vectorizable",
-    "VECTORIZED_LAYERS",
     "vjp",
     "forward_spectra",
     "reverse_spectra",
@@ -56,99 +52,37 @@ __all__ = [
 OutputsFn = Callable[[tf.Tensor], Sequence[tf.Tensor]]
 
 
-def jvp(
-    fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor, *, vectorized: bool = False
-) -> list[tf.Tensor]:
+def jvp(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
     """Jacobian-vector products of every output of `fn`, many directions at once.
 
-    By default each sample is repeated once per direction (the direction
-    axis folded into the batch axis), so the primal is recomputed for every
-    direction. With `vectorized=True` the tangents are mapped with
-    `tf.vectorized_map` and the primal, which does not depend on them, is
-    computed once per sample: about half the work where the network's cost
-    is in its convolutions (ResNet50 at 32x32: 0.39 s instead of 0.78 s for
-    48 directions). Only for models made of `VECTORIZED_LAYERS`
-    (`tangents_vectorizable`): on a `MultiHeadAttention` block inside a
-    `tf.function` TensorFlow 2.21 crashes (segmentation fault), and on
-    MobileNetV2 (depthwise convolutions) it is slower.
+    When `fn` is linearized (a `jacobians.Preactivations` whose `linearized`
+    is True: a network of `linearize.LINEARIZED_LAYERS`), its `tangents`
+    give the products by the layers' own linear maps, the primal computed
+    once per sample. Otherwise each sample is repeated once per direction
+    (the direction axis folded into the batch axis) under a
+    `ForwardAccumulator`, which recomputes the primal for every direction.
 
     Args:
         fn: maps `[N, *input_shape]` inputs to a list of `[N, n_l]` outputs.
         x: `[B, *input_shape]` points.
         directions: `[B, d, n0]` directions (flattened input space).
-        vectorized: map the tangents instead of repeating the samples.
 
     Returns:
         One `[B, d, n_l]` tensor per output: `J_l(x_b) v_{b,i}`.
     """
+    if getattr(fn, "linearized", False):
+        return fn.tangents(x, directions)
     batch = tf.shape(x)[0]
     d = tf.shape(directions)[1]
-    zero = tf.UnconnectedGradients.ZERO
-    if vectorized:
-        # tangent i of every sample at [i]: [d, B, *input_shape]
-        tangents = tf.reshape(
-            tf.transpose(tf.cast(directions, x.dtype), [1, 0, 2]),
-            tf.concat([[d], tf.shape(x)], 0),
-        )
-
-        def one(t):
-            with tf.autodiff.ForwardAccumulator(x, t) as acc:
-                outputs = fn(x)
-            return [
-                tf.reshape(acc.jvp(o, unconnected_gradients=zero), [batch, -1]) for o in outputs
-            ]
-
-        return [tf.transpose(t, [1, 0, 2]) for t in tf.vectorized_map(one, tangents)]
     repeated = tf.repeat(x, d, axis=0)  # sample b, direction i at b * d + i
     tangents = tf.reshape(tf.cast(directions, x.dtype), tf.shape(repeated))
     with tf.autodiff.ForwardAccumulator(repeated, tangents) as acc:
         outputs = fn(repeated)
     out = []
     for o in outputs:
-        t = acc.jvp(o, unconnected_gradients=zero)
+        t = acc.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         out.append(tf.reshape(t, [batch, d, -1]))
     return out
-
-
-#: Layer classes (exact types: a subclass may change `call`) through which
-#: `jvp(..., vectorized=True)` is used; each is checked against repeated
-#: samples in tests/test_matfree.py.
-VECTORIZED_LAYERS = (
-    keras.layers.InputLayer,
-    keras.layers.Dense,
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.BatchNormalization,
-    keras.layers.Activation,
-    keras.layers.ReLU,
-    keras.layers.Add,
-    keras.layers.Concatenate,
-    keras.layers.ZeroPadding2D,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.Flatten,
-    keras.layers.Dropout,
-)
-
-
-def tangents_vectorizable(model) -> bool:
-    """True when every operation of `model` (nested models included) is one
-    of `VECTORIZED_LAYERS`: forward-mode products then compute the primal
-    once per sample (`jvp(..., vectorized=True)`). The operations, not
-    `model.layers`: a functional model's `keras.ops` calls (`x + y`,
-    `keras.ops.sin(x)`) are operations that are not layers."""
-    if not is_nested_model(model):
-        return False  # a subclassed model's `call` may do anything
-    for op in functional_graph(model).operations:
-        if is_nested_model(op):
-            if not tangents_vectorizable(op):
-                return False
-        elif type(op) not in VECTORIZED_LAYERS:
-            return False
-    return True
 
 
 def vjp(fn: OutputsFn, x: tf.Tensor, cotangents: tf.Tensor, *, index: int = 0) -> tf.Tensor:
@@ -329,7 +263,6 @@ def forward_spectra(
     block: int,
     use_gram: bool = True,
     records=None,
-    vectorized: bool = False,
 ) -> list[tf.Tensor]:
     """Exact singular values of `F_l = J_l(x) V` for every output, by forward mode.
 
@@ -346,7 +279,6 @@ def forward_spectra(
         records: None, or one rule per output (`spectra.record_spec`, the
             same number of tolerances each): return rank records
             (`spectra.rank_record`) instead of singular values.
-        vectorized: see `jvp`.
 
     Returns:
         One `[B, min(n_l, k)]` tensor of singular values per output (float64
@@ -372,7 +304,7 @@ def forward_spectra(
     def body(i, keys, state):
         v = tf.broadcast_to(source(i), tf.stack([batch, block, n0]))
         # [B, block, n_l] each: block columns of F_l, transposed
-        columns = jvp(fn, x, v, vectorized=vectorized)
+        columns = jvp(fn, x, v)
         if host:
             keys = host_update(keys, [c for acc, c in zip(accumulate, columns) if acc])
             columns = [c for acc, c in zip(accumulate, columns) if not acc]
