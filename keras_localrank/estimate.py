@@ -332,7 +332,9 @@ class LocalRankEstimator:
         #: `linearize.LINEARIZED_LAYERS` measured with respect to their only
         #: input.
         self.linearized_tangents = (
-            linearizable(model) and self.wrt.is_input and not self.wrt.held
+            linearizable(model, xla=bool(jit_compile))
+            and self.wrt.is_input
+            and not self.wrt.held
         )
         input_dtype = self.wrt.dtype
         if dtype is None:

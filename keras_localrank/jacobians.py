@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_localrank import linearize
 from keras_localrank.graph import CaptureModel
+from keras_localrank.spectra import in_xla_context
 from keras_localrank.taps import Tap, preactivation
 from keras_localrank.thin import thin_rows
 
@@ -93,7 +94,7 @@ class Preactivations:
                 walk = inputs_model.captured_calls
             else:
                 walk = (inputs_model, None)
-            if walk is not None and linearize.linearizable(walk[0]):
+            if walk is not None and linearize.linearizable(walk[0], xla=in_xla_context()):
                 self._walk = walk
         self.linearized = self._walk is not None
 

@@ -125,13 +125,15 @@ class Dual:
         self.tangent = tangent
 
 
-def _supported(layer) -> bool:
+def _supported(layer, xla: bool) -> bool:
     if type(layer) not in LINEARIZED_LAYERS:
         return False
     if isinstance(layer, _KERNEL) and not has_kernel_map(layer):
         return False
     if isinstance(layer, (*_KERNEL, _L.Activation)):
         return layer.activation in ELEMENTWISE_ACTIVATIONS or layer.activation in _SOFTMAX
+    if isinstance(layer, _L.MaxPooling2D) and xla:
+        return False  # `max_pool_with_argmax` has no XLA kernel
     if isinstance(layer, (_L.MaxPooling2D, _L.GlobalMaxPooling2D)):
         return layer.data_format == "channels_last"
     if isinstance(layer, _L.BatchNormalization):
@@ -146,19 +148,20 @@ def has_kernel_map(layer) -> bool:
     return type(layer) in _KERNEL and getattr(layer, "quantization_mode", None) is None
 
 
-def linearizable(model) -> bool:
+def linearizable(model, *, xla: bool = False) -> bool:
     """True when every operation of `model` (nested models included) is a
     `LINEARIZED_LAYERS` layer the walk supports: an elementwise activation
-    or softmax, channels-last max pooling, no quantized kernel. The
-    operations, not `model.layers`: a functional model's `keras.ops` calls
-    are operations that are not layers."""
+    or softmax, channels-last max pooling (not under XLA, `xla=True`: its
+    argmax has no XLA kernel), no quantized kernel. The operations, not
+    `model.layers`: a functional model's `keras.ops` calls are operations
+    that are not layers."""
     if not is_nested_model(model):
         return False  # a subclassed model's `call` may do anything
     for op in functional_graph(model).operations:
         if is_nested_model(op):
-            if not linearizable(op):
+            if not linearizable(op, xla=xla):
                 return False
-        elif not _supported(op):
+        elif not _supported(op, xla):
             return False
     return True
 

@@ -52,6 +52,22 @@ __all__ = [
 OutputsFn = Callable[[tf.Tensor], Sequence[tf.Tensor]]
 
 
+def _softsign_second_derivative(op, grad):
+    """Gradient of `SoftsignGrad(g, x) = g / (1 + |x|)^2`, which TensorFlow
+    does not register: forward mode differentiates an op's gradient, so
+    without it every `ForwardAccumulator` through `softsign` failed
+    ("gradient registry has no entry for: SoftsignGrad")."""
+    g, x = op.inputs
+    denominator = 1.0 + tf.abs(x)
+    return grad / denominator**2, -2.0 * grad * g * tf.sign(x) / denominator**3
+
+
+try:
+    tf.RegisterGradient("SoftsignGrad")(_softsign_second_derivative)
+except KeyError:  # registered already (a later TensorFlow, or a re-import)
+    pass
+
+
 def jvp(fn: OutputsFn, x: tf.Tensor, directions: tf.Tensor) -> list[tf.Tensor]:
     """Jacobian-vector products of every output of `fn`, many directions at once.
 

@@ -283,3 +283,53 @@ def test_kernel_map_drops_bias_and_activation_only_while_called():
     want = tf.nn.conv2d(t, layer.kernel, 1, "VALID").numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert layer.use_bias and layer.activation is keras.activations.relu
+
+
+def test_forward_mode_through_softsign():
+    """TensorFlow registers no gradient for `SoftsignGrad`, so forward mode
+    (which differentiates an op's gradient) failed through `softsign`
+    ("gradient registry has no entry for: SoftsignGrad"), on the linearized
+    path and on repeated samples alike. Products of both against the closed
+    form `1 / (1 + |z|)^2` (tests/reference.py)."""
+    from tests.reference import reference_jacobians
+
+    keras.utils.set_random_seed(2)
+    mlp = keras.Sequential([keras.Input((6,)), L.Dense(8, activation="softsign", name="a"),
+                            L.Dense(5, activation="softsign", name="b"), L.Dense(3, name="c")])
+    x = gaussian(3, 6, seed=3)
+    v = gaussian(3, 4, 6, seed=4)
+    ref = reference_jacobians(mlp, x)
+    taps = select_taps(mlp).taps
+    fn = Preactivations(tap_inputs_model(mlp, taps), taps)
+    assert fn.linearized
+    linear = fn.tangents(tf.constant(x), tf.constant(v))
+    repeated = jvp(lambda z: fn(z), tf.constant(x), tf.constant(v))
+    for tap, lin, rep in zip(taps, linear, repeated):
+        want = np.einsum("bln,bdn->bdl", ref[tap.name], v.astype(np.float64))
+        np.testing.assert_allclose(lin.numpy(), want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(rep.numpy(), want, atol=1e-5, rtol=1e-5)
+    result = klr.local_rank(mlp, x, method="exact")
+    for name in ("a", "b", "c"):
+        np.testing.assert_array_equal(
+            result.per_sample[name], numpy_ranks(ref[name], eps_dtype=np.float32))
+
+
+def test_max_pooling_under_xla_uses_repeated_samples():
+    """`max_pool_with_argmax` has no XLA kernel: with `jit_compile=True` a
+    model with `MaxPooling2D` is not linearized (it failed with "No
+    registered 'MaxPoolWithArgmax' OpKernel for XLA_CPU_JIT"), and its ranks
+    equal those measured without XLA."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((10, 10, 1)),
+                              L.Conv2D(3, 3, activation="tanh", name="conv"),
+                              L.MaxPooling2D(),
+                              L.Conv2D(3, 3, activation="tanh", name="conv2"),
+                              L.Flatten(), L.Dense(3, name="head")])
+    assert linearizable(model) and not linearizable(model, xla=True)
+    x = gaussian(2, 10, 10, 1, seed=1)
+    est = klr.LocalRankEstimator(model, method="exact", jit_compile=True)
+    assert not est.linearized_tangents
+    jit = est(x)[0]
+    plain = klr.local_rank(model, x, method="exact")
+    for name in ("conv", "conv2", "head"):
+        np.testing.assert_array_equal(jit.per_sample[name], plain.per_sample[name])
