@@ -35,7 +35,8 @@ class Config:
     Attributes:
         model: path of a `.keras` model to measure; None trains the demo MLP.
         data: `gaussian`, `digits`, `mnist`, `fashion_mnist`, or an `.npz`
-            path with an `x` array.
+            path with an `x` array (uint8 images are scaled to [0, 1] for a
+            float model input, and passed unchanged to an integer one).
         data_path: `.npz` with `x`, `y` read instead of downloading mnist /
             fashion_mnist.
         samples: number of samples to measure on.
@@ -99,19 +100,30 @@ def check_output(output: str) -> None:
         raise ValueError(f"Cannot write output={output!r}: {e}") from None
 
 
-def load_samples(data: str, input_shape, *, samples: int, seed: int, data_path=None):
+def load_samples(
+    data: str, input_shape, *, samples: int, seed: int, data_path=None, input_dtype=None
+):
     """`samples` inputs for a model with `input_shape` from a named source.
 
-    Images whose size matches the model input are reshaped to it.
+    Images whose size matches the model input are reshaped to it. A uint8
+    `.npz` is scaled to float32 in [0, 1] for a float model input; for an
+    integer model input (`input_dtype`, e.g. uint8 images rescaled inside the
+    model, measured with `--wrt=rescaling`, or token ids) integer data is
+    passed through unchanged.
+
+    Args:
+        input_dtype: the model input's dtype. Default None: a float input.
 
     Raises:
         ValueError: unknown source, data whose size does not fit the model, a
             missing, truncated or corrupt `.npz` (`io.UnreadableFileError`).
     """
     input_shape = tuple(input_shape)
+    float_input = input_dtype is None or keras.backend.is_float_dtype(input_dtype)
     if data.endswith(".npz"):
         x = read_npz(data, ("x",), argument="data")["x"][:samples]
-        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+        if x.dtype == np.uint8 and float_input:
+            x = x.astype(np.float32) / 255.0
     elif data == "gaussian":
         if any(d is None for d in input_shape):
             raise ValueError(f"--data=gaussian needs a fixed input shape, got {input_shape}")
@@ -215,7 +227,8 @@ def run(config: Config, *, echo=print) -> pd.DataFrame:
                 "differentiate: keras_localrank.local_rank(model, [x1, x2], wrt=name)."
             )
         x = load_samples(config.data, model.input_shape[1:], samples=config.samples,
-                         seed=config.seed, data_path=config.data_path)
+                         seed=config.seed, data_path=config.data_path,
+                         input_dtype=model.inputs[0].dtype)
         echo(f"Model {config.model} on {len(x)} samples of {config.data}, {tol} rank{label}.")
         result = _measure(model, x, config)
         echo(format_table(result))

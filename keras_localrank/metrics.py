@@ -22,9 +22,21 @@ __all__ = ["LocalRank"]
 class LocalRank(keras.metrics.Metric):
     """Mean local rank of one layer over all samples given to `update_state`.
 
+    The metric measures one tap, what `local_rank(model, x, layers=[layer])`
+    reports as a single entry: a layer's only call (also a layer object
+    inside a nested model, measured as `"outer/inner"`), a call name
+    (`"shared@1"`, `"encoder/dense"`, `"mha/query"`), or a nested model or
+    attention layer with one measurable call inside. A `layer` that
+    resolves to several calls (a shared layer, a nested model with several
+    layers, an attention layer's projections) is refused with a ValueError
+    naming those calls: their ranks are different Jacobians (other depths,
+    other widths), which `local_rank` and `LocalRankCallback` report
+    separately, so one metric per call name is the equivalent here.
+
     Args:
         model: the model the layer belongs to (built).
-        layer: the layer name or object to measure.
+        layer: the layer name, call name or layer object to measure (see
+            above).
         wrt: what is differentiated, as in `local_rank`: None (the only float
             input), an input name or index (the other inputs are held at
             their values), or a layer name (e.g. `"embedding"` of a text
@@ -41,8 +53,20 @@ class LocalRank(keras.metrics.Metric):
             convolutions, attention projections, nested models). The metric
             needs only ranks: exact layers are counted without their
             singular values (`spectrum=False`, identical ranks).
-        name: metric name. Default `"local_rank/<layer>"`, or
-            `"robust_local_rank/<layer>"` with `atol` (see `keras_localrank.names`).
+        name: metric name. Default `"local_rank/<call>"`, or
+            `"robust_local_rank/<call>"` with `atol`, with the measured
+            call's name as `local_rank` and the callback key it (the layer
+            name for a top-level layer; see `keras_localrank.names`).
+
+    Attributes:
+        layer_name: the measured call's name (a key of `local_rank`'s
+            results, e.g. `"encoder/dense"` or `"shared@1"`).
+
+    Raises:
+        TypeError: `layer` is neither a string nor a layer.
+        ValueError: `layer` is unknown to the model (see
+            `taps.select_taps`), names several calls, or is planned for the
+            randomized method (its rounds run eagerly, outside a metric update).
 
     Note:
         The metric holds a reference to the model, so it is meant for custom
@@ -71,15 +95,11 @@ class LocalRank(keras.metrics.Metric):
         wrt: int | str | None = None,
         name: str | None = None,
     ):
-        layer_name = layer if isinstance(layer, str) else getattr(layer, "name", None)
-        if layer_name is None:
+        if not isinstance(layer, (str, keras.layers.Layer)):
             raise TypeError(
                 f"Expected `layer` to be a layer name or layer. Received: layer={layer!r}"
             )
-        kind = names.EXACT if atol is None else names.ROBUST
-        default_name = names.rank_key(layer_name, kind, atol, qualify=False)
-        super().__init__(name=name or default_name, dtype="float32")
-        self._estimator = LocalRankEstimator(
+        estimator = LocalRankEstimator(
             model,
             [layer],
             tolerances=(Tolerance(atol=atol, rtol=rtol),),
@@ -91,7 +111,30 @@ class LocalRank(keras.metrics.Metric):
             wrt=wrt,
             spectrum=False,
         )
-        self.layer_name = layer_name
+        calls = [tap.name for tap in estimator.taps]
+        if len(calls) != 1:
+            shown = getattr(layer, "name", layer)
+            raise ValueError(
+                f"Expected `layer` to name one layer call. Received: layer={shown!r}, "
+                f"which `local_rank` measures as {len(calls)} calls {calls} (a shared "
+                "layer, or the layers of a nested model or attention layer); create one "
+                "LocalRank per call, e.g. "
+                f"LocalRank(model, {calls[0]!r})."
+            )
+        if estimator.plans[calls[0]].method == "randomized":
+            raise ValueError(
+                f"Expected a layer measured exactly or analytically. Received: "
+                f"layer={calls[0]!r}, planned for the randomized method (method={method!r}, "
+                "or too large for memory_budget), whose sketch rounds run eagerly and "
+                "cannot be part of a metric update; pass method='exact' or a larger "
+                "memory_budget, or use keras_localrank.LocalRankCallback."
+            )
+        kind = names.EXACT if atol is None else names.ROBUST
+        default_name = names.rank_key(calls[0], kind, atol, qualify=False)
+        super().__init__(name=name or default_name, dtype="float32")
+        self._estimator = estimator
+        #: The measured call's name: the key of its ranks in the estimator's results.
+        self.layer_name = calls[0]
         self.total = self.add_variable((), initializer="zeros", dtype="float64", name="total")
         self.count = self.add_variable((), initializer="zeros", dtype="float64", name="count")
 

@@ -244,3 +244,55 @@ def test_measures_a_saved_convnet_with_counted_ranks(tmp_path):
     np.testing.assert_array_equal(counted["mean"], whole["mean"])
     assert counted["effective_rank"].isna().all() and whole["effective_rank"].notna().all()
     assert 0 < counted["mean"].iloc[1] < whole["bound"].iloc[1]
+
+
+@pytest.fixture()
+def uint8_npz(tmp_path):
+    x8 = np.random.default_rng(0).integers(0, 256, size=(6, 6, 6, 1)).astype(np.uint8)
+    np.savez(tmp_path / "u8.npz", x=x8)
+    return x8, tmp_path / "u8.npz"
+
+
+def test_uint8_npz_for_a_uint8_model_input_is_passed_unchanged(
+    main_with_flags, uint8_npz, tmp_path, capsys
+):
+    # uint8 images rescaled inside the model (--wrt=rescaling): the CLI divided
+    # every uint8 .npz by 255 and stopped with "Expected integer x[...] for the
+    # uint8 model input. Received: dtype float32".
+    x8, npz = uint8_npz
+    keras.utils.set_random_seed(0)
+    images = keras.Input((6, 6, 1), dtype="uint8")
+    h = keras.layers.Rescaling(1 / 255.0, name="rescaling")(images)
+    h = keras.layers.Conv2D(3, 3, activation="relu", name="conv")(h)
+    model = keras.Model(images, keras.layers.Dense(2, name="head")(keras.layers.Flatten()(h)))
+    model.save(tmp_path / "u8.keras")
+    out = tmp_path / "u8.csv"
+    status = main_with_flags(f"--model={tmp_path / 'u8.keras'}", f"--data={npz}",
+                             "--wrt=rescaling", f"--output={out}")
+    assert status == 0, capsys.readouterr().err
+    expected = klr.local_rank(model, x8, wrt="rescaling")
+    table = pd.read_csv(out)
+    assert dict(zip(table["layer"], table["mean"])) == pytest.approx(expected.mean)
+    assert table["samples"].eq(6).all()
+
+
+def test_uint8_npz_for_a_float_model_input_is_scaled(main_with_flags, uint8_npz, tmp_path):
+    # The biases make the ReLU pattern, hence the rank, depend on the scale.
+    x8, npz = uint8_npz
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((6, 6, 1)), keras.layers.Flatten(),
+         keras.layers.Dense(12, activation="relu", name="h"), keras.layers.Dense(40, name="out")]
+    )
+    rng = np.random.default_rng(1)
+    model.get_layer("h").set_weights([rng.uniform(0, 1, (36, 12)).astype(np.float32),
+                                      -rng.uniform(0, 18, 12).astype(np.float32)])
+    model.save(tmp_path / "float.keras")
+    out = tmp_path / "float.csv"
+    assert main_with_flags(f"--model={tmp_path / 'float.keras'}", f"--data={npz}",
+                           f"--output={out}") == 0
+    scaled = klr.local_rank(model, x8.astype(np.float32) / 255.0).mean
+    unscaled = klr.local_rank(model, x8.astype(np.float32)).mean
+    assert scaled["out"] != unscaled["out"]  # the check tells the two apart
+    table = pd.read_csv(out)
+    assert dict(zip(table["layer"], table["mean"])) == pytest.approx(scaled)
