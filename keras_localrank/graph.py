@@ -45,6 +45,7 @@ __all__ = [
     "functional_graph",
     "is_nested_model",
     "layer_calls",
+    "open_input_shape",
     "resolve_wrt",
     "structured_inputs",
     "wrt_tensor",
@@ -195,6 +196,10 @@ class Wrt:
         held: indices of the model inputs passed alongside (held at their
             sample values): every other input for an input `wrt`, every
             input for an intermediate one.
+        open_input_shape: for an intermediate `wrt` of a model whose first
+            input has undefined (None) dimensions, the per-sample shape of
+            that input the shapes (`shape`, `call`) were computed for (the
+            samples' shape); else None.
     """
 
     name: str
@@ -203,6 +208,7 @@ class Wrt:
     shape: tuple
     dtype: str
     held: tuple[int, ...]
+    open_input_shape: tuple | None = None
 
     @property
     def is_input(self) -> bool:
@@ -419,7 +425,7 @@ def _attention_parts(call: LayerCall, node, state_of, shape_of=_shape) -> list[L
     return parts
 
 
-def resolve_wrt(model, wrt) -> Wrt:
+def resolve_wrt(model, wrt, input_shape=None) -> Wrt:
     """Resolve the `wrt` argument of a measurement.
 
     Args:
@@ -427,6 +433,11 @@ def resolve_wrt(model, wrt) -> Wrt:
         wrt: None (the only float model input), an input index (int), a
             model input's name, or the name of a layer call whose output is
             differentiated (`"embedding"`, `"base/conv"`, `"dense@1"`).
+        input_shape: per-sample shape of the model's first input (the
+            samples' shape), used only for an intermediate `wrt` of a model
+            whose first input has undefined (None) dimensions (a
+            variable-length text model): the `wrt` tensor's shape is then
+            that of a run on inputs of this shape. Default None.
 
     Returns:
         A `Wrt`.
@@ -434,9 +445,10 @@ def resolve_wrt(model, wrt) -> Wrt:
     Raises:
         TypeError: `wrt` is not None, an int or a string; or it is None and
             the model has no float input.
-        ValueError: an ambiguous default, an unknown name or index, or a
+        ValueError: an ambiguous default, an unknown name or index, a
             tensor that cannot be differentiated (non-float, undefined shape,
-            several outputs).
+            several outputs), or an `input_shape` that does not fit the
+            model's first input.
     """
     graph = functional_graph(model)
     inputs = list(graph.inputs)
@@ -473,7 +485,7 @@ def resolve_wrt(model, wrt) -> Wrt:
     elif wrt in input_names:
         index = input_names.index(wrt)
     else:
-        return _intermediate(model, wrt, inputs, described)
+        return _intermediate(model, wrt, inputs, described, input_shape)
     tensor = inputs[index]
     if not keras.backend.is_float_dtype(tensor.dtype):
         raise ValueError(
@@ -501,8 +513,40 @@ def _intermediate_hint(model) -> str:
     return ""
 
 
-def _intermediate(model, wrt: str, inputs, described) -> Wrt:
-    calls = layer_calls(model)
+def open_input_shape(model, input_shape):
+    """The concrete per-sample shape of the model's first input, when the
+    model leaves dimensions of it undefined (None) and `input_shape` is given;
+    else None.
+
+    Raises:
+        ValueError: an `input_shape` that does not fit the first input (another
+            rank, a different defined dimension, a non-positive size).
+    """
+    first = functional_graph(model).inputs[0]
+    declared = _shape(first)
+    if input_shape is None or all(d is not None for d in declared):
+        return None
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        shape = None
+    if (
+        shape is None
+        or len(shape) != len(declared)
+        or any(d < 1 for d in shape)
+        or any(e is not None and e != d for e, d in zip(declared, shape))
+    ):
+        raise ValueError(
+            f"Expected `input_shape` to be the per-sample shape of the model input "
+            f"{first.name!r} {declared} (positive sizes for its None dimensions). "
+            f"Received: input_shape={input_shape!r}"
+        )
+    return shape
+
+
+def _intermediate(model, wrt: str, inputs, described, input_shape=None) -> Wrt:
+    concrete = open_input_shape(model, input_shape)
+    calls = layer_calls(model, input_shape=concrete)
     by_name = {c.name: c for c in calls if c.part_of is None}
     if wrt not in by_name:
         shared = [c.name for c in calls if c.name.startswith(wrt + "@")]
@@ -528,13 +572,29 @@ def _intermediate(model, wrt: str, inputs, described) -> Wrt:
             f"wrt={wrt!r} whose output has dtype {out.dtype}."
         )
     if any(d is None for d in call.output_shape):
+        open_first = any(d is None for d in _shape(inputs[0]))
+        if open_first and concrete is None:
+            advice = (
+                f"pass `input_shape=` (the per-sample shape of the model input "
+                f"{inputs[0].name!r} {_shape(inputs[0])}; `local_rank` and "
+                "`LocalRankCallback` take it from `x`)"
+            )
+        else:
+            advice = "give the model inputs a fixed shape"
         raise ValueError(
             f"Expected `wrt` to name a layer with a fully defined output shape. "
-            f"Received: wrt={wrt!r} with output shape {call.output_shape}; give the "
-            "model input a fixed shape."
+            f"Received: wrt={wrt!r} with output shape {call.output_shape}"
+            + (f" for model input shape {concrete}" if concrete is not None else "")
+            + f"; {advice}."
         )
     return Wrt(
-        wrt, None, call, call.output_shape, str(out.dtype), tuple(range(len(inputs)))
+        wrt,
+        None,
+        call,
+        call.output_shape,
+        str(out.dtype),
+        tuple(range(len(inputs))),
+        open_input_shape=concrete,
     )
 
 
@@ -705,6 +765,11 @@ def wrt_values(model, wrt: Wrt, inputs, *, batch_size: int = 256):
 
     Returns:
         `[N, *wrt.shape]` NumPy array.
+
+    Raises:
+        ValueError: inputs whose shape gives the `wrt` tensor another shape
+            than `wrt.shape` (samples of another length than the one the
+            measurement was set up for).
     """
     import numpy as np
 
@@ -724,8 +789,50 @@ def wrt_tensor(model, wrt: Wrt, inputs):
         wrt: an intermediate `Wrt` (the output of a layer call).
         inputs: one batch per model input (tensors or arrays), in model
             input order.
+
+    Raises:
+        ValueError: inputs whose (static) shape gives the `wrt` tensor
+            another shape than `wrt.shape`.
     """
+    inputs = list(inputs)
+    _check_open_input(model, wrt, inputs)
     capture = _Capture({}, (wrt.call.layer, wrt.call.index))
     with capture.active(fed_value=None) as values:
-        model(structured_inputs(model, list(inputs)), training=False)
-    return values["wrt"]
+        model(structured_inputs(model, inputs), training=False)
+    value = values["wrt"]
+    got = tuple(value.shape[1:])
+    if len(got) != len(wrt.shape) or any(
+        g is not None and g != w for g, w in zip(got, wrt.shape)
+    ):
+        raise ValueError(
+            f"Expected the inputs to give the `wrt` tensor {wrt.name!r} the "
+            f"per-sample shape {wrt.shape} the measurement was set up for. "
+            f"Received: inputs of shapes {[tuple(a.shape) for a in inputs]}, which "
+            f"give it shape {got}; measure samples of another shape in a separate "
+            "call (`local_rank` sets up one measurement per shape)."
+        )
+    return value
+
+
+def _check_open_input(model, wrt: Wrt, inputs) -> None:
+    """Raise if the first model input's batch does not have the per-sample
+    shape an intermediate `wrt` of a model with an open first input was
+    resolved for (`wrt.open_input_shape`); dimensions unknown while tracing
+    are not checked."""
+    if wrt.open_input_shape is None or not inputs:
+        return
+    got = tuple(getattr(inputs[0], "shape", ()))[1:]
+    want = tuple(wrt.open_input_shape)
+    if len(got) != len(want) or any(
+        g is not None and g != w for g, w in zip(got, want)
+    ):
+        graph = functional_graph(model)
+        name = "x" if len(graph.inputs) == 1 else f"x[{graph.inputs[0].name!r}]"
+        shape = tuple(getattr(inputs[0], "shape", ()))
+        raise ValueError(
+            f"Expected `{name}` of shape (N, {', '.join(map(str, want))}), the "
+            "per-sample shape the measurement was set up for (the model input "
+            f"{graph.inputs[0].name!r} {_shape(graph.inputs[0])} is measured at one "
+            "length per call; measure other lengths in separate calls, as "
+            f"`local_rank` does). Received: {name} with shape {shape}."
+        )

@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 
 from keras_localrank.graph import functional_graph, is_nested_model
-from keras_localrank.taps import preactivation
+from keras_localrank.taps import CONV_LAYERS, preactivation
 
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
@@ -79,24 +79,9 @@ _LINEAR = (
     _L.Add,
     _L.Concatenate,
 )
-#: Layers computing `activation(K a + b)` with a kernel map `K`.
-_KERNEL = tuple(
-    getattr(_L, name)
-    for name in (
-        "Dense",
-        "Conv1D",
-        "Conv2D",
-        "Conv3D",
-        "Conv1DTranspose",
-        "Conv2DTranspose",
-        "Conv3DTranspose",
-        "DepthwiseConv1D",
-        "DepthwiseConv2D",
-        "SeparableConv1D",
-        "SeparableConv2D",
-    )
-    if hasattr(_L, name)
-)
+#: Layers computing `activation(K a + b)` with a kernel map `K`: Dense
+#: and every convolution (exact types; not `EinsumDense`).
+_KERNEL = (_L.Dense, *CONV_LAYERS)
 _SOFTMAX = (keras.activations.softmax, keras.activations.log_softmax)
 
 #: Layer classes (exact types: a subclass may change `call`) the walk

@@ -36,6 +36,7 @@ from keras_localrank.graph import (
 )
 
 __all__ = [
+    "CONV_LAYERS",
     "INFERENCE_IDENTITY_LAYERS",
     "MEASURABLE_LAYERS",
     "Tap",
@@ -46,7 +47,8 @@ __all__ = [
     "tap_inputs_model",
 ]
 
-_CONV_LAYERS = tuple(
+#: Convolution layer classes (all measurable).
+CONV_LAYERS = tuple(
     getattr(keras.layers, name)
     for name in (
         "Conv1D",
@@ -67,7 +69,7 @@ _CONV_LAYERS = tuple(
 MEASURABLE_LAYERS: tuple[type, ...] = (
     keras.layers.Dense,
     keras.layers.EinsumDense,
-) + _CONV_LAYERS
+) + CONV_LAYERS
 
 
 #: Layers that are the identity at inference (noise and dropout layers).
@@ -321,8 +323,10 @@ def select_taps(
             or layer objects. Default None: every measurable call (see
             `MEASURABLE_LAYERS`; a `TimeDistributed` wrapper of one) and
             every `RankProbe`.
-        input_shape: per-sample shape of the `wrt` input, needed only when
-            the model input has undefined (None) dimensions.
+        input_shape: per-sample shape of the `wrt` input (for an
+            intermediate `wrt`, of the model's first input: the token ids of
+            a variable-length text model), needed only when the model input
+            has undefined (None) dimensions.
         wrt: the tensor to differentiate with respect to: None (the only
             float model input), a model input's index or name, or the name of
             a layer call whose output is used (e.g. `"embedding"` for a text
@@ -340,9 +344,11 @@ def select_taps(
             input.
     """
     functional_graph(model)
-    resolved = resolve_wrt(model, wrt)
+    resolved = resolve_wrt(model, wrt, input_shape=input_shape)
     in_shape = tuple(resolved.shape)
-    concrete = None  # the model input's shape, when the model leaves it open
+    # The model input's shape, when the model leaves it open (for an
+    # intermediate `wrt`, `resolve_wrt` computed its shape for it).
+    concrete = None if resolved.is_input else resolved.open_input_shape
     if any(d is None for d in in_shape):
         if input_shape is None:
             raise ValueError(

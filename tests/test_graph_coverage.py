@@ -280,6 +280,111 @@ def test_integer_input_error_advice_works(build, tokens, advice):
     assert list(result.per_sample) == ["conv", "head"]
 
 
+def variable_length_text_model(length=None):
+    """Token ids of any length (`length=None`) -> embedding -> two convolutions
+    along the sequence -> pooled head."""
+    keras.utils.set_random_seed(14)
+    tokens = keras.Input((length,), dtype="int32", name="tokens")
+    e = keras.layers.Embedding(30, 4, name="embedding")(tokens)
+    h = keras.layers.Conv1D(5, 3, padding="same", activation="relu", name="conv")(e)
+    h = keras.layers.Conv1D(3, 2, activation="relu", name="conv2")(h)
+    out = keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling1D()(h))
+    return keras.Model(tokens, out)
+
+
+def _text_reference(model, tokens):
+    """Float64 Jacobians of the pre-activations with respect to the embedding
+    output, by a forward pass written by hand at the length of `tokens`."""
+    length = tokens.shape[1]
+    table = model.get_layer("embedding").get_weights()[0].astype(np.float64)
+    conv = float64_layer(model.get_layer("conv"), (length, 4))
+    conv2 = float64_layer(model.get_layer("conv2"), (length, 5))
+    head = float64_layer(model.get_layer("head"), (3,))
+
+    def forward(e):
+        p = conv(e)
+        p2 = conv2(tf.nn.relu(p))
+        return {"conv": p, "conv2": p2, "head": head(tf.reduce_mean(tf.nn.relu(p2), axis=1))}
+
+    return function_jacobians(forward, table[tokens])
+
+
+@pytest.mark.parametrize("mode", ["autodiff-reverse", "autodiff-forward"])
+def test_variable_length_text_model_measured_wrt_embedding_at_the_length_of_x(mode):
+    # `wrt="embedding"` on `keras.Input((None,), "int32")` raised "Expected `wrt`
+    # to name a layer with a fully defined output shape": the embedding's shape
+    # was read without the length of the samples.
+    from keras_localrank.memory import activation_elements
+
+    model = variable_length_text_model()
+    rng = np.random.default_rng(0)
+    for length in (9, 6):  # two lengths on one model: one measurement each
+        tokens = rng.integers(0, 30, size=(5, length)).astype("int32")
+        result = measure(model, tokens, wrt="embedding", method=mode)
+        assert_ranks(result, _text_reference(model, tokens))
+        assert result.skipped == {"embedding": "its output is the differentiated tensor (`wrt`)"}
+        assert [info.units for info in result.layers] == [5 * length, 3 * (length - 1), 2]
+        assert {info.input_dim for info in result.layers} == {4 * length}
+        assert result.per_sample["conv2"].min() < 3 * (length - 1)  # not all at the bound
+        fixed = variable_length_text_model(length)
+        fixed.set_weights(model.get_weights())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            estimator = klr.LocalRankEstimator(
+                model, wrt="embedding", input_shape=(length,), method=mode
+            )
+        assert estimator.selection.input_shape == (length, 4)
+        assert estimator.selection.open_input_shape == (length,)
+        assert activation_elements(model, (length,)) == activation_elements(fixed)
+
+
+def test_variable_length_text_model_other_lengths_and_bad_shapes_give_clear_errors():
+    model = variable_length_text_model()
+    tokens = np.random.default_rng(1).integers(0, 30, size=(3, 8)).astype("int32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        estimator = klr.LocalRankEstimator(model, wrt="embedding", input_shape=(8,))
+    assert_ranks(estimator(tokens)[0], _text_reference(model, tokens))
+    # Like a float `(None, d)` model: one length per estimator.
+    with pytest.raises(ValueError, match=r"Expected `x` of shape \(N, 8\).*shape \(3, 5\)"):
+        estimator(tokens[:, :5])
+    with pytest.raises(ValueError, match=r"Expected `x` of shape \(N, 8\).*shape \(3, 5\)"):
+        estimator.samples_tensor(tokens[:, :5])
+    with pytest.raises(ValueError, match=r"`input_shape=`.*'tokens' \(None,\)"):
+        klr.LocalRankEstimator(model, wrt="embedding")
+    for bad in [(8, 4), (0,), 8, ("a",)]:
+        with pytest.raises(ValueError, match=r"`input_shape`.*'tokens'.*Received: input_shape="):
+            klr.LocalRankEstimator(model, wrt="embedding", input_shape=bad)
+
+
+def test_variable_length_text_model_from_the_command_line_and_the_callback(tmp_path):
+    from keras_localrank.cli import Config, run
+
+    model = variable_length_text_model()
+    tokens = np.random.default_rng(2).integers(0, 30, size=(4, 7)).astype("int32")
+    before = {
+        name: numpy_ranks(jac, eps_dtype=np.float32).mean()
+        for name, jac in _text_reference(model, tokens).items()
+    }
+    path, data = str(tmp_path / "text.keras"), str(tmp_path / "tokens.npz")
+    model.save(path)
+    np.savez(data, x=tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        frame = run(Config(model=path, data=data, samples=4, wrt="embedding"),
+                    echo=lambda s: None)
+        assert dict(zip(frame["layer"], frame["mean"])) == pytest.approx(before)
+        model.compile("sgd", "mse")
+        callback = klr.LocalRankCallback(tokens, wrt="embedding")
+        model.fit(tokens, np.zeros((4, 2)), epochs=1, verbose=0, callbacks=[callback])
+    measured = {row["layer"]: row["mean"] for row in callback.trace if row["kind"] == "exact"}
+    want = {
+        name: numpy_ranks(jac, eps_dtype=np.float32).mean()
+        for name, jac in _text_reference(model, tokens).items()  # the trained weights
+    }
+    assert measured == pytest.approx(want)
+
+
 # -- attention ---------------------------------------------------------------------
 
 
