@@ -328,9 +328,11 @@ class LocalRankEstimator:
         self.taps = self.selection.taps
         self.wrt = self.selection.wrt
         #: Forward-mode products come from the layers' own linear maps, the
-        #: primal once per sample (`linearize`): for models made of
-        #: `linearize.LINEARIZED_LAYERS` measured with respect to their only
-        #: input.
+        #: primal once per sample (`linearize`): True for a model made of
+        #: `linearize.LINEARIZED_LAYERS` measured with respect to its only
+        #: input. (Each product decides for itself, `jacobians.Preactivations`:
+        #: layers reached through listed layers only are linearized even when
+        #: layers after them are not listed.)
         self.linearized_tangents = (
             linearizable(model, xla=bool(jit_compile))
             and self.wrt.is_input
