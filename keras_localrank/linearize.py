@@ -1,5 +1,6 @@
 """Forward-mode products by each layer's own linear map: the primal once per
-sample, the tangents of all directions as one batch, no `ForwardAccumulator`.
+sample, the tangents of all directions as one batch, no `ForwardAccumulator`
+over the directions.
 
 For a network made of the layers in `LINEARIZED_LAYERS`, the derivative of
 every layer at its input is a linear map known in closed form: a
@@ -46,9 +47,10 @@ def _activation(name):
     return getattr(keras.activations, name, None)
 
 
-#: Activations applied value by value (their derivative is a diagonal):
-#: a layer with any other activation (softmax, a user's function) is not
-#: linearized.
+#: Activations applied value by value (their derivative is a diagonal,
+#: taken at the primal by a `ForwardAccumulator` with unit tangents).
+#: Softmax and log-softmax have a rule of their own; a layer with any other
+#: activation (a user's function) is not linearized.
 ELEMENTWISE_ACTIVATIONS = tuple(
     fn
     for fn in map(
@@ -56,7 +58,9 @@ ELEMENTWISE_ACTIVATIONS = tuple(
         (
             "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "sigmoid",
             "hard_sigmoid", "tanh", "swish", "silu", "hard_swish", "hard_silu", "mish",
-            "softplus", "softsign", "exponential", "celu",
+            "softplus", "softsign", "exponential", "celu", "hard_tanh", "log_sigmoid",
+            "squareplus", "sparse_plus", "sparse_sigmoid", "tanh_shrink", "soft_shrink",
+            "hard_shrink",
         ),
     )
     if fn is not None

@@ -333,3 +333,25 @@ def test_max_pooling_under_xla_uses_repeated_samples():
     plain = klr.local_rank(model, x, method="exact")
     for name in ("conv", "conv2", "head"):
         np.testing.assert_array_equal(jit.per_sample[name], plain.per_sample[name])
+
+
+@pytest.mark.parametrize(
+    "activation", [getattr(f, "__name__", str(f)) for f in linearize.ELEMENTWISE_ACTIVATIONS]
+)
+def test_every_listed_activation_against_float64_jacobians(activation):
+    """Each elementwise activation's products (a Dense layer, then an
+    `Activation` layer) against float64 reverse-mode Jacobians."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((5,))
+    h = L.Dense(6, activation=activation, name="a")(inp)
+    model = keras.Model(inp, L.Dense(3, name="b")(L.Activation(activation)(h)))
+    assert linearizable(model)
+    x = gaussian(3, 5, seed=5)
+    v = gaussian(3, 4, 5, seed=6)
+    duals = pushforward(model, tf.constant(x), tf.constant(v))
+    m64 = _float64_clone(model)
+    jacobian = function_jacobians(lambda z: {0: m64(z, training=False)}, x)[0]
+    want = np.einsum("bln,bdn->bdl", jacobian, v.astype(np.float64))
+    np.testing.assert_allclose(
+        duals[0].tangent.numpy().reshape(3, 4, 3), want, atol=1e-5 * np.abs(want).max() + 1e-7
+    )
