@@ -7,8 +7,10 @@ every layer at its input is a linear map known in closed form: a
 convolution or `Dense` layer applies its kernel (no bias), batch
 normalisation at inference scales each channel by `gamma / sqrt(var + eps)`,
 an elementwise activation multiplies by its derivative at the primal,
-max pooling picks the tangent at the primal's maximum, and padding, average
-pooling, flattening, adding and concatenating are linear already. The walk
+max pooling picks the tangent at the primal's maximum, rescaling and
+normalisation scale it, a product follows the product rule, and padding,
+average pooling, flattening, reshaping, adding and concatenating are linear
+already. The walk
 below runs the model's graph once with *dual* values: the primal `[B, ...]`
 is computed by the layers themselves, and the tangents `[B * d, ...]`
 (sample `b`, direction `i` at row `b * d + i`) by those linear maps, the `d`
@@ -80,6 +82,7 @@ _LINEAR = (
     _L.GlobalAveragePooling2D,
     _L.GlobalAveragePooling3D,
     _L.Flatten,
+    _L.Reshape,
     _L.Add,
     _L.Concatenate,
 )
@@ -100,6 +103,9 @@ LINEARIZED_LAYERS = (
     _L.MaxPooling2D,
     _L.GlobalMaxPooling2D,
     _L.Dropout,
+    _L.Rescaling,
+    _L.Normalization,
+    _L.Multiply,
     *_LINEAR,
 )
 
@@ -127,6 +133,11 @@ def _supported(layer, xla: bool) -> bool:
         return layer.data_format == "channels_last"
     if isinstance(layer, _L.BatchNormalization):
         return isinstance(layer.axis, int)
+    if isinstance(layer, _L.Rescaling):  # per-channel scales move for channels_first
+        scale = tf.convert_to_tensor(layer.scale)
+        return scale.shape.rank == 0 or keras.config.image_data_format() == "channels_last"
+    if isinstance(layer, _L.Normalization):
+        return layer.built
     return True
 
 
@@ -161,6 +172,15 @@ def _per_sample(t, factor, d):
     shape = tf.shape(t)
     folded = tf.reshape(t, tf.concat([[-1, d], shape[1:]], 0))
     return tf.reshape(folded * tf.expand_dims(tf.cast(factor, t.dtype), 1), shape)
+
+
+def _times(t, factor, d):
+    """`t` `[B * d, ...]` times `factor` `[B, ...]`, broadcast (for
+    `Multiply`: either may have size-1 axes), as `[B * d, ...]`."""
+    shape = tf.shape(t)
+    folded = tf.reshape(t, tf.concat([[-1, d], shape[1:]], 0))
+    product = folded * tf.expand_dims(tf.cast(factor, t.dtype), 1)
+    return tf.reshape(product, tf.concat([[-1], tf.shape(product)[2:]], 0))
 
 
 def _activation_tangent(fn, z, dz, d):
@@ -259,8 +279,27 @@ def _apply(layer, args, kwargs, d):
         shape = [1] * t.shape.rank
         shape[layer.axis % t.shape.rank] = -1
         return Dual(y, tf.cast(t, y.dtype) * tf.reshape(scale, shape))
+    if isinstance(layer, _L.Multiply):  # product rule over the factors
+        xs = [tf.cast(v, layer.compute_dtype) for v in primal[0]]
+        ts = [tf.cast(v, layer.compute_dtype) for v in tangent[0]]
+        terms = []
+        for i, ti in enumerate(ts):
+            others = [v for j, v in enumerate(xs) if j != i]
+            factor = others[0]
+            for v in others[1:]:
+                factor = factor * v
+            terms.append(_times(ti, factor, d))
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return Dual(layer(primal[0]), total)
     x = tf.cast(x, layer.compute_dtype)
     t = tf.cast(t, layer.compute_dtype)
+    if isinstance(layer, _L.Rescaling):
+        return Dual(layer.call(x), t * tf.cast(layer.scale, t.dtype))
+    if isinstance(layer, _L.Normalization):
+        std = tf.maximum(tf.sqrt(tf.cast(layer.variance, t.dtype)), keras.config.epsilon())
+        return Dual(layer.call(x), t * std if layer.invert else t / std)
     if isinstance(layer, _L.Activation):
         return Dual(layer.call(x), _activation_tangent(layer.activation, x, t, d))
     if isinstance(layer, _L.ReLU):

@@ -23,10 +23,14 @@ L = keras.layers
 def _models():
     """Models that together use every class of `LINEARIZED_LAYERS`."""
     inp = keras.Input((9, 9, 3))
-    h = L.ZeroPadding2D(1)(inp)
+    h = L.Rescaling(0.5, offset=0.1)(inp)
+    h = L.Normalization(mean=[0.1, -0.2, 0.3], variance=[0.5, 1.0, 2.0])(h)
+    h = L.ZeroPadding2D(1)(h)
     h = L.Conv2D(4, 3, activation="relu", name="c1")(h)
     h = L.BatchNormalization()(h)
     h = L.Activation("tanh")(h)
+    gate = L.Dense(4, activation="sigmoid")(L.GlobalAveragePooling2D()(h))
+    h = L.Multiply()([h, L.Reshape((1, 1, 4))(gate)])  # a squeeze-and-excitation block
     h = L.ReLU(max_value=6.0, negative_slope=0.1)(L.Add()([h, L.Conv2D(4, 1)(h)]))
     h = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, activation="gelu")(h)
     h = L.SeparableConv2D(4, 3, padding="same", activation="swish")(h)
