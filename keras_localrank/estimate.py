@@ -1267,7 +1267,13 @@ class LocalRankEstimator:
         return [first, *(values[i] for i in self.wrt.held)]
 
     def measure(self, samples, *, verbose: int = 0) -> list[LocalRankResult]:
-        """Measure on samples already checked by `check_samples`."""
+        """Measure on samples already checked by `check_samples`.
+
+        Raises:
+            TypeError, ValueError: `verbose` not a bool or an int >= 0.
+        """
+        verbose = check_int("verbose", int(verbose) if isinstance(verbose, bool) else verbose,
+                            minimum=0)
         if self._work_model is not None and self._work_model is not self.model:
             self._work_model.set_weights(self.model.get_weights())
         first = _take(samples, 0, 1, 1)  # one sample: the constant parts
@@ -1519,10 +1525,15 @@ def local_rank(
 
 
 def input_shape_hint(model, x):
-    """Per-sample shape from `x` for models whose input has None dimensions."""
+    """Per-sample shape from `x` for models whose input has None dimensions
+    (`x` an array, or the model's one input as a one-entry dict or list)."""
     graph = functional_graph(model)
     if len(graph.inputs) != 1 or all(d is not None for d in graph.inputs[0].shape[1:]):
         return None
+    if isinstance(x, Mapping) and len(x) == 1:
+        x = next(iter(x.values()))
+    elif isinstance(x, (list, tuple)) and len(x) == 1 and np.ndim(x[0]) >= 2:
+        x = x[0]
     shape = getattr(x, "shape", None)
     return tuple(shape[1:]) if shape is not None and len(shape) > 1 else None
 

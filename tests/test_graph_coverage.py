@@ -726,3 +726,18 @@ def test_nested_model_in_float64_is_float64_throughout(method):
         return {"base/bconv": p, "ff": ff64(tf.nn.relu(p))}
 
     assert_ranks(result, function_jacobians(forward, x), eps_dtype=np.float64)
+
+
+def test_variable_length_text_model_from_a_dict_or_list_of_token_ids():
+    """The length is read from `x` given as `{input name: ids}` or `[ids]`
+    too (it was read only from an array, and both raised "pass
+    `input_shape=`")."""
+    model = variable_length_text_model()
+    tokens = np.random.default_rng(3).integers(0, 30, size=(4, 7)).astype("int32")
+    want = klr.local_rank(model, tokens, wrt="embedding")
+    name = model.inputs[0].name
+    for x in ({name: tokens}, [tokens]):
+        got = klr.local_rank(model, x, wrt="embedding")
+        for layer, ranks in want.per_sample.items():
+            np.testing.assert_array_equal(got.per_sample[layer], ranks)
+

@@ -120,6 +120,8 @@ def test_bad_x(model, x, error, match):
         ({"max_samples": 2.5}, TypeError, "max_samples=2.5"),
         ({"max_samples": "3"}, TypeError, "max_samples='3'"),
         ({"max_samples": 0}, ValueError, "max_samples=0"),
+        ({"verbose": "yes"}, TypeError, "verbose='yes'"),
+        ({"verbose": -1}, ValueError, "verbose=-1"),
     ],
 )
 def test_bad_arguments(model, kwargs, error, match):
