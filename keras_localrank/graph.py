@@ -767,9 +767,8 @@ def wrt_values(model, wrt: Wrt, inputs, *, batch_size: int = 256):
         `[N, *wrt.shape]` NumPy array.
 
     Raises:
-        ValueError: inputs whose shape gives the `wrt` tensor another shape
-            than `wrt.shape` (samples of another length than the one the
-            measurement was set up for).
+        ValueError: samples of another length than the one the measurement
+            was set up for (`wrt_tensor`).
     """
     import numpy as np
 
@@ -791,27 +790,15 @@ def wrt_tensor(model, wrt: Wrt, inputs):
             input order.
 
     Raises:
-        ValueError: inputs whose (static) shape gives the `wrt` tensor
-            another shape than `wrt.shape`.
+        ValueError: a first input of another per-sample shape than the one
+            `wrt` was resolved for (`wrt.open_input_shape`).
     """
     inputs = list(inputs)
     _check_open_input(model, wrt, inputs)
     capture = _Capture({}, (wrt.call.layer, wrt.call.index))
     with capture.active(fed_value=None) as values:
         model(structured_inputs(model, inputs), training=False)
-    value = values["wrt"]
-    got = tuple(value.shape[1:])
-    if len(got) != len(wrt.shape) or any(
-        g is not None and g != w for g, w in zip(got, wrt.shape)
-    ):
-        raise ValueError(
-            f"Expected the inputs to give the `wrt` tensor {wrt.name!r} the "
-            f"per-sample shape {wrt.shape} the measurement was set up for. "
-            f"Received: inputs of shapes {[tuple(a.shape) for a in inputs]}, which "
-            f"give it shape {got}; measure samples of another shape in a separate "
-            "call (`local_rank` sets up one measurement per shape)."
-        )
-    return value
+    return values["wrt"]
 
 
 def _check_open_input(model, wrt: Wrt, inputs) -> None:

@@ -166,17 +166,10 @@ def linearizable(model, *, xla: bool = False) -> bool:
     return True
 
 
-def _per_sample(t, factor, d):
-    """`t` `[B * d, ...]` times `factor` `[B, ...]` (each sample's factor
-    applied to its `d` directions)."""
-    shape = tf.shape(t)
-    folded = tf.reshape(t, tf.concat([[-1, d], shape[1:]], 0))
-    return tf.reshape(folded * tf.expand_dims(tf.cast(factor, t.dtype), 1), shape)
-
-
 def _times(t, factor, d):
-    """`t` `[B * d, ...]` times `factor` `[B, ...]`, broadcast (for
-    `Multiply`: either may have size-1 axes), as `[B * d, ...]`."""
+    """`t` `[B * d, ...]` times `factor` `[B, ...]` (each sample's factor
+    applied to its `d` directions), broadcast (either may have size-1 axes,
+    as `Multiply`'s factors), as `[B * d, ...]`."""
     shape = tf.shape(t)
     folded = tf.reshape(t, tf.concat([[-1, d], shape[1:]], 0))
     product = folded * tf.expand_dims(tf.cast(factor, t.dtype), 1)
@@ -197,7 +190,7 @@ def _activation_tangent(fn, z, dz, d):
     with tf.autodiff.ForwardAccumulator(z, tf.ones_like(z)) as acc:
         y = fn(z)
     derivative = acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return _per_sample(dz, derivative, d)
+    return _times(dz, derivative, d)
 
 
 @contextlib.contextmanager
